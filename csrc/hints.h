@@ -1,0 +1,42 @@
+/* hints.h — what a provider's response headers say about when to come back.
+ *
+ * Parsed from each response header line as it arrives (libcurl's header callback), so no
+ * header is ever stored. Understood:
+ *   Retry-After: <seconds> | <HTTP-date>
+ *   retry-after-ms: <milliseconds>
+ *   x-ratelimit-reset-requests / x-ratelimit-reset-tokens: OpenAI durations ("1s", "6m0s",
+ *       "20ms", "1h2m3.5s", or a bare number of seconds)
+ *   x-ratelimit-remaining-requests / x-ratelimit-remaining-tokens: integers
+ * A status line ("HTTP/1.1 ...") resets the hints: only the final response counts. */
+#ifndef SEMEX_HINTS_H
+#define SEMEX_HINTS_H
+
+#include <stddef.h>
+
+typedef struct sx_hints {
+    double retry_after;         /* seconds from Retry-After / retry-after-ms; < 0 if absent */
+    double reset_requests;      /* seconds; < 0 if absent */
+    double reset_tokens;        /* seconds; < 0 if absent */
+    long remaining_requests;    /* < 0 if absent */
+    long remaining_tokens;      /* < 0 if absent */
+} sx_hints;
+
+void sx_hints_reset(sx_hints *h);
+
+/* Feed one raw header line (not NUL-terminated, may end in CRLF). `wall_now` is the current
+ * wall-clock time in seconds, used only to turn an HTTP-date into a delay. */
+void sx_hints_feed(sx_hints *h, const char *line, size_t len, double wall_now);
+
+/* Parse an OpenAI-style duration ("6m0s", "20ms", "1.5s", "1h", "2") into seconds.
+ * Returns -1 on anything it cannot read completely. */
+double sx_parse_duration(const char *s, size_t len);
+
+/* The delay the server asked for before retrying: Retry-After if given, else the later of the
+ * x-ratelimit resets whose remaining count is 0 (or absent), else -1. */
+double sx_hints_retry_delay(const sx_hints *h);
+
+/* The delay before the next request may go out because the server said a budget is used up
+ * (remaining == 0 with a reset time), on any response; -1 if none. */
+double sx_hints_exhausted_delay(const sx_hints *h);
+
+#endif

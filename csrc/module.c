@@ -1,0 +1,838 @@
+/* module.c — CPython glue for the engine: types Engine and Batch.
+ *
+ * No business logic lives here: argument checking, conversion between Python objects and the
+ * engine's C structures, and releasing the GIL around every wait. Worker threads never enter
+ * this file's code. Multi-phase init (PEP 489) with heap types and one module state. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <curl/curl.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine.h"
+#include "results.h"
+#include "sx_clock.h"
+
+typedef struct {
+    PyTypeObject *engine_type;
+    PyTypeObject *batch_type;
+    PyObject *engine_error;   /* semex._engine.EngineError (RuntimeError) */
+} module_state;
+
+static module_state *state_of(PyObject *module)
+{
+    return (module_state *)PyModule_GetState(module);
+}
+
+typedef struct {
+    PyObject_HEAD
+    sx_engine *engine;
+    PyObject *error_type;     /* borrowed from the module state, kept alive by a reference */
+    int max_in_flight, workers;
+    double rpm, tpm;
+} EngineObject;
+
+typedef struct {
+    PyObject_HEAD
+    EngineObject *owner;      /* strong: the engine must outlive its batches */
+    sx_batch *batch;
+} BatchObject;
+
+/* How long a synchronous wait sleeps between checks for Ctrl-C. */
+#define SX_WAIT_SLICE 0.05
+
+static int engine_usable(EngineObject *self)
+{
+    if (!self->engine) {
+        PyErr_SetString(self->error_type, "the engine is closed");
+        return 0;
+    }
+    if (!sx_engine_owned(self->engine)) {
+        PyErr_SetString(self->error_type,
+                        "this engine was created in another process (before fork()); "
+                        "create a new one in this process");
+        return 0;
+    }
+    return 1;
+}
+
+/* ------------------------------------------------------------------ Engine */
+
+PyDoc_STRVAR(Engine_doc,
+"Engine(*, workers=1, max_in_flight=64, rpm=0.0, tpm=0.0, adaptive=True, "
+"queue_limit=1000000, http2=True, max_connections=0)\n"
+"--\n\n"
+"The C concurrency engine: `workers` I/O threads, each with its own libcurl multi handle,\n"
+"sharing one scheduler (in-flight cap, requests/min and tokens/min limits, cool-down after\n"
+"429, adaptive concurrency, retries). rpm/tpm <= 0 mean unlimited.");
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"workers", "max_in_flight", "rpm", "tpm", "adaptive",
+                             "queue_limit", "http2", "max_connections", NULL};
+    int workers = 1, max_in_flight = 64, adaptive = 1, http2 = 1;
+    double rpm = 0.0, tpm = 0.0;
+    Py_ssize_t queue_limit = 1000000;
+    long max_connections = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$iiddpnpl:Engine", kwlist, &workers,
+                                     &max_in_flight, &rpm, &tpm, &adaptive, &queue_limit,
+                                     &http2, &max_connections))
+        return NULL;
+    if (workers < 1 || workers > 64) {
+        PyErr_Format(PyExc_ValueError, "workers must be between 1 and 64, got %d", workers);
+        return NULL;
+    }
+    if (max_in_flight < 1) {
+        PyErr_Format(PyExc_ValueError, "max_in_flight must be >= 1, got %d", max_in_flight);
+        return NULL;
+    }
+    if (queue_limit < 1) {
+        PyErr_SetString(PyExc_ValueError, "queue_limit must be >= 1");
+        return NULL;
+    }
+    EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    PyObject *mod = PyType_GetModule(type);
+    self->error_type = Py_NewRef(state_of(mod)->engine_error);
+    sx_engine_opts opts;
+    memset(&opts, 0, sizeof opts);
+    opts.workers = workers;
+    opts.sched.max_in_flight = max_in_flight;
+    opts.sched.rpm = rpm;
+    opts.sched.tpm = tpm;
+    opts.sched.adaptive = adaptive;
+    opts.sched.queue_limit = (size_t)queue_limit;
+    opts.http2 = http2;
+    opts.max_connections = max_connections;
+    self->max_in_flight = max_in_flight;
+    self->workers = workers;
+    self->rpm = rpm;
+    self->tpm = tpm;
+    char err[256] = "";
+    sx_engine *engine;
+    Py_BEGIN_ALLOW_THREADS
+    engine = sx_engine_new(&opts, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (!engine) {
+        PyErr_Format(self->error_type, "could not start the engine: %s", err);
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->engine = engine;
+    return (PyObject *)self;
+}
+
+static void engine_shutdown(EngineObject *self)
+{
+    sx_engine *engine = self->engine;
+    if (!engine)
+        return;
+    self->engine = NULL;
+    if (!sx_engine_owned(engine))
+        return;  /* fork child: the parent's threads are not here; leaking is the safe choice */
+    Py_BEGIN_ALLOW_THREADS
+    sx_engine_free(engine);
+    Py_END_ALLOW_THREADS
+}
+
+static void Engine_dealloc(EngineObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    engine_shutdown(self);
+    Py_CLEAR(self->error_type);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int Engine_traverse(EngineObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->error_type);
+    return 0;
+}
+
+static int Engine_clear(EngineObject *self)
+{
+    Py_CLEAR(self->error_type);
+    return 0;
+}
+
+PyDoc_STRVAR(Engine_submit_doc,
+"submit($self, url, headers, bodies, tokens=None, *, timeout=60.0, connect_timeout=10.0,\n"
+"       max_retries=5, max_body=67108864, verify=True, backoff_base=0.5, backoff_cap=30.0,\n"
+"       notify_each=False, max_in_flight=0)\n"
+"--\n\n"
+"Submit one batch: a request per item of `bodies` (bytes to POST, or None to GET), all to\n"
+"`url` with `headers` (a list of 'Name: value' strings). `tokens` gives each request's\n"
+"estimated token cost for the tokens/min limit. Returns a Batch whose results come back in\n"
+"input order. max_in_flight > 0 caps this batch's own concurrency below the engine's.");
+
+static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"url", "headers", "bodies", "tokens", "timeout",
+                             "connect_timeout", "max_retries", "max_body", "verify",
+                             "backoff_base", "backoff_cap", "notify_each", "max_in_flight",
+                             NULL};
+    const char *url;
+    PyObject *headers_obj, *bodies_obj, *tokens_obj = Py_None;
+    double timeout = 60.0, connect_timeout = 10.0, backoff_base = 0.5, backoff_cap = 30.0;
+    int max_retries = 5, verify = 1, notify_each = 0, batch_cap = 0;
+    Py_ssize_t max_body = 64 * 1024 * 1024;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpi:submit", kwlist, &url,
+                                     &headers_obj, &bodies_obj, &tokens_obj, &timeout,
+                                     &connect_timeout, &max_retries, &max_body, &verify,
+                                     &backoff_base, &backoff_cap, &notify_each, &batch_cap))
+        return NULL;
+    if (!engine_usable(self))
+        return NULL;
+    if (!(timeout > 0) || !(connect_timeout > 0)) {
+        PyErr_SetString(PyExc_ValueError, "timeout and connect_timeout must be > 0 seconds");
+        return NULL;
+    }
+    if (max_retries < 0) {
+        PyErr_Format(PyExc_ValueError, "max_retries must be >= 0, got %d", max_retries);
+        return NULL;
+    }
+    if (max_body < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_body must be >= 1 byte");
+        return NULL;
+    }
+    if (!(backoff_base >= 0) || !(backoff_cap >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "backoff_base and backoff_cap must be >= 0");
+        return NULL;
+    }
+
+    PyObject *headers = NULL, *bodies = NULL, *tokens = NULL, *result = NULL;
+    const char **header_ptrs = NULL, **body_ptrs = NULL;
+    size_t *lens = NULL;
+    double *costs = NULL;
+    sx_batch *batch = NULL;
+
+    headers = PySequence_Fast(headers_obj, "headers must be a list of 'Name: value' strings");
+    if (!headers)
+        goto done;
+    bodies = PySequence_Fast(bodies_obj, "bodies must be a list of bytes");
+    if (!bodies)
+        goto done;
+    Py_ssize_t nh = PySequence_Fast_GET_SIZE(headers);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(bodies);
+    header_ptrs = PyMem_Calloc((size_t)nh + 1, sizeof *header_ptrs);
+    body_ptrs = PyMem_Calloc((size_t)n + 1, sizeof *body_ptrs);
+    lens = PyMem_Calloc((size_t)n + 1, sizeof *lens);
+    if (!header_ptrs || !body_ptrs || !lens) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < nh; i++) {
+        PyObject *h = PySequence_Fast_GET_ITEM(headers, i);
+        if (!PyUnicode_Check(h)) {
+            PyErr_Format(PyExc_TypeError, "headers[%zd] must be a str, not %.100s", i,
+                         Py_TYPE(h)->tp_name);
+            goto done;
+        }
+        header_ptrs[i] = PyUnicode_AsUTF8(h);
+        if (!header_ptrs[i])
+            goto done;
+        if (strpbrk(header_ptrs[i], "\r\n")) {
+            PyErr_Format(PyExc_ValueError, "headers[%zd] contains a line break", i);
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *body = PySequence_Fast_GET_ITEM(bodies, i);
+        if (body == Py_None)
+            continue;
+        char *ptr;
+        Py_ssize_t len;
+        if (!PyBytes_Check(body)) {
+            PyErr_Format(PyExc_TypeError, "bodies[%zd] must be bytes or None, not %.100s", i,
+                         Py_TYPE(body)->tp_name);
+            goto done;
+        }
+        PyBytes_AsStringAndSize(body, &ptr, &len);
+        body_ptrs[i] = ptr;
+        lens[i] = (size_t)len;
+    }
+    if (tokens_obj != Py_None) {
+        tokens = PySequence_Fast(tokens_obj, "tokens must be a list of numbers");
+        if (!tokens)
+            goto done;
+        if (PySequence_Fast_GET_SIZE(tokens) != n) {
+            PyErr_Format(PyExc_ValueError, "tokens has %zd items but bodies has %zd",
+                         PySequence_Fast_GET_SIZE(tokens), n);
+            goto done;
+        }
+        costs = PyMem_Calloc((size_t)n + 1, sizeof *costs);
+        if (!costs) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            double c = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(tokens, i));
+            if (c == -1.0 && PyErr_Occurred())
+                goto done;
+            if (!(c >= 0)) {
+                PyErr_Format(PyExc_ValueError, "tokens[%zd] must be >= 0", i);
+                goto done;
+            }
+            costs[i] = c;
+        }
+    }
+
+    sx_request_opts opts = {
+        .timeout = timeout,
+        .connect_timeout = connect_timeout,
+        .max_retries = max_retries,
+        .max_body = (size_t)max_body,
+        .verify_tls = verify,
+        .backoff_base = backoff_base,
+        .backoff_cap = backoff_cap,
+        .notify_each = notify_each,
+        .max_in_flight = batch_cap > 0 ? batch_cap : 0,
+    };
+    batch = sx_batch_new(url, header_ptrs, (size_t)nh, body_ptrs, lens, costs, (size_t)n,
+                         &opts);
+    if (!batch) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    PyObject *mod = PyType_GetModule(Py_TYPE(self));
+    BatchObject *bo = PyObject_GC_New(BatchObject, state_of(mod)->batch_type);
+    if (!bo) {
+        sx_batch_free(batch);
+        goto done;
+    }
+    bo->owner = (EngineObject *)Py_NewRef(self);
+    bo->batch = NULL;
+    int rc = sx_engine_submit(self->engine, batch);
+    if (rc != 0) {
+        sx_batch_free(batch);
+        if (rc == -1)
+            PyErr_Format(self->error_type,
+                         "the engine's queue is full (queue_limit); submit %zd requests "
+                         "in smaller windows", n);
+        else
+            PyErr_SetString(self->error_type, "the engine is closed");
+        Py_DECREF(bo);
+        goto done;
+    }
+    bo->batch = batch;
+    PyObject_GC_Track(bo);
+    result = (PyObject *)bo;
+
+done:
+    Py_XDECREF(headers);
+    Py_XDECREF(bodies);
+    Py_XDECREF(tokens);
+    PyMem_Free(header_ptrs);
+    PyMem_Free(body_ptrs);
+    PyMem_Free(lens);
+    PyMem_Free(costs);
+    return result;
+}
+
+PyDoc_STRVAR(Engine_close_doc,
+"close($self)\n--\n\nCancel everything pending and join the worker threads. Idempotent.");
+
+static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored))
+{
+    engine_shutdown(self);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Engine_stats_doc,
+"stats($self)\n--\n\nA dict snapshot of the scheduler: in_flight, window, queued, "
+"retry_waiting, cooldown_remaining, admitted, retries, http_429, timeouts, cooldowns, "
+"window_cuts.");
+
+static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!engine_usable(self))
+        return NULL;
+    sx_engine *e = self->engine;
+    sx_engine_lock(e);
+    sx_sched_stats st = e->sched.stats;
+    size_t in_flight = e->sched.in_flight, queued = e->sched.queued;
+    size_t retrying = e->sched.heap_len;
+    int window = sx_sched_window(&e->sched);
+    double cooldown = e->sched.cooldown_until - sx_now();
+    sx_engine_unlock(e);
+    return Py_BuildValue(
+        "{s:n,s:i,s:n,s:n,s:d,s:K,s:K,s:K,s:K,s:K,s:K}", "in_flight", (Py_ssize_t)in_flight,
+        "window", window, "queued", (Py_ssize_t)queued, "retry_waiting", (Py_ssize_t)retrying,
+        "cooldown_remaining", cooldown > 0 ? cooldown : 0.0, "admitted",
+        (unsigned long long)st.admitted, "retries", (unsigned long long)st.retries,
+        "http_429", (unsigned long long)st.http_429, "timeouts",
+        (unsigned long long)st.timeouts, "cooldowns", (unsigned long long)st.cooldowns,
+        "window_cuts", (unsigned long long)st.window_cuts);
+}
+
+static PyObject *Engine_repr(EngineObject *self)
+{
+    /* Only numbers: an engine has no secrets, but keep it that way by construction. */
+    return PyUnicode_FromFormat("<semex._engine.Engine workers=%d max_in_flight=%d %s>",
+                                self->workers, self->max_in_flight,
+                                self->engine ? "running" : "closed");
+}
+
+static PyObject *Engine_get_closed(EngineObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->engine == NULL);
+}
+
+static PyObject *Engine_get_forked(EngineObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->engine != NULL && !sx_engine_owned(self->engine));
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"submit", (PyCFunction)(void (*)(void))Engine_submit, METH_VARARGS | METH_KEYWORDS,
+     Engine_submit_doc},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS, Engine_close_doc},
+    {"stats", (PyCFunction)Engine_stats, METH_NOARGS, Engine_stats_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Engine_getset[] = {
+    {"closed", (getter)Engine_get_closed, NULL, "True once close() ran.", NULL},
+    {"forked", (getter)Engine_get_forked, NULL,
+     "True in a fork() child: this engine cannot be used here.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef Engine_members[] = {
+    {"workers", T_INT, offsetof(EngineObject, workers), READONLY, "I/O threads."},
+    {"max_in_flight", T_INT, offsetof(EngineObject, max_in_flight), READONLY,
+     "The in-flight cap."},
+    {"rpm", T_DOUBLE, offsetof(EngineObject, rpm), READONLY, "Requests/min limit (0: none)."},
+    {"tpm", T_DOUBLE, offsetof(EngineObject, tpm), READONLY, "Tokens/min limit (0: none)."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot Engine_slots[] = {
+    {Py_tp_doc, (void *)Engine_doc},
+    {Py_tp_new, Engine_new},
+    {Py_tp_dealloc, Engine_dealloc},
+    {Py_tp_traverse, Engine_traverse},
+    {Py_tp_clear, Engine_clear},
+    {Py_tp_repr, Engine_repr},
+    {Py_tp_methods, Engine_methods},
+    {Py_tp_getset, Engine_getset},
+    {Py_tp_members, Engine_members},
+    {0, NULL},
+};
+
+static PyType_Spec Engine_spec = {
+    .name = "semex._engine.Engine",
+    .basicsize = sizeof(EngineObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Engine_slots,
+};
+
+/* ------------------------------------------------------------------ Batch */
+
+static int batch_usable(BatchObject *self)
+{
+    if (!self->batch) {
+        PyErr_SetString(PyExc_RuntimeError, "this batch was never submitted");
+        return 0;
+    }
+    if (!self->owner->engine || !sx_engine_owned(self->owner->engine)) {
+        /* Closed engine: slots are final and readable. A fork child: refuse. */
+        if (self->owner->engine) {
+            PyErr_SetString(self->owner->error_type,
+                            "this batch belongs to an engine of another process (before "
+                            "fork())");
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The engine lock, or nothing when the engine is gone (all slots final then). */
+static void batch_lock(BatchObject *self)
+{
+    if (self->owner->engine)
+        sx_engine_lock(self->owner->engine);
+}
+
+static void batch_unlock(BatchObject *self)
+{
+    if (self->owner->engine)
+        sx_engine_unlock(self->owner->engine);
+}
+
+static void Batch_dealloc(BatchObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->batch) {
+        sx_engine *e = self->owner->engine;
+        if (e && sx_engine_owned(e)) {
+            sx_engine_release_batch(e, self->batch);
+        } else if (!e) {
+            sx_batch_free(self->batch);  /* engine closed: nobody else holds it */
+        }
+        /* fork child with a live parent engine: leak rather than touch foreign locks */
+        self->batch = NULL;
+    }
+    Py_CLEAR(self->owner);
+    PyObject_GC_Del(self);
+    Py_DECREF(tp);
+}
+
+static int Batch_traverse(BatchObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->owner);
+    return 0;
+}
+
+PyDoc_STRVAR(Batch_wait_doc,
+"wait($self, timeout=None)\n--\n\n"
+"Block until the batch finishes or `timeout` seconds pass; return True when finished.\n"
+"The GIL is released while waiting. Ctrl-C (or any signal handler that raises) cancels the\n"
+"batch's remaining work and raises.");
+
+static PyObject *Batch_wait(BatchObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"timeout", NULL};
+    PyObject *timeout_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:wait", kwlist, &timeout_obj))
+        return NULL;
+    double timeout = -1;
+    if (timeout_obj != Py_None) {
+        timeout = PyFloat_AsDouble(timeout_obj);
+        if (timeout == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (timeout < 0)
+            timeout = 0;
+    }
+    if (!batch_usable(self))
+        return NULL;
+    sx_engine *e = self->owner->engine;
+    if (!e)
+        Py_RETURN_TRUE;  /* closed engine: every slot is final */
+    double until = timeout >= 0 ? sx_now() + timeout : -1;
+    for (;;) {
+        double slice = SX_WAIT_SLICE;
+        if (until >= 0) {
+            double left = until - sx_now();
+            if (left < slice)
+                slice = left > 0 ? left : 0;
+        }
+        int done;
+        Py_BEGIN_ALLOW_THREADS
+        done = sx_engine_wait(e, self->batch, slice);
+        Py_END_ALLOW_THREADS
+        if (done)
+            Py_RETURN_TRUE;
+        if (PyErr_CheckSignals() < 0) {
+            sx_engine_cancel(e, self->batch);
+            return NULL;
+        }
+        if (until >= 0 && sx_now() >= until)
+            Py_RETURN_FALSE;
+    }
+}
+
+PyDoc_STRVAR(Batch_fileno_doc,
+"fileno($self)\n--\n\n"
+"An eventfd that becomes readable when the batch finishes (or, with notify_each, when any\n"
+"request finishes). For loop.add_reader; clear it with clear_notify().");
+
+static PyObject *Batch_fileno(BatchObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!batch_usable(self))
+        return NULL;
+    batch_lock(self);
+    int fd = sx_batch_fileno(self->batch);
+    batch_unlock(self);
+    if (fd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(fd);
+}
+
+PyDoc_STRVAR(Batch_clear_notify_doc,
+"clear_notify($self)\n--\n\nConsume the eventfd's wake-up; returns the number of finished "
+"requests.");
+
+static PyObject *Batch_clear_notify(BatchObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!batch_usable(self))
+        return NULL;
+    batch_lock(self);
+    sx_batch_clear_notify(self->batch);
+    size_t done = self->batch->done;
+    batch_unlock(self);
+    return PyLong_FromSize_t(done);
+}
+
+PyDoc_STRVAR(Batch_cancel_doc,
+"cancel($self)\n--\n\nCancel the unfinished requests: waiting ones at once, in-flight "
+"transfers promptly (their connections are closed). Finished results are kept.");
+
+static PyObject *Batch_cancel(BatchObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!batch_usable(self))
+        return NULL;
+    if (self->owner->engine)
+        sx_engine_cancel(self->owner->engine, self->batch);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Batch_progress_doc,
+"progress($self)\n--\n\n(done, ok, failed, cancelled, retries, http_429) so far.");
+
+static PyObject *Batch_progress(BatchObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!batch_usable(self))
+        return NULL;
+    batch_lock(self);
+    sx_batch *b = self->batch;
+    size_t done = b->done, ok = b->ok, failed = b->failed, cancelled = b->cancelled;
+    unsigned long long retries = b->retries, h429 = b->http_429;
+    batch_unlock(self);
+    return Py_BuildValue("(nnnnKK)", (Py_ssize_t)done, (Py_ssize_t)ok, (Py_ssize_t)failed,
+                         (Py_ssize_t)cancelled, retries, h429);
+}
+
+static PyObject *slot_tuple(const sx_slot *s)
+{
+    PyObject *body, *error;
+    if (s->response) {
+        body = PyBytes_FromStringAndSize(s->response, (Py_ssize_t)s->response_len);
+    } else {
+        body = Py_NewRef(Py_None);
+    }
+    if (!body)
+        return NULL;
+    if (s->error) {
+        error = PyUnicode_DecodeUTF8(s->error, (Py_ssize_t)strlen(s->error), "replace");
+        if (!error) {
+            Py_DECREF(body);
+            return NULL;
+        }
+    } else {
+        error = Py_NewRef(Py_None);
+    }
+    return Py_BuildValue("(iiiNNid)", (int)s->state, (int)s->error_kind, s->http_status, body,
+                         error, s->attempts, s->latency);
+}
+
+PyDoc_STRVAR(Batch_results_doc,
+"results($self)\n--\n\n"
+"One tuple per request, in input order: (state, error_kind, http_status, body, error,\n"
+"attempts, latency). state is PENDING/OK/FAILED/CANCELLED; body is the response bytes (for\n"
+"successes and final HTTP errors) or None; error is the failure reason or None.");
+
+static PyObject *Batch_results(BatchObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!batch_usable(self))
+        return NULL;
+    sx_batch *b = self->batch;
+    batch_lock(self);
+    int done = b->done == b->n;
+    if (done)
+        batch_unlock(self);  /* final slots never change again: convert without the lock */
+    PyObject *list = PyList_New((Py_ssize_t)b->n);
+    if (list) {
+        for (size_t i = 0; i < b->n; i++) {
+            PyObject *item = slot_tuple(&b->slots[i]);
+            if (!item) {
+                Py_CLEAR(list);
+                break;
+            }
+            PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+        }
+    }
+    if (!done)
+        batch_unlock(self);
+    return list;
+}
+
+static Py_ssize_t Batch_len(BatchObject *self)
+{
+    return self->batch ? (Py_ssize_t)self->batch->n : 0;
+}
+
+static PyObject *Batch_get_done(BatchObject *self, void *Py_UNUSED(c))
+{
+    if (!batch_usable(self))
+        return NULL;
+    batch_lock(self);
+    int done = self->batch->done == self->batch->n;
+    batch_unlock(self);
+    return PyBool_FromLong(done);
+}
+
+static PyObject *Batch_get_completed(BatchObject *self, void *Py_UNUSED(c))
+{
+    if (!batch_usable(self))
+        return NULL;
+    batch_lock(self);
+    size_t done = self->batch->done;
+    batch_unlock(self);
+    return PyLong_FromSize_t(done);
+}
+
+static PyObject *Batch_repr(BatchObject *self)
+{
+    if (!self->batch)
+        return PyUnicode_FromString("<semex._engine.Batch (unsubmitted)>");
+    return PyUnicode_FromFormat("<semex._engine.Batch n=%zd>", (Py_ssize_t)self->batch->n);
+}
+
+static PyMethodDef Batch_methods[] = {
+    {"wait", (PyCFunction)(void (*)(void))Batch_wait, METH_VARARGS | METH_KEYWORDS,
+     Batch_wait_doc},
+    {"fileno", (PyCFunction)Batch_fileno, METH_NOARGS, Batch_fileno_doc},
+    {"clear_notify", (PyCFunction)Batch_clear_notify, METH_NOARGS, Batch_clear_notify_doc},
+    {"cancel", (PyCFunction)Batch_cancel, METH_NOARGS, Batch_cancel_doc},
+    {"progress", (PyCFunction)Batch_progress, METH_NOARGS, Batch_progress_doc},
+    {"results", (PyCFunction)Batch_results, METH_NOARGS, Batch_results_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Batch_getset[] = {
+    {"done", (getter)Batch_get_done, NULL, "True when every request has its final outcome.",
+     NULL},
+    {"completed", (getter)Batch_get_completed, NULL, "Requests finished so far.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Batch_slots[] = {
+    {Py_tp_doc, (void *)"A submitted batch of requests and its ordered results."},
+    {Py_tp_dealloc, Batch_dealloc},
+    {Py_tp_traverse, Batch_traverse},
+    {Py_tp_repr, Batch_repr},
+    {Py_tp_methods, Batch_methods},
+    {Py_tp_getset, Batch_getset},
+    {Py_sq_length, Batch_len},
+    {0, NULL},
+};
+
+static PyType_Spec Batch_spec = {
+    .name = "semex._engine.Batch",
+    .basicsize = sizeof(BatchObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE |
+             Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = Batch_slots,
+};
+
+/* ------------------------------------------------------------------ module */
+
+static PyObject *mod_curl_version(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    return PyUnicode_FromString(curl_version());
+}
+
+static PyMethodDef module_methods[] = {
+    {"curl_version", mod_curl_version, METH_NOARGS,
+     "curl_version()\n--\n\nThe libcurl version string in use."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int module_exec(PyObject *m)
+{
+    module_state *st = state_of(m);
+    const curl_version_info_data *info = curl_version_info(CURLVERSION_NOW);
+    if (info->version_num < LIBCURL_VERSION_NUM) {
+        PyErr_Format(PyExc_ImportError,
+                     "semex._engine was built against libcurl %s but this process loaded "
+                     "libcurl %s; reinstall semex or upgrade libcurl",
+                     LIBCURL_VERSION, info->version);
+        return -1;
+    }
+    /* Once per process, with the GIL held: curl_global_init is not thread-safe. */
+    static int curl_ready = 0;
+    if (!curl_ready) {
+        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+            PyErr_SetString(PyExc_ImportError, "curl_global_init failed");
+            return -1;
+        }
+        curl_ready = 1;
+    }
+    st->engine_error = PyErr_NewExceptionWithDoc(
+        "semex._engine.EngineError",
+        "The engine cannot do what was asked (closed, queue full, used across fork()).",
+        PyExc_RuntimeError, NULL);
+    if (!st->engine_error || PyModule_AddObjectRef(m, "EngineError", st->engine_error) < 0)
+        return -1;
+    st->engine_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Engine_spec, NULL);
+    if (!st->engine_type || PyModule_AddType(m, st->engine_type) < 0)
+        return -1;
+    st->batch_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Batch_spec, NULL);
+    if (!st->batch_type || PyModule_AddType(m, st->batch_type) < 0)
+        return -1;
+#define ADD_INT(name, value)                                  \
+    if (PyModule_AddIntConstant(m, name, value) < 0)          \
+        return -1;
+    ADD_INT("PENDING", SX_PENDING);
+    ADD_INT("OK", SX_OK);
+    ADD_INT("FAILED", SX_FAILED);
+    ADD_INT("CANCELLED", SX_CANCELLED);
+    ADD_INT("ERR_NONE", SX_ERR_NONE);
+    ADD_INT("ERR_HTTP", SX_ERR_HTTP);
+    ADD_INT("ERR_TIMEOUT", SX_ERR_TIMEOUT);
+    ADD_INT("ERR_CONNECTION", SX_ERR_CONNECTION);
+    ADD_INT("ERR_AUTH", SX_ERR_AUTH);
+    ADD_INT("ERR_QUOTA", SX_ERR_QUOTA);
+    ADD_INT("ERR_BODY_CAP", SX_ERR_BODY_CAP);
+    ADD_INT("ERR_ABORTED", SX_ERR_ABORTED);
+    ADD_INT("ERR_TRANSPORT", SX_ERR_TRANSPORT);
+    ADD_INT("ERR_CANCELLED", SX_ERR_CANCELLED);
+#undef ADD_INT
+    if (PyModule_AddStringConstant(m, "LIBCURL_BUILD_VERSION", LIBCURL_VERSION) < 0)
+        return -1;
+    return 0;
+}
+
+static int module_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    module_state *st = state_of(m);
+    Py_VISIT(st->engine_type);
+    Py_VISIT(st->batch_type);
+    Py_VISIT(st->engine_error);
+    return 0;
+}
+
+static int module_clear(PyObject *m)
+{
+    module_state *st = state_of(m);
+    Py_CLEAR(st->engine_type);
+    Py_CLEAR(st->batch_type);
+    Py_CLEAR(st->engine_error);
+    return 0;
+}
+
+static void module_free(void *m)
+{
+    module_clear((PyObject *)m);
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef engine_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "semex._engine",
+    .m_doc = "semex's C concurrency engine: libcurl workers, scheduler, ordered results.",
+    .m_size = sizeof(module_state),
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+PyMODINIT_FUNC PyInit__engine(void)
+{
+    return PyModuleDef_Init(&engine_module);
+}

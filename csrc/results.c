@@ -1,0 +1,160 @@
+/* results.c — see results.h. */
+#include "results.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+sx_batch *sx_batch_new(const char *url, const char *const *headers, size_t nheaders,
+                       const char *const *bodies, const size_t *lens, const double *tokens,
+                       size_t n, const sx_request_opts *opts)
+{
+    sx_batch *b = calloc(1, sizeof *b);
+    if (!b)
+        return NULL;
+    b->efd = -1;
+    b->refs = 1;
+    b->opts = *opts;
+    b->n = n;
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    int cond_rc = pthread_cond_init(&b->cond, &attr);
+    pthread_condattr_destroy(&attr);
+    if (cond_rc != 0) {
+        free(b);
+        return NULL;
+    }
+
+    b->url = strdup(url);
+    if (!b->url)
+        goto err;
+    /* libcurl sends "Expect: 100-continue" for larger POSTs on HTTP/1.1, costing a round
+     * trip per request; an empty Expect header turns it off. */
+    struct curl_slist *list = curl_slist_append(NULL, "Expect:");
+    if (!list)
+        goto err;
+    b->headers = list;
+    for (size_t i = 0; i < nheaders; i++) {
+        list = curl_slist_append(b->headers, headers[i]);
+        if (!list)
+            goto err;
+        b->headers = list;
+    }
+
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++)
+        total += bodies && bodies[i] ? lens[i] : 0;
+    b->arena = malloc(total ? total : 1);
+    b->slots = calloc(n ? n : 1, sizeof *b->slots);
+    if (!b->arena || !b->slots)
+        goto err;
+    size_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+        sx_slot *s = &b->slots[i];
+        s->batch = b;
+        s->index = (uint32_t)i;
+        s->tokens = tokens ? tokens[i] : 1.0;
+        if (bodies && bodies[i]) {
+            memcpy(b->arena + off, bodies[i], lens[i]);
+            s->body = b->arena + off;
+            s->body_len = lens[i];
+            off += lens[i];
+        }
+    }
+    return b;
+
+err:
+    sx_batch_free(b);
+    return NULL;
+}
+
+void sx_batch_free(sx_batch *b)
+{
+    if (!b)
+        return;
+    if (b->slots) {
+        for (size_t i = 0; i < b->n; i++) {
+            free(b->slots[i].response);
+            free(b->slots[i].error);
+        }
+    }
+    free(b->slots);
+    free(b->arena);
+    curl_slist_free_all(b->headers);
+    free(b->url);
+    free(b->stop_reason);
+    if (b->efd >= 0)
+        close(b->efd);
+    pthread_cond_destroy(&b->cond);
+    free(b);
+}
+
+int sx_batch_finish_slot(sx_slot *s, sx_state state, sx_error_kind kind, int http_status,
+                         char *response, size_t response_len, const char *error, double now)
+{
+    sx_batch *b = s->batch;
+    s->where = SX_AT_DONE;
+    s->state = (uint8_t)state;
+    s->error_kind = (uint8_t)kind;
+    if (http_status)
+        s->http_status = http_status;
+    free(s->response);
+    s->response = response;
+    s->response_len = response_len;
+    free(s->error);
+    s->error = error ? strdup(error) : NULL;
+    s->latency = s->attempts ? now - s->first_sent : 0.0;
+    b->done++;
+    if (state == SX_OK)
+        b->ok++;
+    else if (state == SX_FAILED)
+        b->failed++;
+    else
+        b->cancelled++;
+    return b->done == b->n;
+}
+
+static void efd_signal(sx_batch *b)
+{
+    if (b->efd < 0 || b->notify_pending)
+        return;
+    uint64_t one = 1;
+    /* EAGAIN means the counter is already non-zero: the reader is already woken. */
+    if (write(b->efd, &one, sizeof one) == (ssize_t)sizeof one || errno == EAGAIN)
+        b->notify_pending = 1;
+}
+
+void sx_batch_notify(sx_batch *b)
+{
+    if (b->done == b->n) {
+        pthread_cond_broadcast(&b->cond);
+        efd_signal(b);
+    } else if (b->opts.notify_each) {
+        efd_signal(b);
+    }
+}
+
+int sx_batch_fileno(sx_batch *b)
+{
+    if (b->efd >= 0)
+        return b->efd;
+    b->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (b->efd < 0)
+        return -1;
+    if (b->done == b->n || (b->opts.notify_each && b->done > 0))
+        efd_signal(b);
+    return b->efd;
+}
+
+void sx_batch_clear_notify(sx_batch *b)
+{
+    if (b->efd < 0)
+        return;
+    uint64_t value;
+    while (read(b->efd, &value, sizeof value) == (ssize_t)sizeof value)
+        ;
+    b->notify_pending = 0;
+}

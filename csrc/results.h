@@ -1,0 +1,143 @@
+/* results.h — the ordered result buffer.
+ *
+ * A batch is the unit Python submits: N requests that share a URL, headers and options, and
+ * N slots that receive their outcomes. Slot i always belongs to request i, so results come
+ * back in input order however the network reorders them. Each slot is filled exactly once:
+ * ok, failed (with a reason), or cancelled. Nothing is dropped, nothing is filled twice.
+ *
+ * Completion is signalled two ways: a condition variable for synchronous waiters and, once
+ * Python asked for it (sx_batch_fileno), an eventfd that an asyncio loop watches. Wake-ups
+ * are coalesced: the eventfd is written at most once until the reader clears it.
+ *
+ * Locking: every field below marked [E] is guarded by the owning engine's lock (engine.h);
+ * the engine is the only writer of slot outcomes. Request data ([R]) is immutable after
+ * sx_batch_new and read by workers without the lock. */
+#ifndef SEMEX_RESULTS_H
+#define SEMEX_RESULTS_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <curl/curl.h>
+
+typedef enum sx_state {
+    SX_PENDING = 0,
+    SX_OK = 1,
+    SX_FAILED = 2,
+    SX_CANCELLED = 3,
+} sx_state;
+
+/* Why a slot failed; Python maps these to exception types. */
+typedef enum sx_error_kind {
+    SX_ERR_NONE = 0,
+    SX_ERR_HTTP = 1,        /* a status that is not retried (other 4xx), or retries ran out */
+    SX_ERR_TIMEOUT = 2,     /* the last attempt timed out */
+    SX_ERR_CONNECTION = 3,  /* connect/send/receive failure, dropped or truncated response */
+    SX_ERR_AUTH = 4,        /* 401/403: the whole batch stops */
+    SX_ERR_QUOTA = 5,       /* 429 insufficient_quota: the whole batch stops */
+    SX_ERR_BODY_CAP = 6,    /* response larger than max_body */
+    SX_ERR_ABORTED = 7,     /* not sent or stopped because another request hit AUTH/QUOTA */
+    SX_ERR_TRANSPORT = 8,   /* a local error that retrying cannot fix (bad URL, TLS verify) */
+    SX_ERR_CANCELLED = 9,   /* cancelled by the caller or by engine shutdown */
+} sx_error_kind;
+
+/* Where a pending slot is; exactly one place at a time. [E] */
+typedef enum sx_where {
+    SX_AT_QUEUE = 0,
+    SX_AT_RETRY = 1,
+    SX_AT_WORKER = 2,
+    SX_AT_DONE = 3,
+} sx_where;
+
+typedef struct sx_request_opts {
+    double timeout;          /* seconds per attempt (whole transfer) */
+    double connect_timeout;  /* seconds */
+    int max_retries;         /* retries after the first attempt */
+    size_t max_body;         /* response body cap in bytes */
+    int verify_tls;          /* 0 only when the user turned verification off */
+    double backoff_base;     /* seconds; first retry waits up to this */
+    double backoff_cap;      /* seconds; no single backoff waits longer */
+    int notify_each;         /* 1: wake the eventfd on every completion (progress bars) */
+    int max_in_flight;       /* this batch's own concurrency cap; 0: only the engine's */
+} sx_request_opts;
+
+typedef struct sx_batch sx_batch;
+
+typedef struct sx_slot {
+    /* [R] the request */
+    const char *body;        /* points into the batch arena; NULL means GET */
+    size_t body_len;
+    double tokens;           /* estimated token cost for the tokens/min bucket */
+    sx_batch *batch;
+    uint32_t index;
+
+    /* [E] scheduling */
+    double due;              /* when a retry may go out */
+    size_t heap_pos;         /* position in the retry heap */
+    uint64_t admit_seq;      /* engine admission number of the current attempt */
+    uint8_t where;           /* sx_where */
+
+    /* [E] outcome */
+    uint8_t state;           /* sx_state */
+    uint8_t error_kind;      /* sx_error_kind */
+    int http_status;         /* last HTTP status seen, 0 if none */
+    int attempts;
+    double first_sent;       /* when the first attempt was admitted */
+    double latency;          /* first admission to final outcome, seconds */
+    char *response;          /* final response body (ok, or the failing response) */
+    size_t response_len;
+    char *error;             /* failure reason, NUL-terminated; never contains headers */
+} sx_slot;
+
+struct sx_batch {
+    /* [R] shared request data */
+    char *url;
+    struct curl_slist *headers;
+    sx_request_opts opts;
+    char *arena;              /* all request bodies, back to back */
+    sx_slot *slots;
+    size_t n;
+
+    /* [E] bookkeeping */
+    int refs;                 /* Python's handle + the engine while not done */
+    size_t done, ok, failed, cancelled;
+    size_t in_flight;         /* slots at a worker right now */
+    size_t next_unsent;       /* first slot never admitted; slots before it have left the queue */
+    struct sx_batch *q_next;  /* the scheduler's queue of batches with unsent slots */
+    int in_queue;
+    uint64_t retries, http_429;
+    int stopped;              /* cancelled or aborted: pending slots end as stop_state */
+    uint8_t stop_state, stop_kind;
+    char *stop_reason;
+    pthread_cond_t cond;      /* signalled when done == n */
+    int efd;                  /* eventfd, -1 until Python asks for it */
+    int notify_pending;       /* eventfd written and not yet cleared */
+    struct sx_batch *prev, *next;  /* the engine's list of live batches */
+};
+
+/* Build a batch from request specs. The bodies are copied into one arena. Returns NULL on
+ * allocation failure. `tokens` may be NULL (cost 1 each). The batch starts with refs == 1. */
+sx_batch *sx_batch_new(const char *url, const char *const *headers, size_t nheaders,
+                       const char *const *bodies, const size_t *lens, const double *tokens,
+                       size_t n, const sx_request_opts *opts);
+
+/* Free everything; only when refs reached 0. */
+void sx_batch_free(sx_batch *b);
+
+/* Record slot's final outcome. [E held] `response` ownership passes to the slot; `error` is
+ * copied. Returns 1 if this completed the batch. Must be called exactly once per slot. */
+int sx_batch_finish_slot(sx_slot *s, sx_state state, sx_error_kind kind, int http_status,
+                         char *response, size_t response_len, const char *error, double now);
+
+/* Wake the batch's waiters: the condition variable when done, the eventfd (coalesced) when
+ * done or when notify_each is set. [E held] */
+void sx_batch_notify(sx_batch *b);
+
+/* Create the eventfd on first use. If the batch already has news, the fd starts readable.
+ * [E held] Returns the fd or -1 with errno set. */
+int sx_batch_fileno(sx_batch *b);
+
+/* Read and reset the eventfd. [E held] */
+void sx_batch_clear_notify(sx_batch *b);
+
+#endif

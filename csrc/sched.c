@@ -1,0 +1,411 @@
+/* sched.c — see sched.h. */
+#include "sched.h"
+
+#include <curl/curl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int sx_sched_init(sx_sched *s, const sx_sched_opts *opts, double now)
+{
+    memset(s, 0, sizeof *s);
+    s->opts = *opts;
+    if (s->opts.max_in_flight < 1)
+        s->opts.max_in_flight = 1;
+    sx_bucket_init(&s->rpm, opts->rpm, now);
+    sx_bucket_init(&s->tpm, opts->tpm, now);
+    sx_window_init(&s->window, (double)s->opts.max_in_flight);
+    return 0;
+}
+
+void sx_sched_destroy(sx_sched *s)
+{
+    free(s->heap);
+    s->heap = NULL;
+    s->heap_len = s->heap_cap = 0;
+}
+
+/* ---- retry heap: a binary min-heap on slot->due, positions kept in slot->heap_pos ---- */
+
+static void heap_set(sx_sched *s, size_t i, sx_slot *slot)
+{
+    s->heap[i] = slot;
+    slot->heap_pos = i;
+}
+
+static void heap_up(sx_sched *s, size_t i)
+{
+    sx_slot *slot = s->heap[i];
+    while (i > 0) {
+        size_t parent = (i - 1) / 2;
+        if (s->heap[parent]->due <= slot->due)
+            break;
+        heap_set(s, i, s->heap[parent]);
+        i = parent;
+    }
+    heap_set(s, i, slot);
+}
+
+static void heap_down(sx_sched *s, size_t i)
+{
+    sx_slot *slot = s->heap[i];
+    for (;;) {
+        size_t child = 2 * i + 1;
+        if (child >= s->heap_len)
+            break;
+        if (child + 1 < s->heap_len && s->heap[child + 1]->due < s->heap[child]->due)
+            child++;
+        if (s->heap[child]->due >= slot->due)
+            break;
+        heap_set(s, i, s->heap[child]);
+        i = child;
+    }
+    heap_set(s, i, slot);
+}
+
+static int heap_push(sx_sched *s, sx_slot *slot)
+{
+    if (s->heap_len == s->heap_cap) {
+        size_t cap = s->heap_cap ? s->heap_cap * 2 : 64;
+        sx_slot **grown = realloc(s->heap, cap * sizeof *grown);
+        if (!grown)
+            return -1;
+        s->heap = grown;
+        s->heap_cap = cap;
+    }
+    s->heap[s->heap_len] = slot;
+    slot->heap_pos = s->heap_len++;
+    heap_up(s, slot->heap_pos);
+    return 0;
+}
+
+static void heap_remove(sx_sched *s, size_t i)
+{
+    s->heap_len--;
+    if (i == s->heap_len)
+        return;
+    heap_set(s, i, s->heap[s->heap_len]);
+    heap_up(s, i);
+    heap_down(s, s->heap[i]->heap_pos);
+}
+
+/* ---- queue ---- */
+
+int sx_sched_push_batch(sx_sched *s, sx_batch *b)
+{
+    if (s->queued + s->heap_len + b->n > s->opts.queue_limit)
+        return -1;
+    for (size_t i = 0; i < b->n; i++)
+        b->slots[i].where = SX_AT_QUEUE;
+    b->next_unsent = 0;
+    b->q_next = NULL;
+    b->in_queue = 1;
+    if (s->q_tail)
+        s->q_tail->q_next = b;
+    else
+        s->q_head = b;
+    s->q_tail = b;
+    s->queued += b->n;
+    return 0;
+}
+
+static void queue_unlink(sx_sched *s, sx_batch *b)
+{
+    sx_batch *prev = NULL;
+    for (sx_batch *cur = s->q_head; cur; prev = cur, cur = cur->q_next) {
+        if (cur != b)
+            continue;
+        if (prev)
+            prev->q_next = b->q_next;
+        else
+            s->q_head = b->q_next;
+        if (s->q_tail == b)
+            s->q_tail = prev;
+        break;
+    }
+    b->q_next = NULL;
+    b->in_queue = 0;
+}
+
+static int below_batch_cap(const sx_batch *b)
+{
+    return b->opts.max_in_flight <= 0 || b->in_flight < (size_t)b->opts.max_in_flight;
+}
+
+/* The oldest queued batch that may send now, or NULL. */
+static sx_batch *queue_pick(sx_sched *s)
+{
+    for (sx_batch *b = s->q_head; b; b = b->q_next)
+        if (below_batch_cap(b))
+            return b;
+    return NULL;
+}
+
+int sx_sched_window(const sx_sched *s)
+{
+    return s->opts.adaptive ? sx_window_limit(&s->window) : s->opts.max_in_flight;
+}
+
+static void lower(double *wake_at, double t)
+{
+    if (*wake_at < 0 || t < *wake_at)
+        *wake_at = t;
+}
+
+size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double *wake_at)
+{
+    size_t taken = 0;
+    size_t limit = (size_t)sx_sched_window(s);
+    while (taken < max && s->in_flight < limit) {
+        sx_slot *slot;
+        sx_batch *from_queue = NULL;
+        if (s->heap_len && s->heap[0]->due <= now && below_batch_cap(s->heap[0]->batch)) {
+            slot = s->heap[0];
+        } else if ((from_queue = queue_pick(s)) != NULL) {
+            slot = &from_queue->slots[from_queue->next_unsent];
+        } else {
+            if (s->heap_len)
+                lower(wake_at, s->heap[0]->due);
+            break;
+        }
+        if (now < s->cooldown_until) {
+            lower(wake_at, s->cooldown_until);
+            break;
+        }
+        double wait = sx_bucket_take(&s->rpm, 1.0, now);
+        if (wait > 0) {
+            lower(wake_at, now + wait);
+            break;
+        }
+        wait = sx_bucket_take(&s->tpm, slot->tokens, now);
+        if (wait > 0) {
+            sx_bucket_refund(&s->rpm, 1.0);
+            lower(wake_at, now + wait);
+            break;
+        }
+        if (from_queue) {
+            from_queue->next_unsent++;
+            s->queued--;
+            if (from_queue->next_unsent == from_queue->n)
+                queue_unlink(s, from_queue);
+        } else {
+            heap_remove(s, 0);
+        }
+        slot->where = SX_AT_WORKER;
+        if (slot->attempts == 0)
+            slot->first_sent = now;
+        slot->attempts++;
+        slot->admit_seq = ++s->stats.admitted;
+        s->in_flight++;
+        slot->batch->in_flight++;
+        out[taken++] = slot;
+    }
+    return taken;
+}
+
+/* ---- outcomes ---- */
+
+static int curl_code_retryable(int code)
+{
+    switch (code) {
+    case CURLE_COULDNT_RESOLVE_PROXY:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_PARTIAL_FILE:
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_HTTP2:
+    case CURLE_HTTP2_STREAM:
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_READ_ERROR:
+    case CURLE_WEIRD_SERVER_REPLY:
+    case CURLE_BAD_CONTENT_ENCODING:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static int body_says_quota(const char *body, size_t len)
+{
+    static const char needle[] = "insufficient_quota";
+    size_t n = sizeof needle - 1;
+    if (!body || len < n)
+        return 0;
+    for (size_t i = 0; i + n <= len; i++)
+        if (body[i] == 'i' && memcmp(body + i, needle, n) == 0)
+            return 1;
+    return 0;
+}
+
+void sx_classify(sx_attempt *a, int curl_code, const char *curl_error, int status,
+                 const char *body, size_t body_len, int overflow)
+{
+    a->verdict = SX_V_OK;
+    a->kind = SX_ERR_NONE;
+    a->http_status = status;
+    a->congestion = 0;
+    a->rate_limited = 0;
+    a->reason[0] = '\0';
+
+    if (overflow || curl_code == CURLE_FILESIZE_EXCEEDED) {
+        a->verdict = SX_V_FAIL;
+        a->kind = SX_ERR_BODY_CAP;
+        snprintf(a->reason, sizeof a->reason, "response body exceeded the max_body cap");
+        return;
+    }
+    if (curl_code != CURLE_OK) {
+        const char *detail = curl_error && curl_error[0] ? curl_error
+                                                         : curl_easy_strerror((CURLcode)curl_code);
+        if (curl_code == CURLE_OPERATION_TIMEDOUT) {
+            a->verdict = SX_V_RETRY;
+            a->kind = SX_ERR_TIMEOUT;
+            a->congestion = 1;
+            snprintf(a->reason, sizeof a->reason, "timed out: %s", detail);
+        } else if (curl_code_retryable(curl_code)) {
+            a->verdict = SX_V_RETRY;
+            a->kind = SX_ERR_CONNECTION;
+            snprintf(a->reason, sizeof a->reason, "connection error (%s): %s",
+                     curl_easy_strerror((CURLcode)curl_code), detail);
+        } else {
+            a->verdict = SX_V_FAIL;
+            a->kind = SX_ERR_TRANSPORT;
+            snprintf(a->reason, sizeof a->reason, "request failed (%s): %s",
+                     curl_easy_strerror((CURLcode)curl_code), detail);
+        }
+        return;
+    }
+    if (status >= 200 && status < 300)
+        return;
+    if (status == 401 || status == 403) {
+        a->verdict = SX_V_ABORT_BATCH;
+        a->kind = SX_ERR_AUTH;
+        snprintf(a->reason, sizeof a->reason,
+                 "authentication failed (HTTP %d): check the API key and its permissions",
+                 status);
+    } else if (status == 429 && body_says_quota(body, body_len)) {
+        a->verdict = SX_V_ABORT_BATCH;
+        a->kind = SX_ERR_QUOTA;
+        snprintf(a->reason, sizeof a->reason,
+                 "quota exhausted (HTTP 429 insufficient_quota): check the plan and billing");
+    } else if (status == 429) {
+        a->verdict = SX_V_RETRY;
+        a->kind = SX_ERR_HTTP;
+        a->rate_limited = 1;
+        a->congestion = 1;
+        snprintf(a->reason, sizeof a->reason, "rate limited (HTTP 429)");
+    } else if (status == 408 || status == 409 || status >= 500) {
+        a->verdict = SX_V_RETRY;
+        a->kind = SX_ERR_HTTP;
+        snprintf(a->reason, sizeof a->reason, "HTTP %d from the server", status);
+    } else {
+        a->verdict = SX_V_FAIL;
+        a->kind = SX_ERR_HTTP;
+        snprintf(a->reason, sizeof a->reason, "HTTP %d from the server", status);
+    }
+}
+
+static void extend_cooldown(sx_sched *s, double until)
+{
+    if (until > s->cooldown_until) {
+        s->cooldown_until = until;
+        s->stats.cooldowns++;
+    }
+}
+
+sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *rng,
+                            double now)
+{
+    sx_batch *b = slot->batch;
+    s->in_flight--;
+    b->in_flight--;
+
+    if (a->rate_limited) {
+        s->stats.http_429++;
+        b->http_429++;
+    }
+    if (a->kind == SX_ERR_TIMEOUT)
+        s->stats.timeouts++;
+    if (a->congestion && s->opts.adaptive &&
+        sx_window_congestion(&s->window, slot->admit_seq, s->stats.admitted))
+        s->stats.window_cuts++;
+
+    /* A server that says a budget is used up is believed on any response, not only 429. */
+    double exhausted = sx_hints_exhausted_delay(&a->hints);
+    if (exhausted > 0)
+        extend_cooldown(s, now + exhausted);
+
+    if (a->verdict == SX_V_OK) {
+        s->consecutive_429 = 0;
+        if (s->opts.adaptive)
+            sx_window_success(&s->window);
+        return SX_V_OK;
+    }
+    if (a->verdict != SX_V_RETRY)
+        return a->verdict;
+
+    double hint = sx_hints_retry_delay(&a->hints);
+    if (a->rate_limited) {
+        /* A 429 speaks for the whole account: everyone waits, not just this request. */
+        s->consecutive_429++;
+        double pause = hint;
+        if (pause < 0) {
+            int k = s->consecutive_429 > 30 ? 30 : s->consecutive_429;
+            pause = b->opts.backoff_base * ldexp(1.0, k - 1);
+            if (pause > b->opts.backoff_cap)
+                pause = b->opts.backoff_cap;
+        }
+        extend_cooldown(s, now + pause);
+    }
+    if (slot->attempts > b->opts.max_retries) {
+        size_t len = strlen(a->reason);
+        snprintf(a->reason + len, sizeof a->reason - len, " (gave up after %d attempts)",
+                 slot->attempts);
+        return SX_V_FAIL;
+    }
+    double delay = sx_backoff(rng, slot->attempts, b->opts.backoff_base, b->opts.backoff_cap,
+                              hint);
+    if (now + delay < s->cooldown_until)
+        delay = s->cooldown_until - now;
+    slot->due = now + delay;
+    if (heap_push(s, slot) != 0) {
+        snprintf(a->reason, sizeof a->reason, "out of memory while scheduling a retry");
+        return SX_V_FAIL;
+    }
+    slot->where = SX_AT_RETRY;
+    s->stats.retries++;
+    b->retries++;
+    return SX_V_RETRY;
+}
+
+void sx_sched_release(sx_sched *s, sx_slot *slot)
+{
+    s->in_flight--;
+    slot->batch->in_flight--;
+}
+
+void sx_sched_remove_batch(sx_sched *s, sx_batch *b, void (*fn)(sx_slot *, void *), void *arg)
+{
+    if (b->in_queue) {
+        queue_unlink(s, b);
+        s->queued -= b->n - b->next_unsent;
+        size_t first = b->next_unsent;
+        b->next_unsent = b->n;
+        for (size_t i = first; i < b->n; i++)
+            fn(&b->slots[i], arg);
+    }
+    /* Compact the heap without b's slots, then restore the heap order bottom-up: O(n). */
+    size_t kept = 0;
+    for (size_t i = 0; i < s->heap_len; i++) {
+        sx_slot *slot = s->heap[i];
+        if (slot->batch == b)
+            fn(slot, arg);
+        else
+            heap_set(s, kept++, slot);
+    }
+    s->heap_len = kept;
+    for (size_t i = kept / 2; i-- > 0;)
+        heap_down(s, i);
+}

@@ -1,0 +1,105 @@
+/* sched.h — admission control and retry timing.
+ *
+ * The scheduler owns every pending request that is not at a worker: a FIFO of first attempts
+ * and a min-heap of retries ordered by due time. Workers ask it for work (sx_sched_take); it
+ * hands out requests while the in-flight window, the requests/min and tokens/min buckets and
+ * any cool-down allow, and says when to ask again otherwise. Workers report each attempt's
+ * outcome (sx_sched_outcome) and the scheduler decides: finish the slot, or retry it later.
+ *
+ * It knows HTTP statuses, time and limits; nothing about prompts. It does no locking and no
+ * I/O and takes `now` as an argument, so tests drive it with a fake clock. The engine calls it
+ * with the engine lock held. */
+#ifndef SEMEX_SCHED_H
+#define SEMEX_SCHED_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "hints.h"
+#include "ratelimit.h"
+#include "results.h"
+
+typedef struct sx_sched_opts {
+    int max_in_flight;       /* the user's cap */
+    double rpm;              /* requests per minute; <= 0 unlimited */
+    double tpm;              /* tokens per minute; <= 0 unlimited */
+    int adaptive;            /* 1: AIMD window below the cap */
+    size_t queue_limit;      /* most requests waiting (queued + retrying) */
+} sx_sched_opts;
+
+typedef struct sx_sched_stats {
+    uint64_t admitted;       /* attempts sent */
+    uint64_t retries;        /* attempts that were retries */
+    uint64_t http_429;       /* 429 responses */
+    uint64_t timeouts;
+    uint64_t cooldowns;      /* times a cool-down was started or extended */
+    uint64_t window_cuts;
+} sx_sched_stats;
+
+typedef struct sx_sched {
+    sx_sched_opts opts;
+    sx_batch *q_head, *q_tail;  /* batches with first attempts to send, oldest first */
+    size_t queued;              /* first attempts not yet sent, over all batches */
+    sx_slot **heap;             /* retries, min-heap on slot->due */
+    size_t heap_len, heap_cap;
+    size_t in_flight;
+    sx_bucket rpm, tpm;
+    sx_window window;
+    double cooldown_until;
+    int consecutive_429;
+    sx_sched_stats stats;
+} sx_sched;
+
+int sx_sched_init(sx_sched *s, const sx_sched_opts *opts, double now);
+void sx_sched_destroy(sx_sched *s);
+
+/* Queue all slots of a batch for their first attempt, after the batches already queued. Returns -1 (nothing queued) if the
+ * queue limit would be exceeded. */
+int sx_sched_push_batch(sx_sched *s, sx_batch *b);
+
+/* Hand out up to `max` slots that may be sent now (retries that are due first, then first
+ * attempts of the oldest batch below its own cap, in slot order). Marks them at a worker, counts the attempt. When it stops because a limit holds,
+ * *wake_at is lowered to the time it is worth asking again (left alone otherwise).
+ * Returns the number of slots written to out. */
+size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double *wake_at);
+
+/* The verdict on one attempt, computed by a worker without the lock (sx_classify). */
+typedef enum sx_verdict {
+    SX_V_OK = 0,
+    SX_V_RETRY = 1,         /* retryable failure */
+    SX_V_FAIL = 2,          /* final failure of this slot */
+    SX_V_ABORT_BATCH = 3,   /* final failure; stop the rest of the batch too (401/403, quota) */
+} sx_verdict;
+
+typedef struct sx_attempt {
+    sx_verdict verdict;
+    sx_error_kind kind;     /* for RETRY: what kind it becomes if retries run out */
+    int http_status;
+    int congestion;         /* 429 or timeout: cut the window */
+    int rate_limited;       /* 429: global cool-down */
+    sx_hints hints;
+    char reason[256];       /* human-readable, never contains headers */
+} sx_attempt;
+
+/* Classify a finished transfer. `curl_code` is a CURLcode, `status` the HTTP status (0 if
+ * none), `body` the response body so far (read only to spot insufficient_quota), `overflow`
+ * set when the body cap was hit. `curl_error` is libcurl's error buffer (may be empty). */
+void sx_classify(sx_attempt *a, int curl_code, const char *curl_error, int status,
+                 const char *body, size_t body_len, int overflow);
+
+/* Apply an attempt's outcome to a slot that was at a worker. Returns the verdict after
+ * retries are accounted: SX_V_OK/SX_V_FAIL/SX_V_ABORT_BATCH mean the caller finishes the slot
+ * (and for ABORT stops its batch); SX_V_RETRY means the slot is back in the retry heap. */
+sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *rng,
+                            double now);
+
+/* A slot left its worker without an outcome (cancelled): release its in-flight place. */
+void sx_sched_release(sx_sched *s, sx_slot *slot);
+
+/* Remove every waiting slot of batch b (queue and retry heap), calling fn on each. */
+void sx_sched_remove_batch(sx_sched *s, sx_batch *b, void (*fn)(sx_slot *, void *), void *arg);
+
+/* Current window limit (for stats). */
+int sx_sched_window(const sx_sched *s);
+
+#endif

@@ -1,0 +1,26 @@
+/* worker.h — one I/O thread with its own libcurl multi handle.
+ *
+ * A worker runs an epoll loop over the sockets libcurl asks it to watch
+ * (curl_multi_socket_action), with libcurl's timer folded into epoll_wait's timeout rather
+ * than a timerfd (re-arming a timerfd on every timer callback cost a fifth of a profile; see
+ * PERF-NOTES.md). Each round it: takes the requests the scheduler admits, starts them on
+ * pooled easy handles (connections are kept alive and reused; HTTP/2 is multiplexed when the
+ * server offers it), services its sockets, and reports all finished transfers in one locked
+ * pass. An eventfd wakes it for new work, cancellations and shutdown; wake-ups are coalesced.
+ *
+ * The worker never touches Python. Its multi handle, easy handles and buffers are its own. */
+#ifndef SEMEX_WORKER_H
+#define SEMEX_WORKER_H
+
+#include "engine.h"
+
+/* Create and start worker `index` of engine e. Returns NULL and writes a reason on failure. */
+sx_worker *sx_worker_start(sx_engine *e, int index, char *err, size_t errlen);
+
+/* Ask the worker to run a round soon (thread-safe, coalesced). */
+void sx_worker_wake(sx_worker *w);
+
+/* Join the thread (after e->stopping was set and the worker woken) and free everything. */
+void sx_worker_join_and_free(sx_worker *w);
+
+#endif

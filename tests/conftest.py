@@ -1,0 +1,90 @@
+"""Shared fixtures: a fake OpenAI-compatible server (tests/fakeserver.py)."""
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.request
+
+import pytest
+
+FAKESERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakeserver.py")
+API_KEY = "sk-test-SECRET-0123456789"
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class FakeServer:
+    def __init__(self, port):
+        self.port = port
+        self.api_key = API_KEY
+        self.base_url = "http://127.0.0.1:%d/v1" % port
+        self._root = "http://127.0.0.1:%d" % port
+
+    def _call(self, path, payload=None):
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(
+            self._root + path, data=data, method="GET" if data is None else "POST",
+            headers={"Content-Type": "application/json"})
+        with _opener.open(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def configure(self, **cfg):
+        return self._call("/_config", cfg)
+
+    def reset(self):
+        return self._call("/_reset", {})
+
+    def log(self):
+        return self._call("/_log")
+
+    def stats(self):
+        return self._call("/_stats")
+
+
+@pytest.fixture(scope="session")
+def fakeserver_port():
+    errlog = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        [sys.executable, FAKESERVER, "--port", "0", "--api-key", API_KEY],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog)
+    lines = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        try:
+            line = lines.get(timeout=10)
+        except queue.Empty:
+            line = None
+        if not line or not line.startswith(b"PORT "):
+            proc.kill()
+            proc.wait()
+            errlog.seek(0)
+            raise RuntimeError(
+                "fakeserver did not report 'PORT <n>' within 10 s (got %r, exit code %r); "
+                "stderr:\n%s" % (line, proc.returncode, errlog.read().decode(errors="replace")))
+        yield int(line.split()[1])
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdin.close()
+        errlog.close()
+
+
+@pytest.fixture
+def server(fakeserver_port):
+    s = FakeServer(fakeserver_port)
+    s.reset()
+    yield s

@@ -1,0 +1,716 @@
+#!/usr/bin/env python3
+"""OpenAI-compatible fake chat-completions server with fault-injection knobs.
+
+Stdlib only (asyncio streams, hand-written HTTP/1.1). Run:
+
+    python tests/fakeserver.py --port 0 [--host 127.0.0.1] [--api-key KEY]
+
+Once listening it prints ``PORT <n>`` on stdout. It exits on SIGTERM/SIGINT or
+when stdin reaches EOF (disable with ``--no-stdin-watch``).
+
+The *key* of a chat request is the content of its last message. Directives in
+the key (``[[name]]`` / ``[[name=value]]``, ``*N`` = only attempts 1..N):
+
+    [[lat=MS]]  [[fail=CODE*N]]  [[fail=CODE]]  [[retry_after=S]]
+    [[retry_after_date=S]]  [[retry_after_ms=MS]]  [[reset_requests=V]]
+    [[reset_tokens=V]]  [[quota]]  [[drop*N]]  [[truncate*N]]  [[stall*N]]
+    [[big=N]]  [[badjson]]
+
+Control endpoints (no auth, not counted as chat requests):
+    POST /_config {"latency_ms": [lo, hi], "rpm": N}
+    POST /_reset
+    GET  /_log
+    GET  /_stats
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email.utils
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import threading
+import time
+
+MAX_HEAD = 64 * 1024
+MAX_BODY = 64 * 1024 * 1024
+READ_SIZE = 65536
+STALL_SECONDS = 60.0
+
+_monotonic = time.monotonic
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_DIRECTIVE_RE = re.compile(r"\[\[([^\[\]]*)\]\]")
+
+REASONS = {
+    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
+    402: "Payment Required", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+    411: "Length Required", 413: "Payload Too Large", 422: "Unprocessable Entity",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+# status -> (message, type, code) for OpenAI-style error bodies
+ERRORS = {
+    400: ("Invalid request.", "invalid_request_error", None),
+    401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
+    403: ("You are not allowed to access this resource.", "invalid_request_error", None),
+    404: ("The model does not exist or you do not have access to it.",
+          "invalid_request_error", "model_not_found"),
+    408: ("Request timed out.", "timeout", None),
+    409: ("Conflict: the request could not be completed.", "invalid_request_error", None),
+    429: ("Rate limit reached for requests. Please try again later.",
+          "requests", "rate_limit_exceeded"),
+    500: ("The server had an error while processing your request. Sorry about that!",
+          "server_error", None),
+    502: ("Bad gateway.", "server_error", None),
+    503: ("The engine is currently overloaded, please try again later.",
+          "server_error", None),
+    504: ("Gateway timeout.", "server_error", None),
+}
+
+QUOTA_BODY = _dumps({"error": {
+    "message": "You exceeded your current quota, please check your plan and billing details.",
+    "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}).encode()
+AUTH_BODY = _dumps({"error": {
+    "message": "Incorrect API key provided.", "type": "invalid_request_error",
+    "code": "invalid_api_key"}}).encode()
+OK_BODY = b'{"ok":true}'
+
+
+def error_body(status: int, message: str | None = None) -> bytes:
+    msg, typ, code = ERRORS.get(
+        status, ("Simulated error (HTTP %d)." % status,
+                 "server_error" if status >= 500 else "invalid_request_error", None))
+    return _dumps({"error": {"message": message or msg, "type": typ,
+                             "param": None, "code": code}}).encode()
+
+
+class ClientGone(Exception):
+    """The peer closed (or reset) the connection."""
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ----------------------------------------------------------------- state
+
+class State:
+    def __init__(self, api_key: str | None):
+        self.api_key = api_key
+        self.expected_auth = ("Bearer " + api_key) if api_key is not None else None
+        self.open_connections = 0
+        self.chat_counter = 0
+        self.tasks: set[asyncio.Task] = set()
+        self.reset()
+
+    def reset(self) -> None:
+        self.log: list[dict] = []
+        self.attempts: dict[str, int] = {}
+        self.latency = (0.0, 0.0)  # seconds
+        self.rpm: float | None = None
+        self.bucket_tokens = 0.0
+        self.bucket_cap = 0.0
+        self.bucket_t = _monotonic()
+        self.total_connections = 0
+        self.requests = 0
+        self.client_closed = 0
+
+    def configure(self, cfg: dict) -> None:
+        if "latency_ms" in cfg:
+            lat = cfg["latency_ms"]
+            if lat is None:
+                lo = hi = 0.0
+            elif isinstance(lat, (int, float)):
+                lo = hi = float(lat)
+            else:
+                lo, hi = float(lat[0]), float(lat[1])
+            if hi < lo:
+                lo, hi = hi, lo
+            self.latency = (max(0.0, lo) / 1000.0, max(0.0, hi) / 1000.0)
+        if "rpm" in cfg:
+            rpm = cfg["rpm"]
+            if rpm is None or float(rpm) <= 0:
+                self.rpm = None
+            else:
+                self.rpm = float(rpm)
+                self.bucket_cap = max(1.0, self.rpm / 60.0)
+                self.bucket_tokens = self.bucket_cap
+                self.bucket_t = _monotonic()
+
+    def take_token(self) -> float:
+        """Return 0 if the request may proceed, else seconds until a token."""
+        if self.rpm is None:
+            return 0.0
+        rate = self.rpm / 60.0
+        now = _monotonic()
+        self.bucket_tokens = min(self.bucket_cap,
+                                 self.bucket_tokens + (now - self.bucket_t) * rate)
+        self.bucket_t = now
+        if self.bucket_tokens >= 1.0:
+            self.bucket_tokens -= 1.0
+            return 0.0
+        return (1.0 - self.bucket_tokens) / rate
+
+
+STATE: State  # set in main()
+
+
+# ----------------------------------------------------------------- connection I/O
+
+class Conn:
+    __slots__ = ("reader", "writer", "buf", "eof", "counted")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.buf = bytearray()
+        self.eof = False
+        self.counted = True
+
+    async def _fill(self) -> None:
+        if self.eof:
+            raise ClientGone()
+        try:
+            data = await self.reader.read(READ_SIZE)
+        except (ConnectionError, OSError):
+            data = b""
+        if not data:
+            self.eof = True
+            raise ClientGone()
+        self.buf += data
+
+    async def read_head(self) -> bytes | None:
+        """Bytes of the request head (without the blank line); None on clean EOF."""
+        buf = self.buf
+        start = 0
+        while True:
+            idx = buf.find(b"\r\n\r\n", start)
+            if idx >= 0:
+                head = bytes(buf[:idx])
+                del buf[:idx + 4]
+                return head
+            if len(buf) > MAX_HEAD:
+                raise BadRequest(431, "Request header too large.")
+            start = max(0, len(buf) - 3)
+            try:
+                await self._fill()
+            except ClientGone:
+                if buf.strip():
+                    raise
+                return None
+
+    async def read_exact(self, n: int) -> bytes:
+        buf = self.buf
+        while len(buf) < n:
+            await self._fill()
+        data = bytes(buf[:n])
+        del buf[:n]
+        return data
+
+    async def read_line(self) -> bytes:
+        buf = self.buf
+        start = 0
+        while True:
+            idx = buf.find(b"\r\n", start)
+            if idx >= 0:
+                line = bytes(buf[:idx])
+                del buf[:idx + 2]
+                return line
+            if len(buf) > MAX_HEAD:
+                raise BadRequest(400, "Chunk line too long.")
+            start = max(0, len(buf) - 1)
+            await self._fill()
+
+    async def read_chunked(self) -> bytes:
+        parts = []
+        total = 0
+        while True:
+            line = await self.read_line()
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise BadRequest(400, "Bad chunk size.")
+            if size < 0:
+                raise BadRequest(400, "Bad chunk size.")
+            if size == 0:
+                while await self.read_line():  # trailers
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > MAX_BODY:
+                raise BadRequest(413, "Request body too large.")
+            parts.append(await self.read_exact(size))
+            if await self.read_exact(2) != b"\r\n":
+                raise BadRequest(400, "Bad chunk terminator.")
+
+    async def wait(self, delay: float) -> bool:
+        """Sleep `delay` seconds; return True early if the client disconnects."""
+        if self.eof:
+            return True
+        deadline = _monotonic() + delay
+        reader = self.reader
+        while True:
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                return False
+            if len(self.buf) > MAX_BODY:  # pipelined flood: stop reading
+                await asyncio.sleep(remaining)
+                return False
+            t = asyncio.ensure_future(reader.read(READ_SIZE))
+            try:
+                done, _ = await asyncio.wait((t,), timeout=remaining)
+            except BaseException:
+                t.cancel()
+                raise
+            if not done:
+                t.cancel()
+                try:
+                    data = await t
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    return False
+                except (ConnectionError, OSError):
+                    data = b""
+            else:
+                try:
+                    data = t.result()
+                except (ConnectionError, OSError):
+                    data = b""
+            if not data:
+                self.eof = True
+                return True
+            self.buf += data  # pipelined bytes of the next request
+
+    async def send(self, data: bytes) -> None:
+        w = self.writer
+        if w.transport.is_closing():
+            raise ClientGone()
+        w.write(data)
+        try:
+            await w.drain()
+        except (ConnectionError, OSError):
+            raise ClientGone()
+
+
+def build_response(status: int, body: bytes, keep_alive: bool,
+                   ctype: str = "application/json",
+                   extra: list[tuple[str, str]] | None = None,
+                   content_length: int | None = None) -> bytes:
+    head = ["HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            % (status, REASONS.get(status, "Status"), ctype,
+               len(body) if content_length is None else content_length)]
+    if extra:
+        for k, v in extra:
+            head.append("%s: %s\r\n" % (k, v))
+    head.append("Connection: keep-alive\r\n\r\n" if keep_alive else "Connection: close\r\n\r\n")
+    return "".join(head).encode("latin-1") + body
+
+
+# ----------------------------------------------------------------- chat logic
+
+def parse_directives(key: str) -> dict:
+    """`[[name=value]]` / `[[name*N=value]]` / `[[name=value*N]]` -> {name: (value, N)}."""
+    out = {}
+    for m in _DIRECTIVE_RE.finditer(key):
+        inner = m.group(1).strip()
+        name, sep, value = inner.partition("=")
+        name = name.strip()
+        value = value.strip() if sep else None
+        count = None
+        if "*" in name:
+            name, _, c = name.partition("*")
+            name = name.strip()
+            count = c.strip()
+        elif value is not None and name in ("fail", "drop", "truncate", "stall") and "*" in value:
+            value, _, c = value.rpartition("*")
+            value = value.strip()
+            count = c.strip()
+        n = None
+        if count:
+            try:
+                n = int(count)
+            except ValueError:
+                n = None
+        out[name] = (value, n)
+    return out
+
+
+def applies(d: dict, name: str, attempt: int) -> bool:
+    v = d.get(name)
+    if v is None:
+        return False
+    n = v[1]
+    return n is None or attempt <= n
+
+
+def content_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # multimodal parts
+        return " ".join(p.get("text", "") for p in content
+                        if isinstance(p, dict) and isinstance(p.get("text"), str))
+    if content is None:
+        return ""
+    return str(content)
+
+
+def failure_headers(d: dict) -> list[tuple[str, str]]:
+    extra = []
+    v = d.get("retry_after")
+    if v and v[0] is not None:
+        extra.append(("Retry-After", v[0]))
+    v = d.get("retry_after_date")
+    if v and v[0] is not None:
+        try:
+            secs = float(v[0])
+        except ValueError:
+            secs = 0.0
+        extra.append(("Retry-After", email.utils.formatdate(time.time() + secs, usegmt=True)))
+    v = d.get("retry_after_ms")
+    if v and v[0] is not None:
+        extra.append(("retry-after-ms", v[0]))
+    v = d.get("reset_requests")
+    if v and v[0] is not None:
+        extra.append(("x-ratelimit-remaining-requests", "0"))
+        extra.append(("x-ratelimit-reset-requests", v[0]))
+    v = d.get("reset_tokens")
+    if v and v[0] is not None:
+        extra.append(("x-ratelimit-remaining-tokens", "0"))
+        extra.append(("x-ratelimit-reset-tokens", v[0]))
+    return extra
+
+
+async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) -> bool:
+    """Serve one chat request. Return True if the connection may be reused."""
+    st = STATE
+    t_start = _monotonic()
+    auth = headers.get("authorization")
+    rec = {"t_start": t_start, "t_end": None, "key": None, "attempt": 0,
+           "outcome": None, "auth": auth is not None}
+    st.log.append(rec)
+    st.requests += 1
+
+    def finish(outcome) -> None:
+        rec["t_end"] = _monotonic()
+        rec["outcome"] = outcome
+        if outcome == "client_closed":
+            st.client_closed += 1
+
+    async def reply(status: int, rbody: bytes, extra=None) -> bool:
+        finish(status)
+        await conn.send(build_response(status, rbody, keep_alive, extra=extra))
+        return keep_alive
+
+    authorized = st.expected_auth is None or auth == st.expected_auth
+    # parse body (unauthorized requests get 401 even if the body is bad)
+    try:
+        req = json.loads(body)
+        if not isinstance(req, dict):
+            raise ValueError("body is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        if not authorized:
+            return await reply(401, AUTH_BODY)
+        return await reply(400, error_body(
+            400, "We could not parse the JSON body of your request. (%s)" % e.__class__.__name__))
+    messages = req.get("messages")
+    if not isinstance(messages, list) or not messages:
+        if not authorized:
+            return await reply(401, AUTH_BODY)
+        return await reply(400, error_body(400, "'messages' is a required property"))
+    texts = [content_text(m.get("content")) if isinstance(m, dict) else "" for m in messages]
+    key = texts[-1]
+    attempt = st.attempts.get(key, 0) + 1
+    st.attempts[key] = attempt
+    rec["key"] = key
+    rec["attempt"] = attempt
+
+    if not authorized:
+        return await reply(401, AUTH_BODY)
+
+    wait = st.take_token()
+    if wait > 0:
+        ms = max(1, math.ceil(wait * 1000))
+        return await reply(429, error_body(429), [
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "%dms" % ms),
+            ("retry-after-ms", str(ms))])
+
+    d = parse_directives(key) if "[[" in key else {}
+
+    if d:
+        if "quota" in d:
+            return await reply(429, QUOTA_BODY, failure_headers(d))
+
+        if applies(d, "stall", attempt):
+            if await conn.wait(STALL_SECONDS):
+                finish("client_closed")
+            else:
+                finish("stall")
+            return False
+
+    # latency
+    delay = None
+    if "lat" in d:
+        try:
+            delay = max(0.0, float(d["lat"][0] or 0)) / 1000.0
+        except ValueError:
+            delay = None
+    if delay is None:
+        lo, hi = st.latency
+        delay = lo if hi <= lo else random.uniform(lo, hi)
+    if delay > 0 and await conn.wait(delay):
+        finish("client_closed")
+        return False
+
+    if d:
+        if applies(d, "drop", attempt):
+            finish("drop")
+            return False
+
+        if applies(d, "fail", attempt):
+            try:
+                code = int(d["fail"][0])
+            except (TypeError, ValueError):
+                code = 500
+            return await reply(code, error_body(code), failure_headers(d))
+
+    model = req.get("model")
+    st.chat_counter += 1
+    if "big" in d:
+        try:
+            n = int(d["big"][0])
+        except (TypeError, ValueError):
+            n = 0
+        content = "x" * max(0, n)
+    else:
+        content = "echo: " + _DIRECTIVE_RE.sub("", key).strip()
+    if "badjson" in d:
+        rbody = b'{"choices": ['
+    else:
+        p = sum(len(t.split()) for t in texts) + 1
+        c = len(content.split()) + 1
+        rbody = _dumps({
+            "id": "chatcmpl-%d" % st.chat_counter,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0,
+                         "message": {"role": "assistant", "content": content},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+        }).encode()
+
+    if applies(d, "truncate", attempt):
+        finish("truncate")
+        data = build_response(200, b"", False, content_length=len(rbody))
+        await conn.send(data + rbody[:len(rbody) // 2])
+        return False
+
+    return await reply(200, rbody)
+
+
+async def handle_control(conn: Conn, method: str, path: str, body: bytes,
+                         keep_alive: bool) -> bool:
+    st = STATE
+    status, rbody = 200, OK_BODY
+    if path == "/_config":
+        if method != "POST":
+            status, rbody = 405, error_body(405, "Use POST.")
+        else:
+            try:
+                cfg = json.loads(body) if body.strip() else {}
+                if not isinstance(cfg, dict):
+                    raise ValueError("config must be a JSON object")
+                st.configure(cfg)
+            except (ValueError, TypeError, IndexError, KeyError) as e:
+                status, rbody = 400, error_body(400, "Bad config: %s" % e)
+    elif path == "/_reset":
+        if method != "POST":
+            status, rbody = 405, error_body(405, "Use POST.")
+        else:
+            st.reset()
+    elif path == "/_log":
+        rbody = _dumps(st.log).encode()
+    elif path == "/_stats":
+        rbody = _dumps({"open_connections": st.open_connections,
+                        "total_connections": st.total_connections,
+                        "requests": st.requests,
+                        "client_closed": st.client_closed}).encode()
+    else:
+        status, rbody = 404, error_body(404, "Unknown control endpoint %s" % path)
+    await conn.send(build_response(status, rbody, keep_alive))
+    return keep_alive
+
+
+# ----------------------------------------------------------------- connection loop
+
+async def serve_request(conn: Conn, first: bool) -> bool:
+    """Read and answer one request. Return True to keep the connection open."""
+    head = await conn.read_head()
+    if head is None:
+        return False
+    lines = head.lstrip(b"\r\n").split(b"\r\n")
+    try:
+        method, target, version = lines[0].decode("latin-1").split(" ", 2)
+    except ValueError:
+        raise BadRequest(400, "Malformed request line.")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise BadRequest(400, "Malformed header line.")
+        headers[name.strip().decode("latin-1").lower()] = value.strip().decode("latin-1")
+
+    connection = headers.get("connection", "").lower()
+    if version == "HTTP/1.1":
+        keep_alive = "close" not in connection
+    else:
+        keep_alive = "keep-alive" in connection
+
+    path = target.split("?", 1)[0]
+    control = path.startswith("/_")
+    if first and control and conn.counted:
+        # connections that begin with a control request are not reported in /_stats
+        conn.counted = False
+        STATE.open_connections -= 1
+        STATE.total_connections -= 1
+
+    if headers.get("expect", "").lower() == "100-continue":
+        await conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = await conn.read_chunked()
+    else:
+        cl = headers.get("content-length")
+        if cl:
+            try:
+                n = int(cl)
+            except ValueError:
+                raise BadRequest(400, "Bad Content-Length.")
+            if n < 0:
+                raise BadRequest(400, "Bad Content-Length.")
+            if n > MAX_BODY:
+                raise BadRequest(413, "Request body too large.")
+            body = await conn.read_exact(n) if n else b""
+        else:
+            body = b""
+
+    if control:
+        return await handle_control(conn, method, path, body, keep_alive)
+    if path.endswith("/chat/completions"):
+        if method != "POST":
+            await conn.send(build_response(405, error_body(405, "Method not allowed."),
+                                           keep_alive))
+            return keep_alive
+        return await handle_chat(conn, headers, body, keep_alive)
+    await conn.send(build_response(404, error_body(404, "Unknown URL %s" % path), keep_alive))
+    return keep_alive
+
+
+async def handle_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    st = STATE
+    task = asyncio.current_task()
+    st.tasks.add(task)
+    st.open_connections += 1
+    st.total_connections += 1
+    conn = Conn(reader, writer)
+    try:
+        first = True
+        while await serve_request(conn, first):
+            first = False
+    except BadRequest as e:
+        try:
+            await conn.send(build_response(e.status, error_body(e.status, e.message), False))
+        except Exception:
+            pass
+    except (ClientGone, ConnectionError, OSError, asyncio.IncompleteReadError):
+        pass
+    except asyncio.CancelledError:
+        pass
+    except Exception as e:  # never let one connection kill the server
+        print("fakeserver: unexpected error: %r" % (e,), file=sys.stderr, flush=True)
+    finally:
+        if conn.counted:
+            st.open_connections -= 1
+        st.tasks.discard(task)
+        try:
+            writer.close()
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------- main
+
+async def amain(args) -> None:
+    global STATE
+    STATE = State(args.api_key)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+
+    if not args.no_stdin_watch:
+        def watch_stdin() -> None:
+            try:
+                while os.read(0, 65536):
+                    pass
+            except OSError:
+                return  # no usable stdin: don't treat as EOF
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
+                pass
+        threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
+
+    server = await asyncio.start_server(handle_connection, args.host, args.port,
+                                        backlog=4096, reuse_address=True)
+    port = server.sockets[0].getsockname()[1]
+    sys.stdout.write("PORT %d\n" % port)
+    sys.stdout.flush()
+
+    await stop.wait()
+    server.close()
+    tasks = list(STATE.tasks)
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--no-stdin-watch", action="store_true",
+                    help="do not exit when stdin reaches EOF")
+    args = ap.parse_args(argv)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        ap.error("fakeserver binds to loopback only")
+    try:
+        asyncio.run(amain(args))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
