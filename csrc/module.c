@@ -32,6 +32,7 @@ typedef struct {
     PyObject *error_type;     /* borrowed from the module state, kept alive by a reference */
     int max_in_flight, workers;
     double rpm, tpm;
+    PyObject *weakreflist;    /* the Python layer keeps a WeakSet of live engines */
 } EngineObject;
 
 typedef struct {
@@ -142,6 +143,8 @@ static void Engine_dealloc(EngineObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
+    if (self->weakreflist)
+        PyObject_ClearWeakRefs((PyObject *)self);
     engine_shutdown(self);
     Py_CLEAR(self->error_type);
     tp->tp_free((PyObject *)self);
@@ -410,6 +413,7 @@ static PyMemberDef Engine_members[] = {
      "The in-flight cap."},
     {"rpm", T_DOUBLE, offsetof(EngineObject, rpm), READONLY, "Requests/min limit (0: none)."},
     {"tpm", T_DOUBLE, offsetof(EngineObject, tpm), READONLY, "Tokens/min limit (0: none)."},
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(EngineObject, weakreflist), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -31,6 +32,7 @@ sx_batch *sx_batch_new(const char *url, const char *const *headers, size_t nhead
     b->url = strdup(url);
     if (!b->url)
         goto err;
+    b->is_https = strncasecmp(url, "https://", 8) == 0;
     /* libcurl sends "Expect: 100-continue" for larger POSTs on HTTP/1.1, costing a round
      * trip per request; an empty Expect header turns it off. */
     struct curl_slist *list = curl_slist_append(NULL, "Expect:");

@@ -92,6 +92,7 @@ typedef struct sx_slot {
 struct sx_batch {
     /* [R] shared request data */
     char *url;
+    int is_https;
     struct curl_slist *headers;
     sx_request_opts opts;
     char *arena;              /* all request bodies, back to back */

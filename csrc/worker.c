@@ -155,8 +155,6 @@ static sx_xfer *xfer_get(sx_worker *w)
     curl_easy_setopt(h, CURLOPT_USERAGENT, "semex/0.1");
     if (w->engine->opts.http2) {
         curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
-        /* Wait for a connection that can multiplex rather than opening a new one. */
-        curl_easy_setopt(h, CURLOPT_PIPEWAIT, 1L);
     } else {
         curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
     }
@@ -222,6 +220,10 @@ static void xfer_start(sx_worker *w, sx_slot *slot)
     CURL *h = x->easy;
     curl_easy_setopt(h, CURLOPT_URL, b->url);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, b->headers);
+    /* Over TLS, wait for a connection that may turn out to multiplex (HTTP/2 via ALPN)
+     * rather than opening one per request. Never for plain http://: there HTTP/1.1 is
+     * certain, and PIPEWAIT would queue requests behind a slow one on the same host. */
+    curl_easy_setopt(h, CURLOPT_PIPEWAIT, (w->engine->opts.http2 && b->is_https) ? 1L : 0L);
     if (slot->body) {
         curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)slot->body_len);
         curl_easy_setopt(h, CURLOPT_POSTFIELDS, slot->body);

@@ -88,3 +88,25 @@ def server(fakeserver_port):
     s = FakeServer(fakeserver_port)
     s.reset()
     yield s
+
+
+@pytest.fixture
+def make_lm(server):
+    """Build LMs pointed at the fake server with test-friendly backoff; closed afterwards."""
+    import semex
+
+    made = []
+
+    def make(**options):
+        options.setdefault("api_base", server.base_url)
+        options.setdefault("api_key", server.api_key)
+        options.setdefault("backoff_base", 0.05)
+        options.setdefault("backoff_cap", 0.5)
+        options.setdefault("timeout", 10.0)
+        lm = semex.LM("test-model", **options)
+        made.append(lm)
+        return lm
+
+    yield make
+    for lm in made:
+        lm.close()

@@ -1,0 +1,166 @@
+"""Waiting on engine batches from Python: synchronously and from any asyncio loop.
+
+The engine's worker threads never call into Python. A synchronous wait sleeps in C with the
+GIL released and checks for Ctrl-C between short slices; an asyncio wait registers the
+batch's eventfd with ``loop.add_reader``, so the loop thread itself resolves the future when
+the engine signals, and a cancelled task cancels the batch's transfers.
+
+Large jobs go through a bounded window: at most two windows of requests are in the engine at
+once, so memory grows with the window, not with the number of items.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import threading
+import weakref
+from collections import deque
+from typing import Callable, Iterator, Optional, Tuple
+
+from . import _engine
+
+logger = logging.getLogger("semex")
+
+# Engines alive in this process, closed at interpreter exit so worker threads are joined
+# before finalization.
+_live_engines: "weakref.WeakSet[_engine.Engine]" = weakref.WeakSet()
+_lock = threading.Lock()
+
+
+def new_engine(**options) -> _engine.Engine:
+    engine = _engine.Engine(**options)
+    with _lock:
+        _live_engines.add(engine)
+    return engine
+
+
+@atexit.register
+def _close_all() -> None:
+    with _lock:
+        engines = list(_live_engines)
+    for engine in engines:
+        if not engine.forked:
+            engine.close()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's worker threads do not exist here. Engines notice by pid and refuse to be
+    # used; owners (LM) build a new one lazily. Forget the old ones without touching them.
+    global _lock
+    _lock = threading.Lock()
+    _live_engines.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class EngineHolder:
+    """Builds an engine on first use and rebuilds it in a fork() child."""
+
+    def __init__(self, **options):
+        self._options = options
+        self._engine: Optional[_engine.Engine] = None
+        self._pid = -1
+        self._guard = threading.Lock()
+
+    def get(self) -> _engine.Engine:
+        engine = self._engine
+        if engine is not None and self._pid == os.getpid() and not engine.closed:
+            return engine
+        with self._guard:
+            if self._engine is None or self._pid != os.getpid() or self._engine.closed:
+                self._engine = new_engine(**self._options)
+                self._pid = os.getpid()
+            return self._engine
+
+    def close(self) -> None:
+        engine = self._engine
+        if engine is not None and self._pid == os.getpid():
+            engine.close()
+        self._engine = None
+
+    def stats(self) -> dict:
+        engine = self._engine
+        if engine is None or self._pid != os.getpid() or engine.closed:
+            return {}
+        return engine.stats()
+
+
+Tick = Optional[Callable[[], None]]
+
+
+def wait_sync(batch: _engine.Batch, tick: Tick = None, interval: float = 0.1) -> None:
+    """Block until the batch is done; Ctrl-C cancels it (in C) and raises."""
+    if tick is None:
+        batch.wait()
+        return
+    while not batch.wait(interval):
+        tick()
+    tick()
+
+
+async def wait_async(batch: _engine.Batch, tick: Tick = None) -> None:
+    """Await the batch on the running loop; cancelling the awaiting task cancels the batch."""
+    if batch.done:
+        if tick is not None:
+            tick()
+        return
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    fd = batch.fileno()
+
+    def on_ready() -> None:
+        batch.clear_notify()
+        if tick is not None:
+            tick()
+        if batch.done and not future.done():
+            future.set_result(None)
+
+    loop.add_reader(fd, on_ready)
+    try:
+        await future
+    except BaseException:
+        batch.cancel()
+        raise
+    finally:
+        loop.remove_reader(fd)
+
+
+class Windows:
+    """Runs [0, n) through the engine as consecutive windows of `size` requests, keeping
+    `depth` windows submitted ahead so the engine never idles between them. Iterate to get
+    (start, batch) in order; wait on each batch before asking for the next. close() cancels
+    whatever is still pending (a failed or interrupted caller loses no finished work: the
+    windows it already consumed are its own)."""
+
+    def __init__(self, submit: Callable[[int, int], _engine.Batch], n: int, size: int,
+                 depth: int = 2):
+        self._submit = submit
+        self.n = n
+        self.size = max(1, size)
+        self.depth = max(1, depth)
+        self.pending: "deque[Tuple[int, _engine.Batch]]" = deque()
+        self._start = 0
+        self.finished = 0  # requests in windows already consumed
+
+    def __iter__(self) -> Iterator[Tuple[int, _engine.Batch]]:
+        while self._start < self.n or self.pending:
+            while len(self.pending) < self.depth and self._start < self.n:
+                end = min(self.n, self._start + self.size)
+                self.pending.append((self._start, self._submit(self._start, end)))
+                self._start = end
+            start, batch = self.pending[0]
+            yield start, batch
+            self.pending.popleft()
+            self.finished += len(batch)
+
+    def completed(self) -> int:
+        """Requests finished so far, for progress reporting."""
+        return self.finished + sum(batch.completed for _, batch in self.pending)
+
+    def close(self) -> None:
+        while self.pending:
+            _, batch = self.pending.popleft()
+            batch.cancel()

@@ -1,0 +1,479 @@
+"""LM: an OpenAI-compatible chat model on the C engine.
+
+``lm(messages_batch)`` and ``await lm.async_call(messages_batch)`` send one
+``/chat/completions`` request per conversation, concurrently, under the engine's limits, and
+return an :class:`LMOutput` whose ``outputs`` are in input order, with per-item ``errors``
+and token ``usage``. Python builds the request bodies and reads the answers in bulk; the
+waiting, rate limiting and retrying happen in C with the GIL released.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from . import _engine
+from . import errors as E
+from ._runtime import EngineHolder, Windows, wait_async, wait_sync
+
+logger = logging.getLogger("semex")
+
+__all__ = ["LM", "LMOutput", "Usage"]
+
+Messages = Sequence[Mapping[str, Any]]
+ProgressCallback = Callable[[int, int], None]
+
+_DEFAULT_BASE = "https://api.openai.com/v1"
+
+
+@dataclass
+class Usage:
+    """Token and request accounting for one call (or, on ``LM.total_usage``, all calls)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    requests: int = 0          # HTTP attempts sent, retries included
+    retries: int = 0
+    rate_limited: int = 0      # 429 answers received
+    failed: int = 0            # items that failed in the end
+    cost: Optional[float] = None  # in the currency of the prices given to LM, when known
+
+    def add(self, other: "Usage") -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.total_tokens += other.total_tokens
+        self.requests += other.requests
+        self.retries += other.retries
+        self.rate_limited += other.rate_limited
+        self.failed += other.failed
+        if other.cost is not None:
+            self.cost = (self.cost or 0.0) + other.cost
+
+
+@dataclass
+class LMOutput:
+    """Result of one LM call: ``outputs[i]`` is the message content for conversation i (None
+    if it failed), ``errors[i]`` None or the typed error of that item."""
+
+    outputs: List[Optional[str]]
+    errors: List[Optional[E.RequestError]] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    finish_reasons: List[Optional[str]] = field(default_factory=list)
+    logprobs: Optional[list] = None  # LOTUS compatibility; not requested by default
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.errors)
+
+
+def _status_error_class(status: int) -> type:
+    if status == 429:
+        return E.RateLimitError
+    if status in (408, 409) or status >= 500:
+        return E.ServerError
+    return E.APIStatusError
+
+
+_KIND_CLASSES = {
+    _engine.ERR_AUTH: E.AuthenticationError,
+    _engine.ERR_QUOTA: E.QuotaExceededError,
+    _engine.ERR_TIMEOUT: E.RequestTimeoutError,
+    _engine.ERR_CONNECTION: E.APIConnectionError,
+    _engine.ERR_BODY_CAP: E.ResponseTooLargeError,
+    _engine.ERR_ABORTED: E.AbortedError,
+    _engine.ERR_TRANSPORT: E.TransportError,
+    _engine.ERR_CANCELLED: E.RequestCancelledError,
+}
+
+
+def _provider_message(body: Optional[bytes]) -> Optional[str]:
+    """The provider's own explanation from an error body, if it sent one."""
+    if not body:
+        return None
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        text = body[:300].decode("utf-8", "replace").strip()
+        return text or None
+    if isinstance(obj, dict):
+        err = obj.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
+        if isinstance(err, str):
+            return err
+        if isinstance(obj.get("message"), str):
+            return obj["message"]
+    return None
+
+
+class LM:
+    """An OpenAI-compatible chat model served through semex's C engine.
+
+    Parameters
+    ----------
+    model:
+        Model name sent as ``"model"``. Defaults to ``$SEMEX_MODEL`` or ``gpt-4o-mini``.
+    api_base:
+        Base URL of the OpenAI-compatible API (``.../v1``). Defaults to ``$OPENAI_BASE_URL``
+        or OpenAI's. ``/chat/completions`` is appended.
+    api_key:
+        Bearer token. Defaults to ``$OPENAI_API_KEY``; without one no Authorization header
+        is sent (fine for local servers). Never shown in reprs, logs or errors.
+    max_concurrency:
+        Most requests in flight at once (the adaptive window stays at or below it).
+        ``max_batch_size`` is accepted as an alias (LOTUS's name).
+    rpm, tpm:
+        Requests/minute and tokens/minute limits enforced client-side (None: no limit).
+        Each request's token cost is estimated as characters/4 plus ``max_tokens``.
+    max_retries:
+        Retries per request after the first attempt (connection errors, timeouts, 408, 409,
+        429, 5xx), with exponential backoff and full jitter, never sooner than the server's
+        ``Retry-After``/``x-ratelimit-reset-*`` hints. 401/403 and ``insufficient_quota``
+        are never retried and stop the call.
+    timeout, connect_timeout:
+        Seconds per attempt for the whole request, and for connecting.
+    temperature, max_tokens:
+        Sent with every request (``max_tokens`` only when set).
+    extra_body:
+        Extra JSON fields merged into every request body (e.g. ``{"top_p": 0.9}``).
+    extra_headers:
+        Extra HTTP headers, a mapping of name to value.
+    structured_output:
+        Whether the server accepts ``response_format`` json_schema (used by sem_extract).
+    workers:
+        I/O threads of the engine (default 1; one thread drives thousands of transfers).
+    adaptive_concurrency:
+        Halve the in-flight window on 429s and timeouts, grow it back on successes.
+    max_response_bytes:
+        Cap on one response body; larger answers fail with ResponseTooLargeError.
+    verify_tls:
+        Verify the server's TLS certificate (keep True unless you know why not).
+    input_price_per_million, output_price_per_million:
+        Prices per million prompt/completion tokens, to report ``usage.cost``.
+    """
+
+    def __init__(
+        self,
+        model: Optional[str] = None,
+        api_base: Optional[str] = None,
+        api_key: Optional[str] = None,
+        *,
+        max_concurrency: Optional[int] = None,
+        rpm: Optional[float] = None,
+        tpm: Optional[float] = None,
+        max_retries: int = 6,
+        timeout: float = 120.0,
+        connect_timeout: float = 10.0,
+        temperature: Optional[float] = 0.0,
+        max_tokens: Optional[int] = None,
+        extra_body: Optional[Mapping[str, Any]] = None,
+        extra_headers: Optional[Mapping[str, str]] = None,
+        structured_output: bool = True,
+        workers: int = 1,
+        adaptive_concurrency: bool = True,
+        max_response_bytes: int = 32 * 1024 * 1024,
+        verify_tls: bool = True,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        input_price_per_million: Optional[float] = None,
+        output_price_per_million: Optional[float] = None,
+        max_batch_size: Optional[int] = None,
+    ):
+        self.model = model or os.environ.get("SEMEX_MODEL") or "gpt-4o-mini"
+        if not isinstance(self.model, str):
+            raise E.ConfigurationError(f"model must be a str, got {type(model).__name__}")
+        base = api_base or os.environ.get("OPENAI_BASE_URL") or _DEFAULT_BASE
+        if not isinstance(base, str) or not base.startswith(("http://", "https://")):
+            raise E.ConfigurationError(
+                f"api_base must be an http:// or https:// URL, got {base!r}")
+        self.api_base = base.rstrip("/")
+        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.__api_key = key or None
+        if max_concurrency is None:
+            max_concurrency = max_batch_size if max_batch_size is not None else 64
+        _check_int("max_concurrency", max_concurrency, 1)
+        _check_int("max_retries", max_retries, 0)
+        _check_int("workers", workers, 1)
+        _check_int("max_response_bytes", max_response_bytes, 1)
+        for name, value in (("rpm", rpm), ("tpm", tpm)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise E.ConfigurationError(f"{name} must be a positive number or None, "
+                                           f"got {value!r}")
+        for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise E.ConfigurationError(f"{name} must be a positive number of seconds, "
+                                           f"got {value!r}")
+        if max_tokens is not None:
+            _check_int("max_tokens", max_tokens, 1)
+        self.max_concurrency = max_concurrency
+        self.rpm = rpm
+        self.tpm = tpm
+        self.max_retries = max_retries
+        self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.extra_body = dict(extra_body or {})
+        self.extra_headers = dict(extra_headers or {})
+        self.structured_output = structured_output
+        self.workers = workers
+        self.adaptive_concurrency = adaptive_concurrency
+        self.max_response_bytes = max_response_bytes
+        self.verify_tls = verify_tls
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.input_price_per_million = input_price_per_million
+        self.output_price_per_million = output_price_per_million
+        self.total_usage = Usage()
+        self._usage_lock = threading.Lock()
+        for name, value in self.extra_headers.items():
+            if "\n" in f"{name}{value}" or "\r" in f"{name}{value}":
+                raise E.ConfigurationError(f"extra_headers[{name!r}] contains a line break")
+        self._headers = self._build_headers()
+        self._engine = EngineHolder(
+            workers=workers,
+            max_in_flight=max_concurrency,
+            rpm=float(rpm or 0),
+            tpm=float(tpm or 0),
+            adaptive=adaptive_concurrency,
+        )
+
+    # -- presentation: never the key --------------------------------------------------------
+    def __repr__(self) -> str:
+        return (f"LM(model={self.model!r}, api_base={self.api_base!r}, "
+                f"api_key={'<set>' if self.__api_key else None}, "
+                f"max_concurrency={self.max_concurrency}, rpm={self.rpm}, tpm={self.tpm})")
+
+    def __getstate__(self):
+        raise TypeError("LM objects are not picklable (they hold an API key and threads); "
+                        "build one in each process")
+
+    @property
+    def url(self) -> str:
+        return self.api_base + "/chat/completions"
+
+    def _build_headers(self) -> List[str]:
+        headers = ["Content-Type: application/json", "Accept: application/json"]
+        if self.__api_key:
+            headers.append(f"Authorization: Bearer {self.__api_key}")
+        headers.extend(f"{k}: {v}" for k, v in self.extra_headers.items())
+        return headers
+
+    def _redact(self, text: str) -> str:
+        key = self.__api_key
+        if key and key in text:
+            text = text.replace(key, "***")
+        return text
+
+    def close(self) -> None:
+        """Stop the engine's threads now (they also stop at interpreter exit)."""
+        self._engine.close()
+
+    def engine_stats(self) -> dict:
+        """The scheduler's counters: in-flight, window, queued, 429s, cool-downs..."""
+        return self._engine.stats()
+
+    # -- calls ------------------------------------------------------------------------------
+    def __call__(self, messages_batch: Sequence[Messages], *,
+                 progress: Optional[ProgressCallback] = None,
+                 max_concurrent: Optional[int] = None, **request_fields) -> LMOutput:
+        """Send every conversation of ``messages_batch``; block until all are answered.
+
+        Works inside a running event loop (e.g. a notebook cell): no event loop is used.
+        Ctrl-C cancels the outstanding requests and raises KeyboardInterrupt.
+        ``request_fields`` (e.g. ``response_format=...``) are added to every request body.
+        ``progress(done, total)`` is called as requests finish. ``max_concurrent`` caps this
+        call's own concurrency below ``max_concurrency``.
+        """
+        job = _Job(self, messages_batch, request_fields, progress, max_concurrent)
+        windows = Windows(job.submit, job.n, job.window_size)
+        try:
+            for start, batch in windows:
+                wait_sync(batch, job.ticker(windows))
+                job.collect(start, batch)
+        finally:
+            windows.close()
+        return job.finish()
+
+    async def async_call(self, messages_batch: Sequence[Messages], *,
+                         progress: Optional[ProgressCallback] = None,
+                         max_concurrent: Optional[int] = None,
+                         **request_fields) -> LMOutput:
+        """Awaitable twin of ``lm(messages_batch)``; works on any running asyncio loop.
+        Cancelling the awaiting task cancels the in-flight requests."""
+        job = _Job(self, messages_batch, request_fields, progress, max_concurrent)
+        windows = Windows(job.submit, job.n, job.window_size)
+        try:
+            for start, batch in windows:
+                await wait_async(batch, job.ticker(windows))
+                job.collect(start, batch)
+        finally:
+            windows.close()
+        return job.finish()
+
+    def _record_usage(self, usage: Usage) -> None:
+        with self._usage_lock:
+            self.total_usage.add(usage)
+
+    def _cost(self, prompt_tokens: int, completion_tokens: int) -> Optional[float]:
+        if self.input_price_per_million is None and self.output_price_per_million is None:
+            return None
+        return (prompt_tokens * (self.input_price_per_million or 0.0)
+                + completion_tokens * (self.output_price_per_million or 0.0)) / 1e6
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise E.ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class _Job:
+    """One LM call: validates input up front, builds bodies window by window, reads results."""
+
+    def __init__(self, lm: LM, messages_batch: Sequence[Messages],
+                 request_fields: Dict[str, Any], progress: Optional[ProgressCallback],
+                 max_concurrent: Optional[int] = None):
+        if max_concurrent is not None:
+            _check_int("max_concurrent", max_concurrent, 1)
+        self.max_concurrent = max_concurrent or 0
+        if isinstance(messages_batch, (str, bytes, Mapping)) or not hasattr(
+                messages_batch, "__iter__"):
+            raise E.ConfigurationError(
+                "messages_batch must be a list of conversations (each a list of "
+                f"{{'role': ..., 'content': ...}} dicts), got {type(messages_batch).__name__}")
+        self.lm = lm
+        self.batch = list(messages_batch)
+        self.n = len(self.batch)
+        for i, messages in enumerate(self.batch):
+            if isinstance(messages, (str, bytes)) or not isinstance(messages, (list, tuple)):
+                raise E.ConfigurationError(
+                    f"messages_batch[{i}] must be a list of message dicts, got "
+                    f"{type(messages).__name__}")
+            if not messages:
+                raise E.ConfigurationError(f"messages_batch[{i}] is an empty conversation")
+            for j, message in enumerate(messages):
+                if not isinstance(message, Mapping) or "role" not in message:
+                    raise E.ConfigurationError(
+                        f"messages_batch[{i}][{j}] must be a dict with 'role' and 'content'")
+        fields: Dict[str, Any] = {"model": lm.model}
+        if lm.temperature is not None:
+            fields["temperature"] = lm.temperature
+        if lm.max_tokens is not None:
+            fields["max_tokens"] = lm.max_tokens
+        fields.update(lm.extra_body)
+        fields.update(request_fields)
+        fields.pop("messages", None)
+        try:
+            encoded = json.dumps(fields, ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise E.ConfigurationError(f"request fields are not JSON-serializable: {exc}") from None
+        # Every body is the same prefix + this conversation's messages: encode the shared
+        # part once.
+        self.prefix = (encoded[:-1] + ', "messages": ') if fields else '{"messages": '
+        self.token_extra = float(fields.get("max_tokens") or 0)
+        self.window_size = max(1024, 4 * lm.max_concurrency)
+        self.progress = progress
+        self.outputs: List[Optional[str]] = [None] * self.n
+        self.errors: List[Optional[E.RequestError]] = [None] * self.n
+        self.finish_reasons: List[Optional[str]] = [None] * self.n
+        self.usage = Usage()
+
+    def submit(self, start: int, end: int) -> _engine.Batch:
+        lm = self.lm
+        prefix = self.prefix
+        dumps = json.dumps
+        bodies = []
+        for i in range(start, end):
+            try:
+                bodies.append((prefix + dumps(self.batch[i], ensure_ascii=False) + "}")
+                              .encode("utf-8"))
+            except (TypeError, ValueError) as exc:
+                raise E.ConfigurationError(
+                    f"messages_batch[{i}] is not JSON-serializable: {exc}") from None
+        tokens = None
+        if lm.tpm:
+            tokens = [len(b) / 4.0 + self.token_extra for b in bodies]
+        return lm._engine.get().submit(
+            lm.url, lm._headers, bodies, tokens,
+            timeout=lm.timeout, connect_timeout=lm.connect_timeout,
+            max_retries=lm.max_retries, max_body=lm.max_response_bytes,
+            verify=lm.verify_tls, backoff_base=lm.backoff_base, backoff_cap=lm.backoff_cap,
+            notify_each=self.progress is not None, max_in_flight=self.max_concurrent)
+
+    def ticker(self, windows: Windows):
+        if self.progress is None:
+            return None
+        progress, n = self.progress, self.n
+        return lambda: progress(windows.completed(), n)
+
+    def collect(self, start: int, batch: _engine.Batch) -> None:
+        usage = self.usage
+        loads = json.loads
+        ok_state = _engine.OK
+        for offset, (state, kind, status, body, error, attempts, _latency) in enumerate(
+                batch.results()):
+            i = start + offset
+            usage.requests += attempts
+            if attempts > 1:
+                usage.retries += attempts - 1
+            if state == ok_state:
+                try:
+                    answer = loads(body)
+                    choice = answer["choices"][0]
+                    content = choice["message"]["content"]
+                except (ValueError, KeyError, IndexError, TypeError) as exc:
+                    self.errors[i] = E.ResponseFormatError(
+                        f"item {i}: the provider's answer could not be read "
+                        f"({type(exc).__name__}: {exc})", index=i, status=status,
+                        attempts=attempts,
+                        body=self.lm._redact(body[:500].decode("utf-8", "replace")))
+                    usage.failed += 1
+                    continue
+                u = answer.get("usage")
+                if u:
+                    usage.prompt_tokens += u.get("prompt_tokens") or 0
+                    usage.completion_tokens += u.get("completion_tokens") or 0
+                    usage.total_tokens += u.get("total_tokens") or 0
+                self.finish_reasons[i] = choice.get("finish_reason")
+                if content is None:
+                    self.errors[i] = E.ResponseFormatError(
+                        f"item {i}: the answer has no text content (finish_reason="
+                        f"{choice.get('finish_reason')!r})", index=i, status=status,
+                        attempts=attempts)
+                    usage.failed += 1
+                    continue
+                self.outputs[i] = content
+            else:
+                self.errors[i] = self.error_for(i, state, kind, status, body, error, attempts)
+                usage.failed += 1
+        usage.rate_limited += batch.progress()[5]
+
+    def error_for(self, i, state, kind, status, body, error, attempts) -> E.RequestError:
+        if state == _engine.CANCELLED:
+            cls = E.RequestCancelledError
+        elif kind == _engine.ERR_HTTP:
+            cls = _status_error_class(status)
+        else:
+            cls = _KIND_CLASSES.get(kind, E.RequestError)
+        message = f"item {i}: {error or 'failed'}"
+        detail = _provider_message(body) if body else None
+        if detail:
+            message += f": {detail}"
+        message = self.lm._redact(message)
+        text = self.lm._redact(body.decode("utf-8", "replace")) if body else None
+        return cls(message, index=i, status=status, attempts=attempts, body=text)
+
+    def finish(self) -> LMOutput:
+        lm = self.lm
+        self.usage.cost = lm._cost(self.usage.prompt_tokens, self.usage.completion_tokens)
+        lm._record_usage(self.usage)
+        failed = self.usage.failed
+        if failed:
+            first = next(e for e in self.errors if e is not None)
+            logger.warning("%d of %d requests failed; first: %s", failed, self.n, first)
+        return LMOutput(outputs=self.outputs, errors=self.errors, usage=self.usage,
+                        finish_reasons=self.finish_reasons)

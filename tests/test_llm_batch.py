@@ -1,0 +1,80 @@
+"""llm_batch / parallel_query: the map primitive with typed per-item errors."""
+import asyncio
+
+import pytest
+
+import semex
+from semex import errors as E
+
+
+def test_llm_batch_returns_answers_in_order_and_typed_errors(server, make_lm):
+    lm = make_lm(max_retries=1)
+    prompts = ["a", "b [[fail=404]]", "c", "d [[fail=500]]", "e"]
+    result = semex.llm_batch(prompts, model=lm, max_concurrent=3)
+    assert result[0] == "echo: a" and result[2] == "echo: c" and result[4] == "echo: e"
+    assert isinstance(result[1], E.APIStatusError) and result[1].status == 404
+    assert isinstance(result[3], E.ServerError) and result[3].status == 500
+    assert not isinstance(result[1], str)
+
+
+def test_llm_batch_async_matches_sync(server, make_lm):
+    lm = make_lm()
+    prompts = [f"n{i}" for i in range(100)]
+    assert asyncio.run(semex.llm_batch_async(prompts, model=lm)) == \
+        semex.llm_batch(prompts, model=lm)
+
+
+def test_system_prompt_and_conversations(server, make_lm):
+    lm = make_lm()
+    result = semex.llm_batch(["plain", [{"role": "user", "content": "conv"}]], model=lm,
+                             system_prompt="be brief")
+    assert result == ["echo: plain", "echo: conv"]
+
+
+def test_parallel_query_fills_the_template(server, make_lm):
+    lm = make_lm()
+    chunks = ["alpha", "beta {not a field}", "gamma"]
+    result = semex.parallel_query("Summarize: {chunk}", chunks, model=lm)
+    assert result == [f"echo: Summarize: {c}" for c in chunks]
+    result = asyncio.run(semex.parallel_query_async("Q {chunk}", ["x"], model=lm))
+    assert result == ["echo: Q x"]
+
+
+def test_parallel_query_rejects_a_template_without_placeholder(server, make_lm):
+    with pytest.raises(E.ConfigurationError, match=r"\{chunk\}"):
+        semex.parallel_query("no placeholder", ["x"], model=make_lm())
+    with pytest.raises(E.ConfigurationError, match=r"chunks\[1\]"):
+        semex.parallel_query("{chunk}", ["x", 3], model=make_lm())
+    assert server.log() == []
+
+
+def test_settings_configure_supplies_the_default_model(server, make_lm, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setattr(semex.settings, "lm", None)
+    with pytest.raises(E.ConfigurationError, match="configure"):
+        semex.llm_batch(["x"])
+    semex.settings.configure(lm=make_lm())
+    assert semex.llm_batch(["x"]) == ["echo: x"]
+    with pytest.raises(E.ConfigurationError, match="unknown setting"):
+        semex.settings.configure(model="x")
+
+
+def test_environment_defaults(server, monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", server.api_key)
+    lm = semex.LM("env-model")
+    try:
+        assert lm.api_base == server.base_url
+        assert semex.llm_batch(["env"], model=lm) == ["echo: env"]
+    finally:
+        lm.close()
+
+
+def test_bad_prompts_are_rejected_before_any_request(server, make_lm):
+    lm = make_lm()
+    with pytest.raises(E.ConfigurationError, match=r"prompts\[2\]"):
+        semex.llm_batch(["a", "b", 7], model=lm)
+    with pytest.raises(E.ConfigurationError, match="single string"):
+        semex.llm_batch("abc", model=lm)
+    assert server.log() == []
