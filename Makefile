@@ -1,0 +1,29 @@
+# Developer entry points. `make test` is the README's test command and what CI runs first.
+SHELL := /bin/bash
+VENV ?= .venv
+ASAN_VENV ?= .venv-asan
+PYTEST_ARGS ?=
+
+.PHONY: test test-asan test-c tsan demo clean
+
+test:
+	SEMEX_WERROR=1 .ci/setup.sh $(VENV)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The same suite against an AddressSanitizer + UBSan build of the extension.
+test-asan:
+	SEMEX_SANITIZE=1 SEMEX_WERROR=1 .ci/setup.sh $(ASAN_VENV)
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" PYTHONMALLOC=malloc \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	$(ASAN_VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+# The engine's standalone C tests (no Python), plain and under ThreadSanitizer.
+test-c:
+	$(MAKE) -C tests/c test
+
+tsan:
+	$(MAKE) -C tests/c tsan
+
+clean:
+	rm -rf build $(VENV) $(ASAN_VENV) python/semex/*.so
+	$(MAKE) -C tests/c clean || true

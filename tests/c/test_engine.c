@@ -1,0 +1,2194 @@
+/* test_engine.c — standalone tests of the C engine (no Python).
+ *
+ * Pure parts (token bucket, AIMD window, backoff, header hints, classification, scheduler)
+ * are driven with fake clocks; the engine is driven end to end with real worker threads
+ * against a tiny HTTP/1.1 server that lives in this file.
+ *
+ * Build: see Makefile next to this file (make test | tsan | asan). */
+#include <errno.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+
+#include "engine.h"
+#include "hints.h"
+#include "ratelimit.h"
+#include "results.h"
+#include "sched.h"
+#include "sx_clock.h"
+
+/* ------------------------------------------------------------------ assertions */
+
+static unsigned long g_checks;
+static unsigned long g_failures;
+
+#define CHECK(expr)                                                                      \
+    do {                                                                                 \
+        g_checks++;                                                                      \
+        if (!(expr)) {                                                                   \
+            g_failures++;                                                                \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #expr);     \
+        }                                                                                \
+    } while (0)
+
+/* Like CHECK, but leaves the test function at once (for things later checks depend on). */
+#define REQUIRE(expr)                                                                    \
+    do {                                                                                 \
+        g_checks++;                                                                      \
+        if (!(expr)) {                                                                   \
+            g_failures++;                                                                \
+            fprintf(stderr, "%s:%d: REQUIRE failed: %s\n", __FILE__, __LINE__, #expr);   \
+            return;                                                                      \
+        }                                                                                \
+    } while (0)
+
+#define CHECK_NEAR(actual, expected, eps)                                                \
+    do {                                                                                 \
+        double a_ = (double)(actual), e_ = (double)(expected);                           \
+        g_checks++;                                                                      \
+        if (!(fabs(a_ - e_) <= (eps))) {                                                 \
+            g_failures++;                                                                \
+            fprintf(stderr, "%s:%d: CHECK_NEAR failed: %s = %.9g, expected %s = %.9g "   \
+                            "(eps %g)\n",                                                \
+                    __FILE__, __LINE__, #actual, a_, #expected, e_, (double)(eps));      \
+        }                                                                                \
+    } while (0)
+
+#define EPS 1e-9
+
+static double mono_now(void)
+{
+    return sx_now();
+}
+
+static void sleep_s(double s)
+{
+    struct timespec ts;
+    ts.tv_sec = (time_t)s;
+    ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+/* ------------------------------------------------------------------ token bucket */
+
+static void test_bucket_unlimited(void)
+{
+    sx_bucket b;
+    sx_bucket_init(&b, 0, 5.0);
+    for (int i = 0; i < 10000; i++)
+        CHECK(sx_bucket_take(&b, 1e6, 5.0) == 0.0);
+    sx_bucket_refund(&b, 1e9);
+    CHECK(sx_bucket_take(&b, 1.0, 5.0) == 0.0);
+
+    sx_bucket neg;
+    sx_bucket_init(&neg, -10, 0.0);
+    CHECK(sx_bucket_take(&neg, 123.0, 0.0) == 0.0);
+}
+
+static void test_bucket_rpm_burst_then_paced(void)
+{
+    const double t0 = 1000.0;
+    sx_bucket b;
+    sx_bucket_init(&b, 600, t0);    /* 10/s, burst 10 */
+    CHECK_NEAR(b.rate, 10.0, EPS);
+    CHECK_NEAR(b.capacity, 10.0, EPS);
+    CHECK_NEAR(b.tokens, 10.0, EPS);  /* starts full */
+    for (int i = 0; i < 10; i++)
+        CHECK(sx_bucket_take(&b, 1.0, t0) == 0.0);
+    double wait = sx_bucket_take(&b, 1.0, t0);
+    CHECK_NEAR(wait, 0.1, 1e-9);
+    /* A refused take takes nothing: asking again at once gives the same answer. */
+    CHECK_NEAR(sx_bucket_take(&b, 1.0, t0), 0.1, 1e-9);
+
+    /* Paced: one request every ~0.1 s (a hair later, so decimal steps never round short). */
+    for (int i = 1; i <= 20; i++) {
+        double t = t0 + i * 0.1 + 1e-9;
+        CHECK(sx_bucket_take(&b, 1.0, t) == 0.0);
+        CHECK_NEAR(sx_bucket_take(&b, 1.0, t), 0.1, 1e-6);
+    }
+
+    /* A slow bucket still holds at least one token. */
+    sx_bucket slow;
+    sx_bucket_init(&slow, 6, t0);   /* 0.1/s */
+    CHECK_NEAR(slow.capacity, 1.0, EPS);
+    CHECK(sx_bucket_take(&slow, 1.0, t0) == 0.0);
+    CHECK_NEAR(sx_bucket_take(&slow, 1.0, t0), 10.0, 1e-9);
+}
+
+/* Binary-exact rates and times from here on (8 tokens/s, steps of 1/16 s), so the
+ * arithmetic below is exact and the checks can be tight. */
+static void test_bucket_continuous_refill(void)
+{
+    const double t0 = 64.0;
+    sx_bucket b;
+    sx_bucket_init(&b, 480, t0);    /* 8/s, burst 8 */
+    CHECK(sx_bucket_take(&b, 8.0, t0) == 0.0);
+    CHECK(b.tokens == 0.0);
+    /* Half a token after 1/16 s: not enough for 1, wait another 1/16 s. */
+    CHECK(sx_bucket_take(&b, 1.0, t0 + 0.0625) == 0.0625);
+    CHECK(b.tokens == 0.5);
+    CHECK(sx_bucket_take(&b, 1.0, t0 + 0.125) == 0.0);
+    CHECK(b.tokens == 0.0);
+    /* 2.5 tokens after another 5/16 s. */
+    CHECK(sx_bucket_take(&b, 2.0, t0 + 0.4375) == 0.0);
+    CHECK(b.tokens == 0.5);
+    CHECK(sx_bucket_take(&b, 1.0, t0 + 0.4375) == 0.0625);
+    /* Never more than the capacity, however long it idles. */
+    CHECK(sx_bucket_take(&b, 1.0, t0 + 1000.0) == 0.0);
+    CHECK(b.tokens == 7.0);
+    /* Time going backwards refills nothing and breaks nothing. */
+    CHECK(sx_bucket_take(&b, 7.0, t0 + 999.0) == 0.0);
+    CHECK(sx_bucket_take(&b, 1.0, t0 + 999.0) > 0.0);
+    CHECK(b.tokens == 0.0);
+}
+
+static void test_bucket_oversized_and_refund(void)
+{
+    const double t0 = 16.0;
+    sx_bucket b;
+    sx_bucket_init(&b, 480, t0);     /* 8/s, capacity 8 */
+    /* Not full: an oversized cost waits for a full bucket, not for 20 tokens. */
+    CHECK(sx_bucket_take(&b, 1.0, t0) == 0.0);
+    CHECK(sx_bucket_take(&b, 20.0, t0) == 0.125);
+    CHECK(b.tokens == 7.0);
+    /* Full: allowed, leaves the bucket negative. */
+    CHECK(sx_bucket_take(&b, 20.0, t0 + 0.125) == 0.0);
+    CHECK(b.tokens == -12.0);
+    /* The debt is paid before anything else goes out: (1 - -12) / 8 s. */
+    CHECK(sx_bucket_take(&b, 1.0, t0 + 0.125) == 1.625);
+    CHECK(sx_bucket_take(&b, 1.0, t0 + 1.0) == 0.75);
+    CHECK(sx_bucket_take(&b, 1.0, t0 + 1.75) == 0.0);
+
+    /* Refund caps at the capacity. */
+    sx_bucket r;
+    sx_bucket_init(&r, 600, t0);
+    CHECK(sx_bucket_take(&r, 3.0, t0) == 0.0);
+    CHECK_NEAR(r.tokens, 7.0, EPS);
+    sx_bucket_refund(&r, 2.0);
+    CHECK_NEAR(r.tokens, 9.0, EPS);
+    sx_bucket_refund(&r, 100.0);
+    CHECK_NEAR(r.tokens, r.capacity, EPS);
+    /* Refund after an oversized take restores, still capped. */
+    CHECK(sx_bucket_take(&r, 30.0, t0) == 0.0);
+    CHECK_NEAR(r.tokens, -20.0, EPS);
+    sx_bucket_refund(&r, 30.0);
+    CHECK_NEAR(r.tokens, 10.0, EPS);
+}
+
+/* ------------------------------------------------------------------ AIMD window */
+
+static void test_window_aimd(void)
+{
+    sx_window w;
+    sx_window_init(&w, 16);
+    CHECK_NEAR(w.size, 16, EPS);
+    CHECK(sx_window_limit(&w) == 16);
+
+    /* Growth at the cap does nothing. */
+    sx_window_success(&w);
+    CHECK_NEAR(w.size, 16, EPS);
+
+    /* Congestion from request #5 while 10 are admitted: cut to 8. */
+    CHECK(sx_window_congestion(&w, 5, 10) == 1);
+    CHECK_NEAR(w.size, 8, EPS);
+    CHECK(sx_window_limit(&w) == 8);
+    /* Another response from the same round (admitted before the cut): no second cut. */
+    CHECK(sx_window_congestion(&w, 7, 12) == 0);
+    CHECK(sx_window_congestion(&w, 10, 12) == 0);
+    CHECK_NEAR(w.size, 8, EPS);
+    /* A request admitted after the cut: a new round, cut again. */
+    CHECK(sx_window_congestion(&w, 11, 20) == 1);
+    CHECK_NEAR(w.size, 4, EPS);
+    CHECK(sx_window_congestion(&w, 21, 30) == 1);
+    CHECK(sx_window_congestion(&w, 31, 40) == 1);
+    CHECK_NEAR(w.size, 1, EPS);
+    /* The floor holds. */
+    sx_window_congestion(&w, 41, 50);
+    sx_window_congestion(&w, 51, 60);
+    CHECK_NEAR(w.size, 1, EPS);
+    CHECK(sx_window_limit(&w) == 1);
+
+    /* Grows back on successes, monotonically, never above the cap, and reaches it. */
+    double prev = w.size;
+    int reached = 0;
+    for (int i = 0; i < 10000; i++) {
+        sx_window_success(&w);
+        CHECK(w.size >= prev);
+        CHECK(w.size <= w.cap);
+        CHECK(sx_window_limit(&w) >= 1);
+        prev = w.size;
+        if (w.size == w.cap) {
+            reached = 1;
+            break;
+        }
+    }
+    CHECK(reached);
+    CHECK(sx_window_limit(&w) == 16);
+    sx_window_success(&w);
+    CHECK_NEAR(w.size, 16, EPS);
+
+    /* Below ssthresh: +1 per success (slow start). */
+    sx_window s;
+    sx_window_init(&s, 100);
+    s.size = 2;
+    s.ssthresh = 50;
+    sx_window_success(&s);
+    CHECK_NEAR(s.size, 3, EPS);
+
+    /* A cap below 1 becomes 1; the limit is never below 1. */
+    sx_window tiny;
+    sx_window_init(&tiny, 0);
+    CHECK(sx_window_limit(&tiny) == 1);
+    CHECK(sx_window_congestion(&tiny, 1, 1) == 1);
+    CHECK(sx_window_limit(&tiny) == 1);
+    sx_window frac = tiny;
+    frac.size = 0.25;
+    CHECK(sx_window_limit(&frac) == 1);
+    frac.size = 3.99;
+    CHECK(sx_window_limit(&frac) == 3);
+}
+
+/* ------------------------------------------------------------------ backoff / rng */
+
+static void test_rng_uniform(void)
+{
+    sx_rng r;
+    sx_rng_seed(&r, 0);    /* seed 0 must still give a working generator */
+    CHECK(r.state != 0);
+    enum { N = 200000, BINS = 10 };
+    int hist[BINS] = {0};
+    double sum = 0, lo = 1, hi = 0;
+    for (int i = 0; i < N; i++) {
+        double u = sx_rng_uniform(&r);
+        CHECK(u >= 0.0 && u < 1.0);
+        sum += u;
+        if (u < lo)
+            lo = u;
+        if (u > hi)
+            hi = u;
+        int k = (int)(u * BINS);
+        if (k >= 0 && k < BINS)
+            hist[k]++;
+    }
+    CHECK_NEAR(sum / N, 0.5, 0.01);
+    CHECK(lo < 0.001);
+    CHECK(hi > 0.999);
+    for (int k = 0; k < BINS; k++)
+        CHECK(hist[k] > N / BINS * 9 / 10 && hist[k] < N / BINS * 11 / 10);
+
+    sx_rng a, b;
+    sx_rng_seed(&a, 42);
+    sx_rng_seed(&b, 42);
+    for (int i = 0; i < 100; i++)
+        CHECK(sx_rng_uniform(&a) == sx_rng_uniform(&b));
+}
+
+static void test_backoff(void)
+{
+    sx_rng r;
+    sx_rng_seed(&r, 12345);
+    const double base = 0.5, cap = 8.0;
+    for (int retry = 1; retry <= 12; retry++) {
+        double ceiling = base * pow(2.0, retry - 1);
+        if (ceiling > cap)
+            ceiling = cap;
+        double lo = 1e9, hi = -1, sum = 0;
+        const int n = 5000;
+        for (int i = 0; i < n; i++) {
+            double d = sx_backoff(&r, retry, base, cap, -1);
+            CHECK(d >= 0.0 && d <= ceiling);
+            if (d < lo)
+                lo = d;
+            if (d > hi)
+                hi = d;
+            sum += d;
+        }
+        /* Full jitter: spread over the whole range. */
+        CHECK(lo < ceiling * 0.01);
+        CHECK(hi > ceiling * 0.99);
+        CHECK_NEAR(sum / n, ceiling / 2, ceiling * 0.05);
+    }
+    /* Never below the hint; the hint wins even above the cap (the server asked). */
+    for (int i = 0; i < 2000; i++) {
+        double d = sx_backoff(&r, 1, base, cap, 0.4);
+        CHECK(d >= 0.4 && d <= 0.5);
+        d = sx_backoff(&r, 3, base, cap, 1.5);
+        CHECK(d >= 1.5 && d <= 2.0);
+        d = sx_backoff(&r, 2, base, cap, 3.0);
+        CHECK(d == 3.0);
+        d = sx_backoff(&r, 30, base, cap, 20.0);
+        CHECK(d == 20.0);
+    }
+    /* Huge retry counts stay capped (no overflow to inf/nan). */
+    for (int i = 0; i < 1000; i++) {
+        double d = sx_backoff(&r, 5000, base, cap, -1);
+        CHECK(d >= 0.0 && d <= cap);
+    }
+    /* retry < 1 is treated as the first retry. */
+    for (int i = 0; i < 1000; i++) {
+        double d = sx_backoff(&r, 0, base, cap, -1);
+        CHECK(d >= 0.0 && d <= base);
+    }
+}
+
+/* ------------------------------------------------------------------ header hints */
+
+static void feed(sx_hints *h, const char *line, double wall_now)
+{
+    sx_hints_feed(h, line, strlen(line), wall_now);
+}
+
+static double dur(const char *s)
+{
+    return sx_parse_duration(s, strlen(s));
+}
+
+static void test_hints_retry_after(void)
+{
+    const double wall = 1700000000.0;   /* 2023-11-14T22:13:20Z */
+    sx_hints h;
+
+    sx_hints_reset(&h);
+    CHECK(h.retry_after < 0 && h.reset_requests < 0 && h.reset_tokens < 0);
+    CHECK(h.remaining_requests < 0 && h.remaining_tokens < 0);
+    CHECK(sx_hints_retry_delay(&h) < 0);
+    CHECK(sx_hints_exhausted_delay(&h) < 0);
+
+    feed(&h, "Retry-After: 7\r\n", wall);
+    CHECK_NEAR(h.retry_after, 7.0, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h), 7.0, EPS);
+
+    /* HTTP-date 30 s after wall_now. */
+    char date[64], line[128];
+    time_t when = (time_t)wall + 30;
+    struct tm tm;
+    gmtime_r(&when, &tm);
+    strftime(date, sizeof date, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+    snprintf(line, sizeof line, "Retry-After: %s\r\n", date);
+    sx_hints_reset(&h);
+    feed(&h, line, wall);
+    CHECK_NEAR(h.retry_after, 30.0, 1e-6);
+    CHECK_NEAR(sx_hints_retry_delay(&h), 30.0, 1e-6);
+    /* A date in the past means now, not a negative delay. */
+    sx_hints_reset(&h);
+    feed(&h, line, wall + 100);
+    CHECK_NEAR(h.retry_after, 0.0, EPS);
+
+    /* retry-after-ms, and its precedence over Retry-After in either order. */
+    sx_hints_reset(&h);
+    feed(&h, "retry-after-ms: 250\r\n", wall);
+    CHECK_NEAR(h.retry_after, 0.25, EPS);
+    feed(&h, "Retry-After: 7\r\n", wall);
+    CHECK_NEAR(h.retry_after, 0.25, EPS);
+    sx_hints_reset(&h);
+    feed(&h, "Retry-After: 7\r\n", wall);
+    feed(&h, "retry-after-ms: 250\r\n", wall);
+    CHECK_NEAR(h.retry_after, 0.25, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h), 0.25, EPS);
+
+    /* Case-insensitive names, extra whitespace, bare LF or no line ending at all. */
+    sx_hints_reset(&h);
+    feed(&h, "RETRY-AFTER:   3  \r\n", wall);
+    CHECK_NEAR(h.retry_after, 3.0, EPS);
+    sx_hints_reset(&h);
+    feed(&h, "rEtRy-AfTeR-Ms:\t1500\n", wall);
+    CHECK_NEAR(h.retry_after, 1.5, EPS);
+    sx_hints_reset(&h);
+    feed(&h, "retry-after: 2", wall);
+    CHECK_NEAR(h.retry_after, 2.0, EPS);
+
+    /* The raw line need not be NUL-terminated: only `len` bytes are read. */
+    char raw[] = "Retry-After: 4\r\nXXXXXXXX";
+    sx_hints_reset(&h);
+    sx_hints_feed(&h, raw, strlen("Retry-After: 4\r\n"), wall);
+    CHECK_NEAR(h.retry_after, 4.0, EPS);
+
+    /* Garbage does not set a hint; a similar header name is not the header. */
+    sx_hints_reset(&h);
+    feed(&h, "Retry-After: soon\r\n", wall);
+    CHECK(h.retry_after < 0);
+    feed(&h, "Retry-After-Seconds: 9\r\n", wall);
+    CHECK(h.retry_after < 0);
+    feed(&h, "X-Retry-After: 9\r\n", wall);
+    CHECK(h.retry_after < 0);
+    feed(&h, "Retry-After: -5\r\n", wall);
+    CHECK(h.retry_after < 0);
+    feed(&h, "no colon here\r\n", wall);
+    feed(&h, "\r\n", wall);
+    CHECK(h.retry_after < 0);
+
+    /* A new status line resets everything: only the final response counts. */
+    sx_hints_reset(&h);
+    feed(&h, "Retry-After: 7\r\n", wall);
+    feed(&h, "x-ratelimit-remaining-requests: 0\r\n", wall);
+    feed(&h, "x-ratelimit-reset-requests: 1s\r\n", wall);
+    CHECK(h.retry_after >= 0 && h.remaining_requests == 0 && h.reset_requests >= 0);
+    feed(&h, "HTTP/1.1 200 OK\r\n", wall);
+    CHECK(h.retry_after < 0);
+    CHECK(h.remaining_requests < 0);
+    CHECK(h.reset_requests < 0);
+    CHECK(sx_hints_retry_delay(&h) < 0);
+    CHECK(sx_hints_exhausted_delay(&h) < 0);
+    feed(&h, "Retry-After: 5\r\n", wall);
+    feed(&h, "HTTP/2 429\r\n", wall);
+    CHECK(h.retry_after < 0);
+}
+
+static void test_hints_durations(void)
+{
+    CHECK_NEAR(dur("1s"), 1.0, EPS);
+    CHECK_NEAR(dur("6m0s"), 360.0, EPS);
+    CHECK_NEAR(dur("20ms"), 0.02, EPS);
+    CHECK_NEAR(dur("1h2m3.5s"), 3723.5, 1e-9);
+    CHECK_NEAR(dur("0.5s"), 0.5, EPS);
+    CHECK_NEAR(dur("2"), 2.0, EPS);
+    CHECK_NEAR(dur("1m"), 60.0, EPS);
+    CHECK_NEAR(dur("1h"), 3600.0, EPS);
+    CHECK_NEAR(dur("1.5s"), 1.5, EPS);
+    CHECK_NEAR(dur("0s"), 0.0, EPS);
+    CHECK(dur("") < 0);
+    CHECK(dur("abc") < 0);
+    CHECK(dur("1x") < 0);
+    CHECK(dur("1m30") < 0);
+    CHECK(dur("s") < 0);
+    CHECK(dur("-1s") < 0);
+    CHECK(dur("1s ") < 0);
+    CHECK(dur(".") < 0);
+    /* Only `len` bytes are read. */
+    CHECK_NEAR(sx_parse_duration("6m0sGARBAGE", 4), 360.0, EPS);
+    CHECK(sx_parse_duration("6m0s", 0) < 0);
+    /* Absurdly long input is rejected, not overflowed. */
+    char longbuf[512];
+    memset(longbuf, '1', sizeof longbuf - 2);
+    longbuf[sizeof longbuf - 2] = 's';
+    longbuf[sizeof longbuf - 1] = '\0';
+    CHECK(dur(longbuf) < 0);
+}
+
+static void test_hints_ratelimit_headers(void)
+{
+    const double wall = 1700000000.0;
+    sx_hints h;
+
+    /* remaining-requests 0 with a reset: exhausted, and the retry delay follows it. */
+    sx_hints_reset(&h);
+    feed(&h, "HTTP/1.1 200 OK\r\n", wall);
+    feed(&h, "X-RateLimit-Remaining-Requests: 0\r\n", wall);
+    feed(&h, "X-RATELIMIT-RESET-REQUESTS: 6m0s\r\n", wall);
+    CHECK(h.remaining_requests == 0);
+    CHECK_NEAR(h.reset_requests, 360.0, EPS);
+    CHECK_NEAR(sx_hints_exhausted_delay(&h), 360.0, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h), 360.0, EPS);
+
+    /* remaining 5: not exhausted. */
+    sx_hints_reset(&h);
+    feed(&h, "x-ratelimit-remaining-requests: 5\r\n", wall);
+    feed(&h, "x-ratelimit-reset-requests: 1s\r\n", wall);
+    CHECK(h.remaining_requests == 5);
+    CHECK(sx_hints_exhausted_delay(&h) < 0);
+    CHECK(sx_hints_retry_delay(&h) < 0);
+
+    /* Tokens exhausted too: the later reset wins. */
+    sx_hints_reset(&h);
+    feed(&h, "x-ratelimit-remaining-requests: 0\r\n", wall);
+    feed(&h, "x-ratelimit-reset-requests: 20ms\r\n", wall);
+    feed(&h, "x-ratelimit-remaining-tokens: 0\r\n", wall);
+    feed(&h, "x-ratelimit-reset-tokens: 1.5s\r\n", wall);
+    CHECK_NEAR(sx_hints_exhausted_delay(&h), 1.5, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h), 1.5, EPS);
+
+    /* Only the tokens budget is used up. */
+    sx_hints_reset(&h);
+    feed(&h, "x-ratelimit-remaining-requests: 99\r\n", wall);
+    feed(&h, "x-ratelimit-reset-requests: 9s\r\n", wall);
+    feed(&h, "x-ratelimit-remaining-tokens: 0\r\n", wall);
+    feed(&h, "x-ratelimit-reset-tokens: 20ms\r\n", wall);
+    CHECK_NEAR(sx_hints_exhausted_delay(&h), 0.02, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h), 0.02, EPS);
+
+    /* Without a remaining count a reset is still a retry hint, but not "exhausted". */
+    sx_hints_reset(&h);
+    feed(&h, "x-ratelimit-reset-requests: 2s\r\n", wall);
+    CHECK(sx_hints_exhausted_delay(&h) < 0);
+    CHECK_NEAR(sx_hints_retry_delay(&h), 2.0, EPS);
+
+    /* Retry-After beats the resets. */
+    feed(&h, "Retry-After: 1\r\n", wall);
+    CHECK_NEAR(sx_hints_retry_delay(&h), 1.0, EPS);
+
+    /* Non-numeric remaining counts are ignored. */
+    sx_hints_reset(&h);
+    feed(&h, "x-ratelimit-remaining-requests: lots\r\n", wall);
+    CHECK(h.remaining_requests < 0);
+    feed(&h, "x-ratelimit-remaining-requests: -3\r\n", wall);
+    CHECK(h.remaining_requests < 0);
+}
+
+/* ------------------------------------------------------------------ classification */
+
+static void classify(sx_attempt *a, int code, int status, const char *body)
+{
+    sx_classify(a, code, "", status, body, body ? strlen(body) : 0, 0);
+}
+
+static void test_classify(void)
+{
+    sx_attempt a;
+
+    classify(&a, CURLE_OK, 200, "{}");
+    CHECK(a.verdict == SX_V_OK && a.kind == SX_ERR_NONE && a.http_status == 200);
+    CHECK(!a.congestion && !a.rate_limited && a.reason[0] == '\0');
+    classify(&a, CURLE_OK, 204, NULL);
+    CHECK(a.verdict == SX_V_OK);
+
+    classify(&a, CURLE_OK, 401, "{\"error\":\"bad key\"}");
+    CHECK(a.verdict == SX_V_ABORT_BATCH && a.kind == SX_ERR_AUTH && a.http_status == 401);
+    CHECK(strstr(a.reason, "401") != NULL);
+    classify(&a, CURLE_OK, 403, NULL);
+    CHECK(a.verdict == SX_V_ABORT_BATCH && a.kind == SX_ERR_AUTH);
+
+    classify(&a, CURLE_OK, 429,
+             "{\"error\":{\"type\":\"insufficient_quota\",\"message\":\"no money\"}}");
+    CHECK(a.verdict == SX_V_ABORT_BATCH && a.kind == SX_ERR_QUOTA);
+    /* The quota marker at the very end of the body. */
+    classify(&a, CURLE_OK, 429, "x insufficient_quota");
+    CHECK(a.verdict == SX_V_ABORT_BATCH && a.kind == SX_ERR_QUOTA);
+    /* Only the first body_len bytes count. */
+    sx_classify(&a, CURLE_OK, "", 429, "insufficient_quota", 10, 0);
+    CHECK(a.verdict == SX_V_RETRY);
+
+    classify(&a, CURLE_OK, 429, "{\"error\":\"slow down\"}");
+    CHECK(a.verdict == SX_V_RETRY && a.kind == SX_ERR_HTTP);
+    CHECK(a.rate_limited == 1 && a.congestion == 1 && a.http_status == 429);
+    classify(&a, CURLE_OK, 429, NULL);
+    CHECK(a.verdict == SX_V_RETRY && a.rate_limited && a.congestion);
+
+    const int retry_statuses[] = {408, 409, 500, 502, 503, 504};
+    for (size_t i = 0; i < sizeof retry_statuses / sizeof *retry_statuses; i++) {
+        classify(&a, CURLE_OK, retry_statuses[i], "oops");
+        CHECK(a.verdict == SX_V_RETRY && a.kind == SX_ERR_HTTP);
+        CHECK(!a.rate_limited && !a.congestion);
+        CHECK(a.http_status == retry_statuses[i]);
+    }
+    const int fail_statuses[] = {400, 404, 422};
+    for (size_t i = 0; i < sizeof fail_statuses / sizeof *fail_statuses; i++) {
+        classify(&a, CURLE_OK, fail_statuses[i], "bad");
+        CHECK(a.verdict == SX_V_FAIL && a.kind == SX_ERR_HTTP);
+        CHECK(!a.rate_limited && !a.congestion);
+    }
+
+    classify(&a, CURLE_OPERATION_TIMEDOUT, 0, NULL);
+    CHECK(a.verdict == SX_V_RETRY && a.kind == SX_ERR_TIMEOUT && a.congestion == 1);
+    CHECK(!a.rate_limited);
+    sx_classify(&a, CURLE_OPERATION_TIMEDOUT, "Operation timed out after 10 ms", 0, NULL, 0, 0);
+    CHECK(strstr(a.reason, "Operation timed out after 10 ms") != NULL);
+
+    const int conn_codes[] = {CURLE_COULDNT_CONNECT, CURLE_PARTIAL_FILE, CURLE_GOT_NOTHING,
+                              CURLE_SEND_ERROR, CURLE_RECV_ERROR};
+    for (size_t i = 0; i < sizeof conn_codes / sizeof *conn_codes; i++) {
+        classify(&a, conn_codes[i], 0, NULL);
+        CHECK(a.verdict == SX_V_RETRY && a.kind == SX_ERR_CONNECTION);
+        CHECK(!a.congestion && !a.rate_limited);
+    }
+    /* A transport error wins over whatever status was seen. */
+    classify(&a, CURLE_PARTIAL_FILE, 200, "trunc");
+    CHECK(a.verdict == SX_V_RETRY && a.kind == SX_ERR_CONNECTION);
+
+    classify(&a, CURLE_URL_MALFORMAT, 0, NULL);
+    CHECK(a.verdict == SX_V_FAIL && a.kind == SX_ERR_TRANSPORT);
+    CHECK(a.reason[0] != '\0');
+
+    /* Body cap: by the overflow flag (write callback refused) or by libcurl's own check. */
+    sx_classify(&a, CURLE_WRITE_ERROR, "", 200, "xxxx", 4, 1);
+    CHECK(a.verdict == SX_V_FAIL && a.kind == SX_ERR_BODY_CAP);
+    sx_classify(&a, CURLE_OK, "", 200, "xxxx", 4, 1);
+    CHECK(a.verdict == SX_V_FAIL && a.kind == SX_ERR_BODY_CAP);
+    classify(&a, CURLE_FILESIZE_EXCEEDED, 200, NULL);
+    CHECK(a.verdict == SX_V_FAIL && a.kind == SX_ERR_BODY_CAP);
+}
+
+/* ------------------------------------------------------------------ scheduler (fake clock) */
+
+#define T0 1024.0   /* binary-exact, so T0 + 0.5 etc. are exact */
+
+static sx_request_opts req_opts(void)
+{
+    sx_request_opts o;
+    memset(&o, 0, sizeof o);
+    o.timeout = 10;
+    o.connect_timeout = 5;
+    o.max_retries = 3;
+    o.max_body = 1 << 20;
+    o.verify_tls = 1;
+    o.backoff_base = 0.5;
+    o.backoff_cap = 10;
+    o.notify_each = 0;
+    o.max_in_flight = 0;
+    return o;
+}
+
+static sx_sched_opts sched_opts(int max_in_flight)
+{
+    sx_sched_opts o;
+    memset(&o, 0, sizeof o);
+    o.max_in_flight = max_in_flight;
+    o.rpm = 0;
+    o.tpm = 0;
+    o.adaptive = 0;
+    o.queue_limit = 100000;
+    return o;
+}
+
+/* A batch of n bodies "<tag><i>" for the scheduler tests (never sent anywhere). */
+static sx_batch *mk_batch(const char *tag, size_t n, const double *tokens,
+                          const sx_request_opts *o)
+{
+    char **bodies = calloc(n ? n : 1, sizeof *bodies);
+    size_t *lens = calloc(n ? n : 1, sizeof *lens);
+    if (!bodies || !lens) {
+        free(bodies);
+        free(lens);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        char buf[64];
+        int len = snprintf(buf, sizeof buf, "%s%zu", tag, i);
+        bodies[i] = strdup(buf);
+        lens[i] = (size_t)len;
+    }
+    sx_batch *b = sx_batch_new("http://127.0.0.1:9/", NULL, 0, (const char *const *)bodies,
+                               lens, tokens, n, o);
+    for (size_t i = 0; i < n; i++)
+        free(bodies[i]);
+    free(bodies);
+    free(lens);
+    return b;
+}
+
+static void mk_attempt(sx_attempt *a, int code, int status, const char *const *headers)
+{
+    sx_classify(a, code, "", status, NULL, 0, 0);
+    sx_hints_reset(&a->hints);
+    for (size_t i = 0; headers && headers[i]; i++)
+        sx_hints_feed(&a->hints, headers[i], strlen(headers[i]), 1700000000.0);
+}
+
+/* Report a 200 for a slot at a worker and finish it, as the engine does. */
+static void finish_ok(sx_sched *s, sx_slot *slot, sx_rng *rng, double now)
+{
+    sx_attempt a;
+    mk_attempt(&a, CURLE_OK, 200, NULL);
+    sx_verdict v = sx_sched_outcome(s, slot, &a, rng, now);
+    CHECK(v == SX_V_OK);
+    sx_batch_finish_slot(slot, SX_OK, SX_ERR_NONE, 200, NULL, 0, NULL, now);
+}
+
+/* Report a retryable 503 for a slot at a worker; returns the verdict. */
+static sx_verdict report_503(sx_sched *s, sx_slot *slot, sx_rng *rng, double now,
+                             sx_attempt *out)
+{
+    sx_attempt a;
+    mk_attempt(&a, CURLE_OK, 503, NULL);
+    sx_verdict v = sx_sched_outcome(s, slot, &a, rng, now);
+    if (out)
+        *out = a;
+    return v;
+}
+
+/* The retry heap is a valid min-heap whose positions are recorded in the slots. */
+static int heap_ok(const sx_sched *s)
+{
+    for (size_t i = 0; i < s->heap_len; i++) {
+        if (s->heap[i]->heap_pos != i || s->heap[i]->where != SX_AT_RETRY)
+            return 0;
+        if (i > 0 && s->heap[(i - 1) / 2]->due > s->heap[i]->due)
+            return 0;
+    }
+    return 1;
+}
+
+static void test_sched_max_in_flight(void)
+{
+    sx_sched s;
+    sx_sched_opts so = sched_opts(4);
+    sx_sched_init(&s, &so, T0);
+    sx_request_opts ro = req_opts();
+    sx_rng rng;
+    sx_rng_seed(&rng, 1);
+    sx_batch *b = mk_batch("a", 10, NULL, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    CHECK(s.queued == 10);
+    for (size_t i = 0; i < 10; i++)
+        CHECK(b->slots[i].where == SX_AT_QUEUE);
+
+    sx_slot *out[32];
+    double wake = -1;
+    size_t n = sx_sched_take(&s, out, 32, T0, &wake);
+    CHECK(n == 4);
+    for (size_t i = 0; i < n; i++) {
+        CHECK(out[i] == &b->slots[i]);
+        CHECK(out[i]->where == SX_AT_WORKER);
+        CHECK(out[i]->attempts == 1);
+        CHECK(out[i]->first_sent == T0);
+        CHECK(out[i]->admit_seq == i + 1);
+    }
+    CHECK(wake == -1);   /* the window is not a time limit */
+    CHECK(s.in_flight == 4 && b->in_flight == 4);
+    CHECK(s.queued == 6);
+    CHECK(s.stats.admitted == 4);
+
+    n = sx_sched_take(&s, out, 32, T0 + 1, &wake);
+    CHECK(n == 0);
+
+    finish_ok(&s, &b->slots[0], &rng, T0 + 1);
+    CHECK(s.in_flight == 3 && b->in_flight == 3);
+    n = sx_sched_take(&s, out, 32, T0 + 1, &wake);
+    CHECK(n == 1 && out[0] == &b->slots[4]);
+
+    /* `max` is honoured too. */
+    finish_ok(&s, &b->slots[1], &rng, T0 + 2);
+    finish_ok(&s, &b->slots[2], &rng, T0 + 2);
+    n = sx_sched_take(&s, out, 1, T0 + 2, &wake);
+    CHECK(n == 1 && out[0] == &b->slots[5]);
+    CHECK(s.in_flight == 3);
+
+    /* max_in_flight < 1 is treated as 1. */
+    sx_sched s1;
+    sx_sched_opts so1 = sched_opts(0);
+    sx_sched_init(&s1, &so1, T0);
+    CHECK(sx_sched_window(&s1) == 1);
+    sx_sched_destroy(&s1);
+
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+}
+
+static void test_sched_batch_cap_and_fifo(void)
+{
+    sx_sched s;
+    sx_sched_opts so = sched_opts(6);
+    sx_sched_init(&s, &so, T0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 2);
+    sx_request_opts capped = req_opts();
+    capped.max_in_flight = 2;
+    sx_request_opts plain = req_opts();
+    sx_batch *a = mk_batch("a", 5, NULL, &capped);
+    sx_batch *b = mk_batch("b", 5, NULL, &plain);
+    REQUIRE(a && b);
+    REQUIRE(sx_sched_push_batch(&s, a) == 0);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    CHECK(s.q_head == a && s.q_tail == b);
+
+    sx_slot *out[16];
+    double wake = -1;
+    size_t n = sx_sched_take(&s, out, 16, T0, &wake);
+    REQUIRE(n == 6);
+    /* a is capped at 2; b behind it still sends, in slot order. */
+    CHECK(out[0] == &a->slots[0] && out[1] == &a->slots[1]);
+    for (size_t i = 0; i < 4; i++)
+        CHECK(out[2 + i] == &b->slots[i]);
+    CHECK(a->in_flight == 2 && b->in_flight == 4);
+    CHECK(a->next_unsent == 2 && b->next_unsent == 4);
+    CHECK(s.queued == 4);
+
+    /* When a drops below its cap, the older batch goes first again. */
+    finish_ok(&s, &a->slots[0], &rng, T0);
+    n = sx_sched_take(&s, out, 16, T0, &wake);
+    CHECK(n == 1 && out[0] == &a->slots[2]);
+    /* When b finishes one, a is still at its cap: b sends. */
+    finish_ok(&s, &b->slots[0], &rng, T0);
+    n = sx_sched_take(&s, out, 16, T0, &wake);
+    CHECK(n == 1 && out[0] == &b->slots[4]);
+    CHECK(b->in_queue == 0);   /* fully sent: left the queue */
+    CHECK(s.q_head == a && s.q_tail == a);
+    sx_sched_destroy(&s);
+
+    /* Plain FIFO: two uncapped batches come out oldest batch first, slots in order. */
+    sx_sched f;
+    sx_sched_opts fo = sched_opts(100);
+    sx_sched_init(&f, &fo, T0);
+    sx_batch *c = mk_batch("c", 3, NULL, &plain);
+    sx_batch *d = mk_batch("d", 4, NULL, &plain);
+    REQUIRE(c && d);
+    REQUIRE(sx_sched_push_batch(&f, c) == 0);
+    REQUIRE(sx_sched_push_batch(&f, d) == 0);
+    n = sx_sched_take(&f, out, 16, T0, &wake);
+    CHECK(n == 7);
+    for (size_t i = 0; i < 3; i++)
+        CHECK(out[i] == &c->slots[i]);
+    for (size_t i = 0; i < 4; i++)
+        CHECK(out[3 + i] == &d->slots[i]);
+    CHECK(f.q_head == NULL && f.q_tail == NULL && f.queued == 0);
+    CHECK(!c->in_queue && !d->in_queue);
+    /* Admission numbers increase in admission order. */
+    for (size_t i = 1; i < n; i++)
+        CHECK(out[i]->admit_seq == out[i - 1]->admit_seq + 1);
+    sx_sched_destroy(&f);
+
+    sx_batch_free(a);
+    sx_batch_free(b);
+    sx_batch_free(c);
+    sx_batch_free(d);
+}
+
+static void test_sched_rpm(void)
+{
+    sx_sched s;
+    sx_sched_opts so = sched_opts(100);
+    so.rpm = 600;
+    sx_sched_init(&s, &so, T0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 3);
+    sx_request_opts ro = req_opts();
+    sx_batch *b = mk_batch("r", 40, NULL, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+
+    sx_slot *out[64];
+    double wake = -1;
+    size_t n = sx_sched_take(&s, out, 64, T0, &wake);
+    CHECK(n == 10);
+    CHECK_NEAR(wake, T0 + 0.1, 1e-6);
+    wake = -1;
+    n = sx_sched_take(&s, out, 64, T0, &wake);
+    CHECK(n == 0);
+    CHECK_NEAR(wake, T0 + 0.1, 1e-6);
+    wake = -1;
+    n = sx_sched_take(&s, out, 64, T0 + 0.05, &wake);
+    CHECK(n == 0);
+    CHECK_NEAR(wake, T0 + 0.1, 1e-6);
+    /* wake_at is only lowered, never raised. */
+    wake = T0 + 0.01;
+    n = sx_sched_take(&s, out, 64, T0 + 0.05, &wake);
+    CHECK(n == 0 && wake == T0 + 0.01);
+    wake = -1;
+    /* (a hair after 0.1 s: 1024.1 - 1024 rounds to just under 0.1) */
+    n = sx_sched_take(&s, out, 64, T0 + 0.1 + 1e-6, &wake);
+    CHECK(n == 1 && out[0] == &b->slots[10]);
+    CHECK_NEAR(wake, T0 + 0.2, 1e-5);
+    /* After a long idle the bucket holds one burst, no more. */
+    wake = -1;
+    n = sx_sched_take(&s, out, 64, T0 + 60, &wake);
+    CHECK(n == 10);
+    CHECK(s.stats.admitted == 21);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+}
+
+static void test_sched_tpm(void)
+{
+    sx_sched s;
+    sx_sched_opts so = sched_opts(100);
+    so.tpm = 7680;   /* 128 tokens/s, burst 128 (binary-exact arithmetic) */
+    so.rpm = 480;    /* 8/s, burst 8: must be refunded when tpm blocks */
+    sx_sched_init(&s, &so, T0);
+    sx_request_opts ro = req_opts();
+    const double tokens[] = {64, 64, 64, 16, 300, 1};
+    sx_batch *b = mk_batch("t", 6, tokens, &ro);
+    REQUIRE(b != NULL);
+    CHECK(b->slots[0].tokens == 64 && b->slots[4].tokens == 300);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+
+    sx_slot *out[16];
+    double wake = -1;
+    size_t n = sx_sched_take(&s, out, 16, T0, &wake);
+    CHECK(n == 2 && out[0] == &b->slots[0] && out[1] == &b->slots[1]);
+    CHECK(wake == T0 + 0.5);           /* bucket empty, slot 2 needs 64 */
+    CHECK(s.rpm.tokens == 6.0);        /* the refused one took no request token */
+    CHECK(s.tpm.tokens == 0.0);
+
+    wake = -1;
+    n = sx_sched_take(&s, out, 16, T0 + 0.25, &wake);
+    CHECK(n == 0 && wake == T0 + 0.5);
+
+    wake = -1;
+    n = sx_sched_take(&s, out, 16, T0 + 0.5, &wake);
+    CHECK(n == 1 && out[0] == &b->slots[2]);
+    CHECK(wake == T0 + 0.625);         /* slot 3 needs 16 */
+
+    wake = -1;
+    n = sx_sched_take(&s, out, 16, T0 + 0.625, &wake);
+    CHECK(n == 1 && out[0] == &b->slots[3]);
+    /* Slot 4 costs 300 > capacity 128: waits for a full bucket, then goes, leaving debt. */
+    CHECK(wake == T0 + 1.625);
+    wake = -1;
+    n = sx_sched_take(&s, out, 16, T0 + 1.625, &wake);
+    CHECK(n == 1 && out[0] == &b->slots[4]);
+    CHECK(s.tpm.tokens == -172.0);
+    CHECK(wake == T0 + 1.625 + 173.0 / 128.0);
+    wake = -1;
+    n = sx_sched_take(&s, out, 16, T0 + 1.625 + 173.0 / 128.0, &wake);
+    CHECK(n == 1 && out[0] == &b->slots[5]);
+    CHECK(s.queued == 0 && s.stats.admitted == 6);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+}
+
+static void test_sched_429_retry_and_cooldown(void)
+{
+    sx_sched s;
+    sx_sched_opts so = sched_opts(10);
+    sx_sched_init(&s, &so, T0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 4);
+    sx_request_opts ro = req_opts();
+    ro.max_retries = 3;
+    ro.backoff_base = 0.5;
+    ro.backoff_cap = 10;
+    sx_batch *a = mk_batch("a", 2, NULL, &ro);
+    REQUIRE(a != NULL);
+    REQUIRE(sx_sched_push_batch(&s, a) == 0);
+    sx_slot *out[16];
+    double wake = -1;
+    REQUIRE(sx_sched_take(&s, out, 16, T0, &wake) == 2);
+
+    sx_slot *slot = &a->slots[0];
+    const char *hdrs[] = {"HTTP/1.1 429 Too Many Requests\r\n", "Retry-After: 2\r\n", NULL};
+    sx_attempt at;
+    mk_attempt(&at, CURLE_OK, 429, hdrs);
+    CHECK(at.rate_limited && at.congestion);
+    const double t1 = T0 + 0.5;
+    sx_verdict v = sx_sched_outcome(&s, slot, &at, &rng, t1);
+    CHECK(v == SX_V_RETRY);
+    CHECK(slot->where == SX_AT_RETRY);
+    CHECK(slot->due >= t1 + 2.0 - EPS);
+    CHECK(slot->due <= t1 + 2.0 + EPS);   /* first-retry jitter (<= 0.5) is below the hint */
+    CHECK(s.heap_len == 1 && s.heap[0] == slot && heap_ok(&s));
+    CHECK(s.stats.http_429 == 1 && a->http_429 == 1);
+    CHECK(s.stats.retries == 1 && a->retries == 1);
+    CHECK(s.stats.cooldowns == 1);
+    CHECK(s.cooldown_until >= t1 + 2.0 - EPS);
+    CHECK(s.in_flight == 1 && a->in_flight == 1);
+
+    /* The cool-down blocks new first attempts of any batch, and says when to come back. */
+    sx_batch *b = mk_batch("b", 3, NULL, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    wake = -1;
+    CHECK(sx_sched_take(&s, out, 16, T0 + 1.0, &wake) == 0);
+    CHECK_NEAR(wake, s.cooldown_until, EPS);
+    wake = -1;
+    CHECK(sx_sched_take(&s, out, 16, s.cooldown_until - 0.001, &wake) == 0);
+    CHECK_NEAR(wake, s.cooldown_until, EPS);
+
+    /* Once it passes: the due retry goes first, then the new batch. */
+    wake = -1;
+    size_t n = sx_sched_take(&s, out, 16, slot->due, &wake);
+    CHECK(n == 4);
+    CHECK(out[0] == slot && slot->attempts == 2 && slot->where == SX_AT_WORKER);
+    CHECK(out[1] == &b->slots[0] && out[2] == &b->slots[1] && out[3] == &b->slots[2]);
+    CHECK(s.heap_len == 0);
+    /* A retry keeps its first send time. */
+    CHECK(slot->first_sent == T0);
+
+    /* A 429 without any hint still cools everyone down (base * 2^(k-1) for the k-th in a
+     * row), and a success resets the streak. */
+    const double t2 = T0 + 10;
+    CHECK(s.consecutive_429 == 1);
+    finish_ok(&s, &a->slots[1], &rng, t2);
+    CHECK(s.consecutive_429 == 0);
+    sx_attempt plain;
+    mk_attempt(&plain, CURLE_OK, 429, NULL);
+    v = sx_sched_outcome(&s, &b->slots[0], &plain, &rng, t2);
+    CHECK(v == SX_V_RETRY);
+    CHECK_NEAR(s.cooldown_until, t2 + 0.5, EPS);
+    CHECK(b->slots[0].due >= t2 + 0.5 - EPS);
+    mk_attempt(&plain, CURLE_OK, 429, NULL);
+    v = sx_sched_outcome(&s, &b->slots[1], &plain, &rng, t2);
+    CHECK(v == SX_V_RETRY);
+    CHECK_NEAR(s.cooldown_until, t2 + 1.0, EPS);
+    CHECK(b->slots[1].due >= t2 + 1.0 - EPS);
+    CHECK(s.stats.http_429 == 3 && b->http_429 == 2);
+    CHECK(heap_ok(&s));
+    finish_ok(&s, &b->slots[2], &rng, t2);
+    CHECK(s.consecutive_429 == 0);
+
+    /* An exhausted budget on a 200 starts a cool-down too. */
+    sx_sched e;
+    sx_sched_opts eo = sched_opts(10);
+    sx_sched_init(&e, &eo, T0);
+    sx_batch *c = mk_batch("c", 3, NULL, &ro);
+    REQUIRE(c != NULL);
+    REQUIRE(sx_sched_push_batch(&e, c) == 0);
+    REQUIRE(sx_sched_take(&e, out, 1, T0, &wake) == 1);
+    const char *ex[] = {"x-ratelimit-remaining-requests: 0\r\n",
+                        "x-ratelimit-reset-requests: 1.5s\r\n", NULL};
+    mk_attempt(&at, CURLE_OK, 200, ex);
+    CHECK(sx_sched_outcome(&e, &c->slots[0], &at, &rng, T0) == SX_V_OK);
+    sx_batch_finish_slot(&c->slots[0], SX_OK, SX_ERR_NONE, 200, NULL, 0, NULL, T0);
+    CHECK_NEAR(e.cooldown_until, T0 + 1.5, EPS);
+    wake = -1;
+    CHECK(sx_sched_take(&e, out, 16, T0 + 1.0, &wake) == 0);
+    CHECK_NEAR(wake, T0 + 1.5, EPS);
+    CHECK(sx_sched_take(&e, out, 16, T0 + 1.5, &wake) == 2);
+    sx_sched_destroy(&e);
+
+    sx_sched_destroy(&s);
+    sx_batch_free(a);
+    sx_batch_free(b);
+    sx_batch_free(c);
+}
+
+static void test_sched_retry_before_first_attempts(void)
+{
+    sx_sched s;
+    sx_sched_opts so = sched_opts(2);
+    sx_sched_init(&s, &so, T0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 5);
+    sx_request_opts ro = req_opts();
+    ro.backoff_base = 0.5;
+    ro.backoff_cap = 0.5;
+    sx_batch *a = mk_batch("a", 5, NULL, &ro);
+    REQUIRE(a != NULL);
+    REQUIRE(sx_sched_push_batch(&s, a) == 0);
+    sx_slot *out[8];
+    double wake = -1;
+    REQUIRE(sx_sched_take(&s, out, 8, T0, &wake) == 2);
+
+    /* A 503 with Retry-After: 1 (above the 0.5 s jitter ceiling): due exactly 1 s later. */
+    const char *one[] = {"Retry-After: 1\r\n", NULL};
+    sx_attempt at;
+    mk_attempt(&at, CURLE_OK, 503, one);
+    CHECK(sx_sched_outcome(&s, &a->slots[0], &at, &rng, T0) == SX_V_RETRY);
+    CHECK(a->slots[0].due == T0 + 1.0);
+    CHECK(s.cooldown_until < T0);   /* a 503 does not cool everyone down */
+    finish_ok(&s, &a->slots[1], &rng, T0);
+
+    /* Before the retry is due, first attempts go. */
+    wake = -1;
+    size_t n = sx_sched_take(&s, out, 1, T0 + 0.5, &wake);
+    CHECK(n == 1 && out[0] == &a->slots[2]);
+    finish_ok(&s, &a->slots[2], &rng, T0 + 0.5);
+    /* Once due, the retry goes before the queued first attempts of the same batch. */
+    n = sx_sched_take(&s, out, 1, T0 + 1.0, &wake);
+    CHECK(n == 1 && out[0] == &a->slots[0]);
+    CHECK(a->slots[0].attempts == 2 && s.stats.retries == 1);
+    n = sx_sched_take(&s, out, 1, T0 + 1.0, &wake);
+    CHECK(n == 1 && out[0] == &a->slots[3]);
+    finish_ok(&s, &a->slots[0], &rng, T0 + 1.0);
+    finish_ok(&s, &a->slots[3], &rng, T0 + 1.0);
+    n = sx_sched_take(&s, out, 8, T0 + 2, &wake);
+    CHECK(n == 1 && out[0] == &a->slots[4]);
+    finish_ok(&s, &a->slots[4], &rng, T0 + 2);
+    CHECK(a->done == 5 && a->ok == 5);
+    CHECK(s.queued == 0 && s.heap_len == 0 && s.in_flight == 0);
+
+    /* A due retry goes before the first attempts of a batch waiting in the queue. */
+    sx_batch *old = mk_batch("old", 3, NULL, &ro);
+    sx_batch *young = mk_batch("young", 1, NULL, &ro);
+    REQUIRE(old && young);
+    REQUIRE(sx_sched_push_batch(&s, young) == 0);
+    REQUIRE(sx_sched_take(&s, out, 8, T0 + 3, &wake) == 1);
+    mk_attempt(&at, CURLE_OK, 503, one);
+    CHECK(sx_sched_outcome(&s, &young->slots[0], &at, &rng, T0 + 3) == SX_V_RETRY);
+    REQUIRE(sx_sched_push_batch(&s, old) == 0);
+    n = sx_sched_take(&s, out, 1, T0 + 4, &wake);
+    CHECK(n == 1 && out[0] == &young->slots[0]);
+    n = sx_sched_take(&s, out, 8, T0 + 4, &wake);
+    CHECK(n == 1 && out[0] == &old->slots[0]);
+    finish_ok(&s, &young->slots[0], &rng, T0 + 4);
+    finish_ok(&s, &old->slots[0], &rng, T0 + 4);
+    n = sx_sched_take(&s, out, 8, T0 + 4, &wake);
+    CHECK(n == 2);
+    finish_ok(&s, &old->slots[1], &rng, T0 + 4);
+    finish_ok(&s, &old->slots[2], &rng, T0 + 4);
+
+    /* A not-yet-due retry with nothing else to send reports its due time. */
+    sx_request_opts once = req_opts();
+    once.max_retries = 1;
+    sx_batch *b = mk_batch("b", 1, NULL, &once);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    REQUIRE(sx_sched_take(&s, out, 8, T0 + 5, &wake) == 1);
+    const char *three[] = {"Retry-After: 3\r\n", NULL};
+    mk_attempt(&at, CURLE_OK, 503, three);
+    CHECK(sx_sched_outcome(&s, &b->slots[0], &at, &rng, T0 + 5) == SX_V_RETRY);
+    CHECK(b->slots[0].due == T0 + 8);
+    wake = -1;
+    CHECK(sx_sched_take(&s, out, 8, T0 + 6, &wake) == 0);
+    CHECK(wake == T0 + 8);
+
+    /* Retries run out: max_retries = 1 means two attempts in all. */
+    REQUIRE(sx_sched_take(&s, out, 8, T0 + 8, &wake) == 1);
+    CHECK(b->slots[0].attempts == 2);
+    sx_attempt last;
+    sx_verdict v = report_503(&s, &b->slots[0], &rng, T0 + 8, &last);
+    CHECK(v == SX_V_FAIL);
+    CHECK(strstr(last.reason, "gave up after 2 attempts") != NULL);
+    CHECK(strstr(last.reason, "HTTP 503") != NULL);
+    CHECK(b->slots[0].where == SX_AT_WORKER);   /* the caller finishes it */
+    CHECK(s.heap_len == 0 && s.in_flight == 0);
+    sx_batch_finish_slot(&b->slots[0], SX_FAILED, last.kind, last.http_status, NULL, 0,
+                         last.reason, T0 + 8);
+    CHECK(b->slots[0].state == SX_FAILED && b->slots[0].error_kind == SX_ERR_HTTP);
+    CHECK(b->slots[0].http_status == 503);
+    CHECK(b->slots[0].error && strstr(b->slots[0].error, "gave up after") != NULL);
+    CHECK(b->slots[0].latency == 3.0);
+    CHECK(b->done == 1 && b->failed == 1);
+
+    sx_sched_destroy(&s);
+    sx_batch_free(a);
+    sx_batch_free(old);
+    sx_batch_free(young);
+    sx_batch_free(b);
+}
+
+static void test_sched_retries_exhausted(void)
+{
+    sx_sched s;
+    sx_sched_opts so = sched_opts(4);
+    sx_sched_init(&s, &so, T0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 6);
+    sx_request_opts ro = req_opts();
+    ro.max_retries = 2;
+    ro.backoff_base = 0.1;
+    ro.backoff_cap = 0.1;
+    sx_batch *b = mk_batch("x", 1, NULL, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    sx_slot *slot = &b->slots[0];
+    sx_slot *out[4];
+    double now = T0, wake;
+    sx_attempt a;
+    for (int attempt = 1; attempt <= 3; attempt++) {
+        wake = -1;
+        REQUIRE(sx_sched_take(&s, out, 4, now, &wake) == 1);
+        CHECK(out[0] == slot && slot->attempts == attempt);
+        /* a timeout: retried, counted, and its kind says so if it is the last */
+        mk_attempt(&a, CURLE_OPERATION_TIMEDOUT, 0, NULL);
+        sx_verdict v = sx_sched_outcome(&s, slot, &a, &rng, now);
+        if (attempt < 3) {
+            CHECK(v == SX_V_RETRY);
+            CHECK(slot->due >= now && slot->due <= now + 0.1 + EPS);
+            now = slot->due;
+        } else {
+            CHECK(v == SX_V_FAIL);
+            CHECK(a.kind == SX_ERR_TIMEOUT);
+            CHECK(strstr(a.reason, "gave up after 3 attempts") != NULL);
+        }
+    }
+    CHECK(s.stats.timeouts == 3);
+    CHECK(s.stats.retries == 2 && b->retries == 2);
+    sx_batch_finish_slot(slot, SX_FAILED, a.kind, a.http_status, NULL, 0, a.reason, now);
+    CHECK(slot->state == SX_FAILED && slot->error_kind == SX_ERR_TIMEOUT);
+    CHECK(slot->latency >= 0);
+
+    /* max_retries = 0: the first retryable failure is final. */
+    sx_request_opts none = req_opts();
+    none.max_retries = 0;
+    sx_batch *c = mk_batch("y", 1, NULL, &none);
+    REQUIRE(c != NULL);
+    REQUIRE(sx_sched_push_batch(&s, c) == 0);
+    REQUIRE(sx_sched_take(&s, out, 4, now, &wake) == 1);
+    CHECK(report_503(&s, &c->slots[0], &rng, now, &a) == SX_V_FAIL);
+    CHECK(strstr(a.reason, "gave up after 1 attempts") != NULL);
+    sx_batch_finish_slot(&c->slots[0], SX_FAILED, a.kind, a.http_status, NULL, 0, a.reason,
+                         now);
+
+    /* Final verdicts pass through untouched. */
+    sx_batch *d = mk_batch("z", 2, NULL, &ro);
+    REQUIRE(d != NULL);
+    REQUIRE(sx_sched_push_batch(&s, d) == 0);
+    REQUIRE(sx_sched_take(&s, out, 4, now, &wake) == 2);
+    mk_attempt(&a, CURLE_OK, 404, NULL);
+    CHECK(sx_sched_outcome(&s, &d->slots[0], &a, &rng, now) == SX_V_FAIL);
+    mk_attempt(&a, CURLE_OK, 401, NULL);
+    CHECK(sx_sched_outcome(&s, &d->slots[1], &a, &rng, now) == SX_V_ABORT_BATCH);
+    CHECK(s.in_flight == 0 && s.heap_len == 0);
+
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+    sx_batch_free(c);
+    sx_batch_free(d);
+}
+
+static void test_sched_adaptive_window(void)
+{
+    sx_sched s;
+    sx_sched_opts so = sched_opts(8);
+    so.adaptive = 1;
+    sx_sched_init(&s, &so, T0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 7);
+    sx_request_opts ro = req_opts();
+    sx_batch *b = mk_batch("w", 20, NULL, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    sx_slot *out[32];
+    double wake = -1;
+    CHECK(sx_sched_window(&s) == 8);
+    REQUIRE(sx_sched_take(&s, out, 32, T0, &wake) == 8);
+
+    sx_attempt a;
+    mk_attempt(&a, CURLE_OPERATION_TIMEDOUT, 0, NULL);
+    CHECK(sx_sched_outcome(&s, out[0], &a, &rng, T0) == SX_V_RETRY);
+    CHECK(sx_sched_window(&s) == 4 && s.stats.window_cuts == 1);
+    mk_attempt(&a, CURLE_OPERATION_TIMEDOUT, 0, NULL);
+    CHECK(sx_sched_outcome(&s, out[1], &a, &rng, T0) == SX_V_RETRY);
+    CHECK(sx_sched_window(&s) == 4 && s.stats.window_cuts == 1);   /* same round */
+    /* 6 in flight > window 4: nothing more goes. */
+    CHECK(sx_sched_take(&s, out + 8, 16, T0 + 100, &wake) == 0);
+    for (int i = 2; i < 5; i++)
+        finish_ok(&s, out[i], &rng, T0);
+    CHECK(s.in_flight == 3);
+    CHECK(sx_sched_take(&s, out + 8, 16, T0 + 100, &wake) == 1);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+}
+
+struct removed {
+    int calls[64];
+    size_t total;
+    const sx_batch *want;
+    int wrong_batch;
+};
+
+static void on_removed(sx_slot *slot, void *arg)
+{
+    struct removed *r = arg;
+    r->total++;
+    if (slot->batch != r->want) {
+        r->wrong_batch++;
+        return;
+    }
+    if (slot->index < 64)
+        r->calls[slot->index]++;
+    sx_batch_finish_slot(slot, SX_CANCELLED, SX_ERR_CANCELLED, 0, NULL, 0, "cancelled", T0);
+}
+
+static void test_sched_remove_batch(void)
+{
+    sx_sched s;
+    sx_sched_opts so = sched_opts(11);
+    sx_sched_init(&s, &so, T0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 8);
+    sx_request_opts capped = req_opts();
+    capped.max_in_flight = 5;
+    capped.backoff_base = 2;
+    capped.backoff_cap = 2;
+    sx_request_opts plain = capped;
+    plain.max_in_flight = 0;
+    sx_batch *a = mk_batch("a", 8, NULL, &capped);
+    sx_batch *b = mk_batch("b", 8, NULL, &plain);
+    REQUIRE(a && b);
+    REQUIRE(sx_sched_push_batch(&s, a) == 0);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    sx_slot *out[32];
+    double wake = -1;
+    size_t n = sx_sched_take(&s, out, 32, T0, &wake);
+    REQUIRE(n == 11);   /* a0..a4 (a's cap), b0..b5 */
+    for (int i = 0; i < 4; i++) {
+        CHECK(report_503(&s, &a->slots[i], &rng, T0, NULL) == SX_V_RETRY);
+        CHECK(report_503(&s, &b->slots[i], &rng, T0, NULL) == SX_V_RETRY);
+    }
+    finish_ok(&s, &a->slots[4], &rng, T0);
+    finish_ok(&s, &b->slots[4], &rng, T0);
+    finish_ok(&s, &b->slots[5], &rng, T0);
+    CHECK(s.heap_len == 8 && heap_ok(&s));
+    CHECK(s.queued == 5);   /* a5..a7, b6, b7 */
+    CHECK(s.in_flight == 0);
+
+    struct removed r;
+    memset(&r, 0, sizeof r);
+    r.want = a;
+    sx_sched_remove_batch(&s, a, on_removed, &r);
+    CHECK(r.wrong_batch == 0);
+    CHECK(r.total == 7);   /* 3 queued + 4 waiting to retry */
+    for (int i = 0; i < 8; i++)
+        CHECK(r.calls[i] == (i == 4 ? 0 : 1));
+    CHECK(a->done == 8 && a->cancelled == 7 && a->ok == 1);
+    CHECK(!a->in_queue);
+
+    /* b is untouched. */
+    CHECK(s.queued == 2);
+    CHECK(s.heap_len == 4 && heap_ok(&s));
+    for (size_t i = 0; i < s.heap_len; i++)
+        CHECK(s.heap[i]->batch == b);
+    CHECK(s.q_head == b && s.q_tail == b && b->in_queue);
+    for (int i = 0; i < 4; i++)
+        CHECK(b->slots[i].where == SX_AT_RETRY);
+    CHECK(b->slots[6].where == SX_AT_QUEUE && b->slots[7].where == SX_AT_QUEUE);
+    CHECK(b->done == 2);
+
+    /* Removing again finds nothing. */
+    memset(&r, 0, sizeof r);
+    r.want = a;
+    sx_sched_remove_batch(&s, a, on_removed, &r);
+    CHECK(r.total == 0);
+
+    /* What is left still comes out: retries in due order, then b6, b7. */
+    wake = -1;
+    n = sx_sched_take(&s, out, 32, T0 + 100, &wake);
+    CHECK(n == 6);
+    if (n == 6) {
+        for (int i = 0; i < 4; i++) {
+            CHECK(out[i]->batch == b && out[i]->index < 4 && out[i]->attempts == 2);
+            if (i > 0)
+                CHECK(out[i - 1]->due <= out[i]->due);
+        }
+        CHECK(out[4] == &b->slots[6] && out[5] == &b->slots[7]);
+    }
+    CHECK(s.queued == 0 && s.heap_len == 0 && s.q_head == NULL && s.q_tail == NULL);
+
+    /* Removing a batch in the middle of the queue keeps the queue linked. */
+    sx_sched q;
+    sx_sched_opts qo = sched_opts(1);
+    sx_sched_init(&q, &qo, T0);
+    sx_batch *x = mk_batch("x", 2, NULL, &plain);
+    sx_batch *y = mk_batch("y", 2, NULL, &plain);
+    sx_batch *z = mk_batch("z", 2, NULL, &plain);
+    REQUIRE(x && y && z);
+    REQUIRE(sx_sched_push_batch(&q, x) == 0);
+    REQUIRE(sx_sched_push_batch(&q, y) == 0);
+    REQUIRE(sx_sched_push_batch(&q, z) == 0);
+    memset(&r, 0, sizeof r);
+    r.want = y;
+    sx_sched_remove_batch(&q, y, on_removed, &r);
+    CHECK(r.total == 2 && r.calls[0] == 1 && r.calls[1] == 1);
+    CHECK(q.queued == 4 && q.q_head == x && x->q_next == z && q.q_tail == z);
+    memset(&r, 0, sizeof r);
+    r.want = z;
+    sx_sched_remove_batch(&q, z, on_removed, &r);
+    CHECK(r.total == 2 && q.q_tail == x && x->q_next == NULL && q.queued == 2);
+    sx_sched_destroy(&q);
+
+    sx_sched_destroy(&s);
+    sx_batch_free(a);
+    sx_batch_free(b);
+    sx_batch_free(x);
+    sx_batch_free(y);
+    sx_batch_free(z);
+}
+
+static void test_sched_queue_limit(void)
+{
+    sx_sched s;
+    sx_sched_opts so = sched_opts(4);
+    so.queue_limit = 10;
+    sx_sched_init(&s, &so, T0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 9);
+    sx_request_opts ro = req_opts();
+    sx_batch *a = mk_batch("a", 6, NULL, &ro);
+    sx_batch *b = mk_batch("b", 5, NULL, &ro);
+    sx_batch *c = mk_batch("c", 4, NULL, &ro);
+    sx_batch *d = mk_batch("d", 1, NULL, &ro);
+    REQUIRE(a && b && c && d);
+    CHECK(sx_sched_push_batch(&s, a) == 0);
+    CHECK(sx_sched_push_batch(&s, b) == -1);
+    CHECK(!b->in_queue && s.queued == 6 && s.q_tail == a);
+    CHECK(sx_sched_push_batch(&s, c) == 0);
+    CHECK(s.queued == 10);
+    CHECK(sx_sched_push_batch(&s, d) == -1);
+
+    /* Retries waiting count against the limit too; in-flight ones do not. */
+    sx_slot *out[4];
+    double wake = -1;
+    REQUIRE(sx_sched_take(&s, out, 1, T0, &wake) == 1);
+    CHECK(s.queued == 9);
+    CHECK(report_503(&s, out[0], &rng, T0, NULL) == SX_V_RETRY);
+    CHECK(s.heap_len == 1);
+    CHECK(sx_sched_push_batch(&s, d) == -1);
+    REQUIRE(sx_sched_take(&s, out, 2, T0 + 100, &wake) == 2);   /* the retry + a1 */
+    CHECK(s.queued + s.heap_len == 8);
+    CHECK(sx_sched_push_batch(&s, d) == 0);
+
+    sx_sched_destroy(&s);
+    sx_batch_free(a);
+    sx_batch_free(b);
+    sx_batch_free(c);
+    sx_batch_free(d);
+}
+
+static void test_batch_results(void)
+{
+    sx_request_opts ro = req_opts();
+    const char *bodies[] = {"one", NULL, "three"};
+    const size_t lens[] = {3, 0, 5};
+    const char *hdrs[] = {"Content-Type: application/json", "X-Test: 1"};
+    sx_batch *b = sx_batch_new("http://h/", hdrs, 2, bodies, lens, NULL, 3, &ro);
+    REQUIRE(b != NULL);
+    CHECK(b->refs == 1 && b->n == 3 && b->efd == -1);
+    CHECK(b->slots[0].body_len == 3 && memcmp(b->slots[0].body, "one", 3) == 0);
+    CHECK(b->slots[1].body == NULL);   /* GET */
+    CHECK(b->slots[2].body_len == 5 && memcmp(b->slots[2].body, "three", 5) == 0);
+    CHECK(b->slots[0].tokens == 1.0);
+    /* "Expect:" first, then the caller's headers. */
+    int nh = 0;
+    for (struct curl_slist *l = b->headers; l; l = l->next)
+        nh++;
+    CHECK(nh == 3);
+    CHECK(b->headers && strcmp(b->headers->data, "Expect:") == 0);
+
+    char *resp = malloc(2);
+    REQUIRE(resp != NULL);
+    memcpy(resp, "ok", 2);
+    b->slots[0].attempts = 1;
+    b->slots[0].first_sent = 5.0;
+    CHECK(sx_batch_finish_slot(&b->slots[0], SX_OK, SX_ERR_NONE, 200, resp, 2, NULL, 7.5) == 0);
+    CHECK(b->slots[0].latency == 2.5 && b->slots[0].response == resp);
+    CHECK(sx_batch_finish_slot(&b->slots[1], SX_FAILED, SX_ERR_HTTP, 404, NULL, 0, "nope", 8) == 0);
+    CHECK(b->slots[1].error && strcmp(b->slots[1].error, "nope") == 0);
+    CHECK(b->slots[1].latency == 0.0);   /* never sent */
+
+    /* eventfd: made on demand, readable once done, coalesced, cleared. */
+    int fd = sx_batch_fileno(b);
+    CHECK(fd >= 0 && sx_batch_fileno(b) == fd);
+    CHECK(!b->notify_pending);
+    CHECK(sx_batch_finish_slot(&b->slots[2], SX_CANCELLED, SX_ERR_CANCELLED, 0, NULL, 0,
+                               "cancelled", 9) == 1);
+    sx_batch_notify(b);
+    sx_batch_notify(b);
+    CHECK(b->notify_pending);
+    uint64_t v = 0;
+    CHECK(read(fd, &v, sizeof v) == (ssize_t)sizeof v && v == 1);
+    b->notify_pending = 1;
+    sx_batch_clear_notify(b);
+    CHECK(!b->notify_pending);
+    CHECK(b->done == 3 && b->ok == 1 && b->failed == 1 && b->cancelled == 1);
+    sx_batch_free(b);
+
+    /* An empty batch is done from the start; its fd starts readable. */
+    sx_batch *e = sx_batch_new("http://h/", NULL, 0, NULL, NULL, NULL, 0, &ro);
+    REQUIRE(e != NULL);
+    fd = sx_batch_fileno(e);
+    CHECK(fd >= 0 && e->notify_pending);
+    sx_batch_free(e);
+}
+
+/* ------------------------------------------------------------------ tiny HTTP/1.1 server */
+
+typedef struct srv_conn {
+    int fd;               /* -1 once the connection thread closed it [srv.mu] */
+    pthread_t thr;
+    struct srv *srv;
+    struct srv_conn *next;
+} srv_conn;
+
+typedef struct srv {
+    int lfd;
+    int port;
+    pthread_t thr;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;        /* wakes SLOW sleepers at shutdown */
+    int stopping;
+    srv_conn *conns;
+    char **failed;            /* FAIL bodies already answered with 503 once */
+    size_t nfailed, capfailed;
+    unsigned long requests;
+    unsigned long connections;
+} srv;
+
+static int send_all(int fd, const char *p, size_t n)
+{
+    while (n) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static int respond(int fd, int status, const char *reason, const char *body, size_t len)
+{
+    char head[256];
+    int h = snprintf(head, sizeof head,
+                     "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n\r\n",
+                     status, reason, len);
+    char *msg = malloc((size_t)h + len);
+    if (!msg)
+        return -1;
+    memcpy(msg, head, (size_t)h);
+    if (len)
+        memcpy(msg + h, body, len);
+    int rc = send_all(fd, msg, (size_t)h + len);
+    free(msg);
+    return rc;
+}
+
+/* 1 the first time this FAIL body is seen, 0 after. */
+static int srv_first_failure(srv *s, const char *body, size_t len)
+{
+    int first = 1;
+    pthread_mutex_lock(&s->mu);
+    for (size_t i = 0; i < s->nfailed; i++)
+        if (strlen(s->failed[i]) == len && memcmp(s->failed[i], body, len) == 0)
+            first = 0;
+    if (first) {
+        if (s->nfailed == s->capfailed) {
+            size_t cap = s->capfailed ? s->capfailed * 2 : 16;
+            char **grown = realloc(s->failed, cap * sizeof *grown);
+            if (grown) {
+                s->failed = grown;
+                s->capfailed = cap;
+            }
+        }
+        if (s->nfailed < s->capfailed) {
+            char *copy = strndup(body, len);
+            if (copy)
+                s->failed[s->nfailed++] = copy;
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    return first;
+}
+
+static void srv_sleep(srv *s, double seconds)
+{
+    struct timespec ts;
+    double until = mono_now() + seconds;
+    ts.tv_sec = (time_t)until;
+    ts.tv_nsec = (long)((until - (double)ts.tv_sec) * 1e9);
+    pthread_mutex_lock(&s->mu);
+    while (!s->stopping) {
+        if (pthread_cond_timedwait(&s->cv, &s->mu, &ts) == ETIMEDOUT)
+            break;
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+static size_t content_length(const char *head, size_t len)
+{
+    const char *p = head;
+    const char *end = head + len;
+    while (p < end) {
+        const char *eol = memchr(p, '\n', (size_t)(end - p));
+        if (!eol)
+            break;
+        if ((size_t)(eol - p) > 15 && strncasecmp(p, "content-length:", 15) == 0)
+            return (size_t)strtoul(p + 15, NULL, 10);
+        p = eol + 1;
+    }
+    return 0;
+}
+
+static void *srv_conn_main(void *arg)
+{
+    srv_conn *c = arg;
+    srv *s = c->srv;
+    size_t cap = 16384, len = 0;
+    char *buf = malloc(cap);
+    if (!buf)
+        goto out;
+    for (;;) {
+        char *hend;
+        size_t need = 0;
+        for (;;) {
+            hend = len >= 4 ? memmem(buf, len, "\r\n\r\n", 4) : NULL;
+            if (hend) {
+                size_t hlen = (size_t)(hend - buf) + 4;
+                need = hlen + content_length(buf, hlen);
+                if (len >= need)
+                    break;
+            }
+            size_t want = need > cap ? need : (len == cap ? cap * 2 : cap);
+            if (want > cap) {
+                char *grown = realloc(buf, want);
+                if (!grown)
+                    goto out;
+                buf = grown;
+                cap = want;
+            }
+            ssize_t r = recv(c->fd, buf + len, cap - len, 0);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0)
+                goto out;
+            len += (size_t)r;
+        }
+        size_t hlen = (size_t)(hend - buf) + 4;
+        const char *body = buf + hlen;
+        size_t blen = need - hlen;
+        pthread_mutex_lock(&s->mu);
+        s->requests++;
+        pthread_mutex_unlock(&s->mu);
+
+        int rc;
+        if (blen >= 4 && memcmp(body, "FAIL", 4) == 0 && srv_first_failure(s, body, blen)) {
+            rc = respond(c->fd, 503, "Service Unavailable", "try again", 9);
+        } else {
+            if (blen >= 4 && memcmp(body, "SLOW", 4) == 0)
+                srv_sleep(s, 2.0);
+            rc = respond(c->fd, 200, "OK", body, blen);
+        }
+        if (rc != 0)
+            goto out;
+        memmove(buf, buf + need, len - need);
+        len -= need;
+    }
+out:
+    free(buf);
+    pthread_mutex_lock(&s->mu);
+    close(c->fd);
+    c->fd = -1;
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+static void *srv_accept_main(void *arg)
+{
+    srv *s = arg;
+    for (;;) {
+        int fd = accept4(s->lfd, NULL, NULL, SOCK_CLOEXEC);
+        pthread_mutex_lock(&s->mu);
+        int stopping = s->stopping;
+        pthread_mutex_unlock(&s->mu);
+        if (fd < 0) {
+            if (stopping)
+                break;
+            if (errno != EINTR)
+                sleep_s(0.001);
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        srv_conn *c = calloc(1, sizeof *c);
+        if (!c) {
+            close(fd);
+            continue;
+        }
+        c->fd = fd;
+        c->srv = s;
+        pthread_mutex_lock(&s->mu);
+        if (s->stopping || pthread_create(&c->thr, NULL, srv_conn_main, c) != 0) {
+            pthread_mutex_unlock(&s->mu);
+            close(fd);
+            free(c);
+            if (stopping)
+                break;
+            continue;
+        }
+        c->next = s->conns;
+        s->conns = c;
+        s->connections++;
+        pthread_mutex_unlock(&s->mu);
+    }
+    return NULL;
+}
+
+static int srv_start(srv *s)
+{
+    memset(s, 0, sizeof *s);
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->cv, &attr);
+    pthread_condattr_destroy(&attr);
+    s->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s->lfd < 0)
+        return -1;
+    int one = 1;
+    setsockopt(s->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = 0;
+    socklen_t alen = sizeof addr;
+    if (bind(s->lfd, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(s->lfd, 512) != 0 ||
+        getsockname(s->lfd, (struct sockaddr *)&addr, &alen) != 0) {
+        close(s->lfd);
+        return -1;
+    }
+    s->port = ntohs(addr.sin_port);
+    if (pthread_create(&s->thr, NULL, srv_accept_main, s) != 0) {
+        close(s->lfd);
+        return -1;
+    }
+    return 0;
+}
+
+static void srv_stop(srv *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->stopping = 1;
+    pthread_cond_broadcast(&s->cv);
+    for (srv_conn *c = s->conns; c; c = c->next)
+        if (c->fd >= 0)
+            shutdown(c->fd, SHUT_RDWR);
+    pthread_mutex_unlock(&s->mu);
+    shutdown(s->lfd, SHUT_RDWR);   /* wakes accept() */
+    pthread_join(s->thr, NULL);
+    /* No new connections now; join the rest. */
+    srv_conn *c = s->conns;
+    while (c) {
+        srv_conn *next = c->next;
+        pthread_join(c->thr, NULL);
+        free(c);
+        c = next;
+    }
+    s->conns = NULL;
+    close(s->lfd);
+    for (size_t i = 0; i < s->nfailed; i++)
+        free(s->failed[i]);
+    free(s->failed);
+    pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->mu);
+}
+
+/* ------------------------------------------------------------------ engine end to end */
+
+static srv g_srv;
+static int g_srv_ok;
+static char g_url[64];
+
+static sx_engine *mk_engine(int workers, int max_in_flight)
+{
+    sx_engine_opts eo;
+    memset(&eo, 0, sizeof eo);
+    eo.workers = workers;
+    eo.sched.max_in_flight = max_in_flight;
+    eo.sched.adaptive = 1;
+    eo.sched.queue_limit = 100000;
+    eo.http2 = 0;
+    eo.max_connections = 0;
+    char err[256] = "";
+    sx_engine *e = sx_engine_new(&eo, err, sizeof err);
+    if (!e)
+        fprintf(stderr, "sx_engine_new failed: %s\n", err);
+    return e;
+}
+
+static sx_request_opts e2e_opts(void)
+{
+    sx_request_opts o = req_opts();
+    o.timeout = 10;
+    o.connect_timeout = 5;
+    o.max_retries = 3;
+    o.backoff_base = 0.01;
+    o.backoff_cap = 0.05;
+    return o;
+}
+
+/* Bodies "<prefix>-<i>-xxx..." of varying length. */
+static sx_batch *mk_http_batch(const char *prefix, size_t n, char ***bodies_out)
+{
+    char **bodies = calloc(n ? n : 1, sizeof *bodies);
+    size_t *lens = calloc(n ? n : 1, sizeof *lens);
+    if (!bodies || !lens) {
+        free(bodies);
+        free(lens);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        size_t pad = (i * 37) % 300;
+        char head[64];
+        int h = snprintf(head, sizeof head, "%s-%zu-", prefix, i);
+        bodies[i] = malloc((size_t)h + pad + 1);
+        if (!bodies[i])
+            continue;
+        memcpy(bodies[i], head, (size_t)h);
+        memset(bodies[i] + h, 'a' + (int)(i % 26), pad);
+        bodies[i][h + pad] = '\0';
+        lens[i] = (size_t)h + pad;
+    }
+    const char *hdrs[] = {"Content-Type: text/plain"};
+    sx_request_opts o = e2e_opts();
+    sx_batch *b = sx_batch_new(g_url, hdrs, 1, (const char *const *)bodies, lens, NULL, n, &o);
+    free(lens);
+    if (bodies_out) {
+        *bodies_out = bodies;
+    } else {
+        for (size_t i = 0; i < n; i++)
+            free(bodies[i]);
+        free(bodies);
+    }
+    return b;
+}
+
+static void free_bodies(char **bodies, size_t n)
+{
+    if (!bodies)
+        return;
+    for (size_t i = 0; i < n; i++)
+        free(bodies[i]);
+    free(bodies);
+}
+
+static void test_engine_echo_500(void)
+{
+    REQUIRE(g_srv_ok);
+    sx_engine *e = mk_engine(2, 64);
+    REQUIRE(e != NULL);
+    CHECK(sx_engine_owned(e));
+    enum { N = 500 };
+    char **bodies = NULL;
+    sx_batch *b = mk_http_batch("echo", N, &bodies);
+    REQUIRE(b != NULL && bodies != NULL);
+    double t = mono_now();
+    CHECK(sx_engine_submit(e, b) == 0);
+    CHECK(sx_engine_wait(e, b, 30.0) == 1);
+    double elapsed = mono_now() - t;
+
+    sx_engine_lock(e);
+    CHECK(b->done == N && b->ok == N && b->failed == 0 && b->cancelled == 0);
+    int bad = 0;
+    for (size_t i = 0; i < N; i++) {
+        sx_slot *s = &b->slots[i];
+        int good = s->state == SX_OK && s->error_kind == SX_ERR_NONE && s->http_status == 200 &&
+                   s->attempts == 1 && s->where == SX_AT_DONE && s->error == NULL &&
+                   s->response_len == strlen(bodies[i]) &&
+                   (s->response_len == 0 ||
+                    (s->response && memcmp(s->response, bodies[i], s->response_len) == 0)) &&
+                   s->latency >= 0 && s->latency <= elapsed + 0.01;
+        if (!good && bad++ < 5)
+            fprintf(stderr, "  slot %zu: state %d kind %d status %d attempts %d len %zu err %s\n",
+                    i, s->state, s->error_kind, s->http_status, s->attempts, s->response_len,
+                    s->error ? s->error : "-");
+        CHECK(good);
+    }
+    CHECK(e->sched.in_flight == 0 && e->sched.queued == 0 && e->sched.heap_len == 0);
+    CHECK(e->sched.stats.admitted == N);
+    /* The engine dropped its reference; only ours is left. */
+    CHECK(b->refs == 1);
+    sx_engine_unlock(e);
+
+    /* Waiting on a finished batch returns at once. */
+    CHECK(sx_engine_wait(e, b, 0) == 1);
+
+    /* An empty batch completes at once. */
+    sx_request_opts o = e2e_opts();
+    sx_batch *empty = sx_batch_new(g_url, NULL, 0, NULL, NULL, NULL, 0, &o);
+    REQUIRE(empty != NULL);
+    CHECK(sx_engine_submit(e, empty) == 0);
+    CHECK(sx_engine_wait(e, empty, 0) == 1);
+    sx_engine_release_batch(e, empty);
+
+    /* A GET (no body) works too and echoes nothing. */
+    const char *nobody[] = {NULL};
+    const size_t nolen[] = {0};
+    sx_batch *get = sx_batch_new(g_url, NULL, 0, nobody, nolen, NULL, 1, &o);
+    REQUIRE(get != NULL);
+    CHECK(sx_engine_submit(e, get) == 0);
+    CHECK(sx_engine_wait(e, get, 10.0) == 1);
+    sx_engine_lock(e);
+    CHECK(get->slots[0].state == SX_OK && get->slots[0].http_status == 200);
+    CHECK(get->slots[0].response_len == 0);
+    sx_engine_unlock(e);
+    sx_engine_release_batch(e, get);
+
+    sx_engine_release_batch(e, b);
+    sx_engine_free(e);
+    free_bodies(bodies, N);
+}
+
+static void test_engine_retry_503(void)
+{
+    REQUIRE(g_srv_ok);
+    sx_engine *e = mk_engine(2, 64);
+    REQUIRE(e != NULL);
+    const char *bodies[] = {"ok-one", "FAIL-once-retry-test", "ok-two", "FAIL-second-body"};
+    const size_t lens[] = {6, strlen(bodies[1]), 6, strlen(bodies[3])};
+    sx_request_opts o = e2e_opts();
+    sx_batch *b = sx_batch_new(g_url, NULL, 0, bodies, lens, NULL, 4, &o);
+    REQUIRE(b != NULL);
+    CHECK(sx_engine_submit(e, b) == 0);
+    CHECK(sx_engine_wait(e, b, 10.0) == 1);
+    sx_engine_lock(e);
+    CHECK(b->ok == 4 && b->failed == 0);
+    for (size_t i = 0; i < 4; i++) {
+        sx_slot *s = &b->slots[i];
+        CHECK(s->state == SX_OK && s->http_status == 200);
+        CHECK(s->response_len == lens[i] && s->response &&
+              memcmp(s->response, bodies[i], lens[i]) == 0);
+        int want_attempts = (i == 1 || i == 3) ? 2 : 1;
+        CHECK(s->attempts == want_attempts);
+    }
+    CHECK(b->retries == 2);
+    CHECK(e->sched.stats.retries == 2 && e->sched.stats.http_429 == 0);
+    sx_engine_unlock(e);
+    sx_engine_release_batch(e, b);
+
+    /* With no retries allowed, the 503 is final and its body is kept. */
+    o.max_retries = 0;
+    const char *fb[] = {"FAIL-no-retries"};
+    const size_t fl[] = {strlen(fb[0])};
+    sx_batch *f = sx_batch_new(g_url, NULL, 0, fb, fl, NULL, 1, &o);
+    REQUIRE(f != NULL);
+    CHECK(sx_engine_submit(e, f) == 0);
+    CHECK(sx_engine_wait(e, f, 10.0) == 1);
+    sx_engine_lock(e);
+    sx_slot *s = &f->slots[0];
+    CHECK(s->state == SX_FAILED && s->error_kind == SX_ERR_HTTP && s->http_status == 503);
+    CHECK(s->attempts == 1);
+    CHECK(s->error && strstr(s->error, "gave up after 1 attempts") != NULL);
+    sx_engine_unlock(e);
+    sx_engine_release_batch(e, f);
+
+    /* A connection refused is retried, then fails as a connection error. */
+    int port;
+    {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a;
+        memset(&a, 0, sizeof a);
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        socklen_t al = sizeof a;
+        bind(fd, (struct sockaddr *)&a, sizeof a);
+        getsockname(fd, (struct sockaddr *)&a, &al);
+        port = ntohs(a.sin_port);
+        close(fd);   /* nobody listens there now */
+    }
+    char dead[64];
+    snprintf(dead, sizeof dead, "http://127.0.0.1:%d/", port);
+    o.max_retries = 1;
+    sx_batch *c = sx_batch_new(dead, NULL, 0, fb, fl, NULL, 1, &o);
+    REQUIRE(c != NULL);
+    CHECK(sx_engine_submit(e, c) == 0);
+    CHECK(sx_engine_wait(e, c, 10.0) == 1);
+    sx_engine_lock(e);
+    CHECK(c->slots[0].state == SX_FAILED && c->slots[0].error_kind == SX_ERR_CONNECTION);
+    CHECK(c->slots[0].attempts == 2);
+    sx_engine_unlock(e);
+    sx_engine_release_batch(e, c);
+
+    sx_engine_free(e);
+}
+
+static int all_cancelled(sx_engine *e, sx_batch *b, const char *why)
+{
+    int ok = 1;
+    sx_engine_lock(e);
+    if (b->done != b->n || b->cancelled != b->n)
+        ok = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        sx_slot *s = &b->slots[i];
+        if (s->state != SX_CANCELLED || s->error_kind != SX_ERR_CANCELLED ||
+            s->where != SX_AT_DONE || !s->error || !strstr(s->error, why)) {
+            if (ok)
+                fprintf(stderr, "  slot %zu: state %d kind %d where %d err %s\n", i, s->state,
+                        s->error_kind, s->where, s->error ? s->error : "-");
+            ok = 0;
+        }
+    }
+    sx_engine_unlock(e);
+    return ok;
+}
+
+static void test_engine_cancel(void)
+{
+    REQUIRE(g_srv_ok);
+    sx_engine *e = mk_engine(2, 64);
+    REQUIRE(e != NULL);
+    /* 100 > 64: some slots are at workers, the rest still queued. */
+    sx_batch *b = mk_http_batch("SLOW", 100, NULL);
+    REQUIRE(b != NULL);
+    CHECK(sx_engine_submit(e, b) == 0);
+    sleep_s(0.1);
+    CHECK(sx_engine_wait(e, b, 0.0) == 0);
+    sx_engine_lock(e);
+    CHECK(b->done == 0);
+    CHECK(b->in_flight > 0);
+    sx_engine_unlock(e);
+
+    double t = mono_now();
+    sx_engine_cancel(e, b);
+    int done = sx_engine_wait(e, b, 1.0);
+    double took = mono_now() - t;
+    CHECK(done == 1);
+    CHECK(took < 1.0);
+    CHECK(all_cancelled(e, b, "cancelled"));
+    sx_engine_lock(e);
+    CHECK(e->sched.in_flight == 0 && e->sched.queued == 0 && e->sched.heap_len == 0);
+    CHECK(b->in_flight == 0);
+    sx_engine_unlock(e);
+    /* Cancelling again is harmless. */
+    sx_engine_cancel(e, b);
+    CHECK(all_cancelled(e, b, "cancelled"));
+
+    /* The engine still works after a cancellation. */
+    sx_batch *ok = mk_http_batch("after-cancel", 20, NULL);
+    REQUIRE(ok != NULL);
+    CHECK(sx_engine_submit(e, ok) == 0);
+    CHECK(sx_engine_wait(e, ok, 10.0) == 1);
+    sx_engine_lock(e);
+    CHECK(ok->ok == 20);
+    sx_engine_unlock(e);
+
+    sx_engine_release_batch(e, ok);
+    sx_engine_release_batch(e, b);
+    sx_engine_free(e);
+}
+
+static void test_engine_close_running(void)
+{
+    REQUIRE(g_srv_ok);
+    sx_engine *e = mk_engine(2, 64);
+    REQUIRE(e != NULL);
+    /* A finished batch still referenced by the caller, and a running one. */
+    sx_batch *fin = mk_http_batch("finished", 5, NULL);
+    REQUIRE(fin != NULL);
+    CHECK(sx_engine_submit(e, fin) == 0);
+    CHECK(sx_engine_wait(e, fin, 10.0) == 1);
+
+    sx_batch *b = mk_http_batch("SLOW", 100, NULL);
+    REQUIRE(b != NULL);
+    CHECK(sx_engine_submit(e, b) == 0);
+    sleep_s(0.1);
+    double t = mono_now();
+    sx_engine_close(e);
+    double took = mono_now() - t;
+    CHECK(took < 1.0);
+    CHECK(sx_engine_wait(e, b, 0.0) == 1);
+    CHECK(all_cancelled(e, b, "engine was closed"));
+    sx_engine_lock(e);
+    CHECK(fin->ok == 5 && fin->cancelled == 0);   /* finished work is left alone */
+    CHECK(e->stopping);
+    sx_engine_unlock(e);
+
+    /* Closed: no new work, close again is a no-op. */
+    sx_batch *late = mk_http_batch("late", 3, NULL);
+    REQUIRE(late != NULL);
+    CHECK(sx_engine_submit(e, late) == -2);
+    sx_batch_free(late);   /* never submitted: ours alone */
+    sx_engine_close(e);
+
+    sx_engine_release_batch(e, fin);
+    sx_engine_release_batch(e, b);
+    sx_engine_lock(e);
+    CHECK(e->batches == NULL);
+    sx_engine_unlock(e);
+    sx_engine_free(e);
+}
+
+static void test_engine_release_running(void)
+{
+    REQUIRE(g_srv_ok);
+    sx_engine *e = mk_engine(2, 64);
+    REQUIRE(e != NULL);
+    sx_batch *b = mk_http_batch("SLOW", 100, NULL);
+    REQUIRE(b != NULL);
+    CHECK(sx_engine_submit(e, b) == 0);
+    sleep_s(0.1);
+    double t = mono_now();
+    sx_engine_release_batch(e, b);   /* b may be freed by a worker from here on */
+    b = NULL;
+    /* The workers finish the transfers they hold and the engine lets go of the batch. */
+    int gone = 0;
+    while (mono_now() - t < 1.0) {
+        sx_engine_lock(e);
+        gone = e->batches == NULL && e->sched.in_flight == 0 && e->sched.queued == 0;
+        sx_engine_unlock(e);
+        if (gone)
+            break;
+        sleep_s(0.005);
+    }
+    CHECK(gone);
+
+    /* A batch released before it was ever waited on, while another keeps running. */
+    sx_batch *keep = mk_http_batch("keep", 50, NULL);
+    sx_batch *drop = mk_http_batch("SLOW", 10, NULL);
+    REQUIRE(keep && drop);
+    CHECK(sx_engine_submit(e, drop) == 0);
+    CHECK(sx_engine_submit(e, keep) == 0);
+    sx_engine_release_batch(e, drop);
+    CHECK(sx_engine_wait(e, keep, 10.0) == 1);
+    sx_engine_lock(e);
+    CHECK(keep->ok == 50);
+    sx_engine_unlock(e);
+    sx_engine_release_batch(e, keep);
+    sx_engine_free(e);
+}
+
+/* ------------------------------------------------------------------ main */
+
+typedef struct test_case {
+    const char *name;
+    void (*fn)(void);
+} test_case;
+
+#define TEST(fn) {#fn, fn}
+
+static const test_case tests[] = {
+    TEST(test_bucket_unlimited),
+    TEST(test_bucket_rpm_burst_then_paced),
+    TEST(test_bucket_continuous_refill),
+    TEST(test_bucket_oversized_and_refund),
+    TEST(test_window_aimd),
+    TEST(test_rng_uniform),
+    TEST(test_backoff),
+    TEST(test_hints_retry_after),
+    TEST(test_hints_durations),
+    TEST(test_hints_ratelimit_headers),
+    TEST(test_classify),
+    TEST(test_batch_results),
+    TEST(test_sched_max_in_flight),
+    TEST(test_sched_batch_cap_and_fifo),
+    TEST(test_sched_rpm),
+    TEST(test_sched_tpm),
+    TEST(test_sched_429_retry_and_cooldown),
+    TEST(test_sched_retry_before_first_attempts),
+    TEST(test_sched_retries_exhausted),
+    TEST(test_sched_adaptive_window),
+    TEST(test_sched_remove_batch),
+    TEST(test_sched_queue_limit),
+    TEST(test_engine_echo_500),
+    TEST(test_engine_retry_503),
+    TEST(test_engine_cancel),
+    TEST(test_engine_close_running),
+    TEST(test_engine_release_running),
+};
+
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN);
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        fprintf(stderr, "curl_global_init failed\n");
+        return 2;
+    }
+    g_srv_ok = srv_start(&g_srv) == 0;
+    if (g_srv_ok)
+        snprintf(g_url, sizeof g_url, "http://127.0.0.1:%d/echo", g_srv.port);
+    else
+        fprintf(stderr, "could not start the test HTTP server: %s\n", strerror(errno));
+
+    const char *only = argc > 1 ? argv[1] : NULL;   /* optional substring filter */
+    int passed = 0, failed = 0;
+    for (size_t i = 0; i < sizeof tests / sizeof *tests; i++) {
+        if (only && !strstr(tests[i].name, only))
+            continue;
+        unsigned long before = g_failures;
+        double t = mono_now();
+        tests[i].fn();
+        double took = mono_now() - t;
+        if (g_failures == before) {
+            passed++;
+            printf("ok   %-45s %7.3fs\n", tests[i].name, took);
+        } else {
+            failed++;
+            printf("FAIL %-45s %7.3fs\n", tests[i].name, took);
+        }
+        fflush(stdout);
+    }
+
+    if (g_srv_ok)
+        srv_stop(&g_srv);
+    curl_global_cleanup();
+    printf("%lu checks, %lu failed\n", g_checks, g_failures);
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
