@@ -39,15 +39,19 @@ sx_engine *sx_engine_new(const sx_engine_opts *opts, char *err, size_t errlen)
         goto err;
     }
     for (int i = 0; i < e->opts.workers; i++) {
-        e->workers[i] = sx_worker_start(e, i, err, errlen);
+        e->workers[i] = sx_worker_new(e, i, err, errlen);
         if (!e->workers[i])
             goto err;
         e->nworkers++;
     }
+    /* Threads start only now: a running worker reads e->workers and e->nworkers. */
+    for (int i = 0; i < e->nworkers; i++)
+        if (sx_worker_start(e->workers[i], err, errlen) != 0)
+            goto err;
     return e;
 
 err:
-    sx_engine_free(e);
+    sx_engine_free(e);  /* stops and joins whatever started */
     return NULL;
 }
 

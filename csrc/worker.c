@@ -492,7 +492,7 @@ static void worker_free(sx_worker *w)
     free(w);
 }
 
-sx_worker *sx_worker_start(sx_engine *e, int index, char *err, size_t errlen)
+sx_worker *sx_worker_new(sx_engine *e, int index, char *err, size_t errlen)
 {
     sx_worker *w = calloc(1, sizeof *w);
     if (!w) {
@@ -537,17 +537,22 @@ sx_worker *sx_worker_start(sx_engine *e, int index, char *err, size_t errlen)
     curl_multi_setopt(w->multi, CURLMOPT_MAXCONNECTS, maxconn);
     if (e->opts.http2)
         curl_multi_setopt(w->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
-
-    if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
-        snprintf(err, errlen, "pthread_create: %s", strerror(errno));
-        goto err;
-    }
-    w->started = 1;
     return w;
 
 err:
     worker_free(w);
     return NULL;
+}
+
+int sx_worker_start(sx_worker *w, char *err, size_t errlen)
+{
+    int rc = pthread_create(&w->thread, NULL, worker_main, w);
+    if (rc != 0) {
+        snprintf(err, errlen, "pthread_create: %s", strerror(rc));
+        return -1;
+    }
+    w->started = 1;
+    return 0;
 }
 
 void sx_worker_wake(sx_worker *w)

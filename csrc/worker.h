@@ -14,13 +14,19 @@
 
 #include "engine.h"
 
-/* Create and start worker `index` of engine e. Returns NULL and writes a reason on failure. */
-sx_worker *sx_worker_start(sx_engine *e, int index, char *err, size_t errlen);
+/* Create worker `index` of engine e (no thread yet). Returns NULL and writes a reason on
+ * failure. */
+sx_worker *sx_worker_new(sx_engine *e, int index, char *err, size_t errlen);
+
+/* Start the worker's thread. Only once every worker of the engine exists: a running worker
+ * may wake its siblings. Returns 0, or -1 and writes a reason. */
+int sx_worker_start(sx_worker *w, char *err, size_t errlen);
 
 /* Ask the worker to run a round soon (thread-safe, coalesced). */
 void sx_worker_wake(sx_worker *w);
 
-/* Join the thread (after e->stopping was set and the worker woken) and free everything. */
+/* Join the thread if it was started (after e->stopping was set and the worker woken) and
+ * free everything. */
 void sx_worker_join_and_free(sx_worker *w);
 
 #endif

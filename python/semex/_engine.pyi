@@ -1,0 +1,59 @@
+"""Type stubs for semex._engine, the C concurrency engine (see csrc/engine.h)."""
+from typing import List, Optional, Sequence, Tuple
+
+PENDING: int
+OK: int
+FAILED: int
+CANCELLED: int
+ERR_NONE: int
+ERR_HTTP: int
+ERR_TIMEOUT: int
+ERR_CONNECTION: int
+ERR_AUTH: int
+ERR_QUOTA: int
+ERR_BODY_CAP: int
+ERR_ABORTED: int
+ERR_TRANSPORT: int
+ERR_CANCELLED: int
+LIBCURL_BUILD_VERSION: str
+
+class EngineError(RuntimeError): ...
+
+# (state, error_kind, http_status, body, error, attempts, latency_seconds)
+SlotResult = Tuple[int, int, int, Optional[bytes], Optional[str], int, float]
+
+class Batch:
+    @property
+    def done(self) -> bool: ...
+    @property
+    def completed(self) -> int: ...
+    def __len__(self) -> int: ...
+    def wait(self, timeout: Optional[float] = None) -> bool: ...
+    def fileno(self) -> int: ...
+    def clear_notify(self) -> int: ...
+    def cancel(self) -> None: ...
+    def progress(self) -> Tuple[int, int, int, int, int, int]: ...
+    def results(self) -> List[SlotResult]: ...
+
+class Engine:
+    workers: int
+    max_in_flight: int
+    rpm: float
+    tpm: float
+    def __init__(self, *, workers: int = 1, max_in_flight: int = 64, rpm: float = 0.0,
+                 tpm: float = 0.0, adaptive: bool = True, queue_limit: int = 1000000,
+                 http2: bool = True, max_connections: int = 0) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def forked(self) -> bool: ...
+    def submit(self, url: str, headers: Sequence[str], bodies: Sequence[Optional[bytes]],
+               tokens: Optional[Sequence[float]] = None, *, timeout: float = 60.0,
+               connect_timeout: float = 10.0, max_retries: int = 5,
+               max_body: int = 67108864, verify: bool = True, backoff_base: float = 0.5,
+               backoff_cap: float = 30.0, notify_each: bool = False,
+               max_in_flight: int = 0) -> Batch: ...
+    def close(self) -> None: ...
+    def stats(self) -> dict: ...
+
+def curl_version() -> str: ...
