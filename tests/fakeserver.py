@@ -16,6 +16,20 @@ the key (``[[name]]`` / ``[[name=value]]``, ``*N`` = only attempts 1..N):
     [[reset_tokens=V]]  [[quota]]  [[drop*N]]  [[truncate*N]]  [[stall*N]]
     [[big=N]]  [[badjson]]
 
+Extraction mode: if the first message is a system message containing "You
+extract structured information", the request is a sem_extract prompt
+("Document:\n..." or "<k> documents:\n\nDocument 1:\n..."). The answer holds
+one row per document, computed from the document's doc_id (first line minus
+its "[column]: " prefix and directives) and the row schema in
+response_format (or the keys listed in the system prompt): "<key>:<doc_id>"
+for strings, doc_id for "*_quote", len(doc_id) for integers, len/2 for
+numbers, len%2==0 for booleans, enum[len % n] for enums, doc_id.split() for
+string arrays. Per-document directives: [[null]] [[invalid_once]]
+[[invalid_always]] [[fence]] [[prose]] and, for batches, [[batch_short]]
+[[batch_long]] [[batch_reorder]] [[batch_bad_ids]] [[batch_badjson]]
+[[batch_fence]] [[overflow]]. Request-level directives above still apply.
+/_log records carry "ndocs" and "doc_ids".
+
 Control endpoints (no auth, not counted as chat requests):
     POST /_config {"latency_ms": [lo, hi], "rpm": N}
     POST /_reset
@@ -118,6 +132,7 @@ class State:
     def reset(self) -> None:
         self.log: list[dict] = []
         self.attempts: dict[str, int] = {}
+        self.extract_seen: dict[str, int] = {}  # doc_id -> rows produced (extraction mode)
         self.latency = (0.0, 0.0)  # seconds
         self.rpm: float | None = None
         self.bucket_tokens = 0.0
@@ -394,13 +409,265 @@ def failure_headers(d: dict) -> list[tuple[str, str]]:
     return extra
 
 
+# ----------------------------------------------------------------- extraction mode
+#
+# A chat request whose first message is a system message containing
+# EXTRACT_MARKER is answered as sem_extract's model would be: one row per
+# document, computed deterministically from the document's doc_id (its first
+# line, minus the "[column]: " prefix and any [[directives]]). See
+# build_extraction() for the value rules and the per-document directives:
+#   [[null]] [[invalid_once]] [[invalid_always]] [[fence]] [[prose]]
+#   [[batch_short]] [[batch_long]] [[batch_reorder]] [[batch_bad_ids]]
+#   [[batch_badjson]] [[batch_fence]] [[overflow]]
+
+EXTRACT_MARKER = "You extract structured information"
+_BATCH_HEAD_RE = re.compile(r"(\d+) documents:")
+_BATCH_SPLIT_RE = re.compile(r"\n\nDocument (\d+):\n")
+_JSON_STR_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+_RETRY_CUT = "\n\nA previous answer"
+OVERFLOW_BODY = _dumps({"error": {
+    "message": "This model's maximum context length is 8192 tokens. However, your "
+               "messages resulted in 9000 tokens.",
+    "type": "invalid_request_error", "param": "messages",
+    "code": "context_length_exceeded"}}).encode()
+_INVALID_KINDS = ("integer", "number", "boolean", "enum")
+
+
+class Extraction:
+    """What an extraction-mode request asks for."""
+    __slots__ = ("batch", "keys", "row_schema", "defs", "docs", "doc_ids", "doc_dirs")
+
+    def __init__(self):
+        self.batch = False
+        self.keys: list[str] = []
+        self.row_schema: dict | None = None   # None: every key is a string
+        self.defs: dict = {}
+        self.docs: list[str] = []
+        self.doc_ids: list[str] = []
+        self.doc_dirs: list[dict] = []
+
+
+def is_extraction(messages: list) -> bool:
+    first = messages[0]
+    return (isinstance(first, dict) and first.get("role") == "system"
+            and EXTRACT_MARKER in content_text(first.get("content")))
+
+
+def doc_id_of(doc: str) -> str:
+    line = doc.split("\n", 1)[0]
+    _, sep, rest = line.partition(": ")
+    if sep:
+        line = rest
+    return _DIRECTIVE_RE.sub("", line).strip()
+
+
+def _schema_of(rf) -> dict | None:
+    if not isinstance(rf, dict):
+        return None
+    schema = None
+    js = rf.get("json_schema")
+    if isinstance(js, dict) and isinstance(js.get("schema"), dict):
+        schema = js["schema"]
+    elif isinstance(rf.get("schema"), dict):
+        schema = rf["schema"]
+    return schema
+
+
+def _keys_from_prompt(system: str) -> list[str]:
+    # the last "the keys " (field descriptions earlier in the prompt might say it too)
+    i = system.rfind("the keys ")
+    if i < 0:
+        return []
+    seg = system[i + len("the keys "):]
+    j = seg.find(". ")
+    if j >= 0:
+        seg = seg[:j]
+    keys = []
+    for m in _JSON_STR_RE.finditer(seg):
+        try:
+            k = json.loads(m.group(0))
+        except ValueError:
+            continue
+        if isinstance(k, str) and k != "id":
+            keys.append(k)
+    return keys
+
+
+def parse_extraction(req: dict, texts: list[str]) -> "Extraction | str":
+    """The Extraction a request asks for, or an error message (str)."""
+    ex = Extraction()
+    user = texts[-1]
+    if user.startswith("Document:\n"):
+        doc = user[len("Document:\n"):]
+        cut = doc.find(_RETRY_CUT)
+        if cut >= 0:
+            doc = doc[:cut]
+        ex.docs = [doc]
+    else:
+        m = _BATCH_HEAD_RE.match(user)
+        if not m:
+            return ("fakeserver: extraction prompt's user message starts neither with "
+                    "'Document:\\n' nor with '<k> documents:'")
+        k = int(m.group(1))
+        parts = _BATCH_SPLIT_RE.split(user[m.end():])
+        # parts = [before-first, num1, doc1, num2, doc2, ...]
+        nums = [int(n) for n in parts[1::2]]
+        if parts[0].strip() or nums != list(range(1, k + 1)):
+            return ("fakeserver: malformed batch prompt: header says %d documents, found "
+                    "blocks numbered %s" % (k, nums))
+        ex.batch = True
+        ex.docs = parts[2::2]
+    ex.doc_ids = [doc_id_of(d) for d in ex.docs]
+    ex.doc_dirs = [parse_directives(d) if "[[" in d else {} for d in ex.docs]
+
+    schema = _schema_of(req.get("response_format"))
+    row = None
+    if schema is not None:
+        defs = schema.get("$defs")
+        ex.defs = defs if isinstance(defs, dict) else {}
+        row = schema
+        if ex.batch:
+            res = schema.get("properties", {})
+            res = res.get("results") if isinstance(res, dict) else None
+            if isinstance(res, dict):
+                res = _resolve(res, ex.defs)
+                items = res.get("items")
+                if isinstance(items, dict):
+                    row = _resolve(items, ex.defs)
+        row = _resolve(row, ex.defs)
+        props = row.get("properties")
+        if not isinstance(props, dict):
+            row = None
+    if row is not None:
+        ex.row_schema = row
+        ex.keys = [k for k in row["properties"] if k != "id"]
+    else:
+        ex.keys = _keys_from_prompt(texts[0])
+    return ex
+
+
+def _resolve(s, defs: dict, depth: int = 0):
+    """Follow "$ref": "#/$defs/X" (a few levels); non-dicts become {}."""
+    while isinstance(s, dict) and isinstance(s.get("$ref"), str) and depth < 32:
+        ref = s["$ref"]
+        name = ref.rsplit("/", 1)[-1] if ref.startswith("#/") else None
+        target = defs.get(name) if name is not None else None
+        if not isinstance(target, dict):
+            break
+        s = target
+        depth += 1
+    return s if isinstance(s, dict) else {}
+
+
+def _value(key: str, s, doc_id: str, defs: dict, depth: int = 0):
+    """(value, kind) of one property for doc_id; kind in string/integer/number/
+    boolean/enum/array/object/null/const."""
+    s = _resolve(s, defs)
+    if depth > 16:
+        return "%s:%s" % (key, doc_id), "string"
+    if "enum" in s and isinstance(s["enum"], list) and s["enum"]:
+        e = s["enum"]
+        return e[len(doc_id) % len(e)], "enum"
+    if "const" in s:
+        return s["const"], "const"
+    for comb in ("anyOf", "oneOf", "allOf"):
+        alts = s.get(comb)
+        if isinstance(alts, list) and alts:
+            for alt in alts:
+                r = _resolve(alt, defs)
+                if r.get("type") != "null":
+                    return _value(key, r, doc_id, defs, depth + 1)
+            return None, "null"
+    t = s.get("type")
+    if isinstance(t, list):
+        non_null = [x for x in t if x != "null"]
+        t = non_null[0] if non_null else "null"
+    if t == "integer":
+        return len(doc_id), "integer"
+    if t == "number":
+        return len(doc_id) / 2, "number"
+    if t == "boolean":
+        return len(doc_id) % 2 == 0, "boolean"
+    if t == "null":
+        return None, "null"
+    if t == "array":
+        item = _resolve(s.get("items"), defs)
+        out = []
+        for word in doc_id.split():
+            v, kind = _value(key, item, word, defs, depth + 1)
+            out.append(word if kind == "string" else v)
+        return out, "array"
+    if t == "object" and isinstance(s.get("properties"), dict):
+        return {k: _value(k, p, doc_id, defs, depth + 1)[0]
+                for k, p in s["properties"].items()}, "object"
+    return "%s:%s" % (key, doc_id), "string"
+
+
+def make_row(ex: Extraction, i: int, invalid: bool) -> dict:
+    doc_id = ex.doc_ids[i]
+    null = "null" in ex.doc_dirs[i]
+    props = ex.row_schema["properties"] if ex.row_schema is not None else {}
+    row = {}
+    for key in ex.keys:
+        if null:
+            row[key] = None
+        elif key.endswith("_quote"):
+            row[key] = doc_id
+        else:
+            v, kind = _value(key, props.get(key, {"type": "string"}), doc_id, ex.defs)
+            row[key] = "bogus" if invalid and kind in _INVALID_KINDS else v
+    return row
+
+
+def build_extraction(st: "State", ex: Extraction) -> str | None:
+    """The answer's content, or None for a context-overflow error (HTTP 400)."""
+    dirs = ex.doc_dirs
+    any_dir = lambda name: any(name in d for d in dirs)  # noqa: E731
+    if ex.batch:
+        if len(ex.docs) > 1 and any_dir("overflow"):
+            return None
+        if any_dir("batch_badjson"):
+            return '{"results": ['
+    included = list(range(len(ex.docs)))
+    if ex.batch and any_dir("batch_short") and included:
+        included.pop()
+    rows = []
+    for i in included:
+        n = st.extract_seen.get(ex.doc_ids[i], 0) + 1
+        st.extract_seen[ex.doc_ids[i]] = n
+        invalid = "invalid_always" in dirs[i] or ("invalid_once" in dirs[i] and n == 1)
+        row = make_row(ex, i, invalid)
+        if ex.batch:
+            row = {"id": i + 1, **row}
+        rows.append(row)
+    if not ex.batch:
+        text = _dumps(rows[0])
+        if "fence" in dirs[0]:
+            return "Here you go:\n```json\n%s\n```\nThanks" % text
+        if "prose" in dirs[0]:
+            return "Sure! The answer is %s hope it helps" % text
+        return text
+    if any_dir("batch_long") and rows:
+        rows.append({**rows[-1], "id": len(ex.docs) + 1})
+    if any_dir("batch_reorder"):
+        rows.reverse()
+    if any_dir("batch_bad_ids"):
+        rows = [{**r, "id": 1} for r in rows]
+    text = _dumps({"results": rows})
+    if any_dir("batch_fence"):
+        return "Here you go:\n```json\n%s\n```\nThanks" % text
+    if any_dir("prose"):
+        return "Sure! The answer is %s hope it helps" % text
+    return text
+
+
 async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) -> bool:
     """Serve one chat request. Return True if the connection may be reused."""
     st = STATE
     t_start = _monotonic()
     auth = headers.get("authorization")
     rec = {"t_start": t_start, "t_end": None, "key": None, "attempt": 0,
-           "outcome": None, "auth": auth is not None}
+           "outcome": None, "auth": auth is not None, "ndocs": 0, "doc_ids": []}
     st.log.append(rec)
     st.requests += 1
 
@@ -437,6 +704,12 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) 
     st.attempts[key] = attempt
     rec["key"] = key
     rec["attempt"] = attempt
+    ex = None
+    if is_extraction(messages):
+        ex = parse_extraction(req, texts)
+        if isinstance(ex, Extraction):
+            rec["ndocs"] = len(ex.docs)
+            rec["doc_ids"] = list(ex.doc_ids)
 
     if not authorized:
         return await reply(401, AUTH_BODY)
@@ -488,6 +761,9 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) 
                 code = 500
             return await reply(code, error_body(code), failure_headers(d))
 
+    if isinstance(ex, str):  # extraction prompt the fake cannot read
+        return await reply(400, error_body(400, ex))
+
     model = req.get("model")
     st.chat_counter += 1
     if "big" in d:
@@ -496,6 +772,10 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) 
         except (TypeError, ValueError):
             n = 0
         content = "x" * max(0, n)
+    elif ex is not None and "badjson" not in d:
+        content = build_extraction(st, ex)
+        if content is None:
+            return await reply(400, OVERFLOW_BODY)
     else:
         content = "echo: " + _DIRECTIVE_RE.sub("", key).strip()
     if "badjson" in d:

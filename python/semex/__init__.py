@@ -9,8 +9,10 @@ import logging as _logging
 from . import errors
 from .batch import llm_batch, llm_batch_async, parallel_query, parallel_query_async
 from .errors import RequestError, SemexError
+from .extract import SemanticExtractOutput, sem_extract, sem_extract_async
 from .lm import LM, LMOutput, Usage
 from .settings import settings
+from . import accessor as _accessor  # registers df.sem_extract
 
 __version__ = "0.1.0"
 
@@ -19,12 +21,15 @@ __all__ = [
     "LMOutput",
     "Usage",
     "RequestError",
+    "SemanticExtractOutput",
     "SemexError",
     "errors",
     "llm_batch",
     "llm_batch_async",
     "parallel_query",
     "parallel_query_async",
+    "sem_extract",
+    "sem_extract_async",
     "settings",
 ]
 

@@ -40,6 +40,7 @@ class Usage:
     retries: int = 0
     rate_limited: int = 0      # 429 answers received
     failed: int = 0            # items that failed in the end
+    cache_hits: int = 0        # items answered without a request (duplicates in one call)
     cost: Optional[float] = None  # in the currency of the prices given to LM, when known
 
     def add(self, other: "Usage") -> None:
@@ -50,6 +51,7 @@ class Usage:
         self.retries += other.retries
         self.rate_limited += other.rate_limited
         self.failed += other.failed
+        self.cache_hits += other.cache_hits
         if other.cost is not None:
             self.cost = (self.cost or 0.0) + other.cost
 
@@ -143,7 +145,10 @@ class LM:
     extra_headers:
         Extra HTTP headers, a mapping of name to value.
     structured_output:
-        Whether the server accepts ``response_format`` json_schema (used by sem_extract).
+        How sem_extract asks for JSON: True or "json_schema" sends OpenAI's
+        ``response_format`` json_schema (strict when possible); "json_object" sends
+        ``{"type": "json_object", "schema": ...}`` (llama.cpp's server); False only asks in
+        the prompt. Answers are parsed robustly either way.
     workers:
         I/O threads of the engine (default 1; one thread drives thousands of transfers).
     adaptive_concurrency:
@@ -209,6 +214,11 @@ class LM:
                                            f"got {value!r}")
         if max_tokens is not None:
             _check_int("max_tokens", max_tokens, 1)
+        if structured_output not in (True, False, "json_schema", "json_object"):
+            raise E.ConfigurationError(
+                "structured_output must be True/'json_schema' (OpenAI's response_format), "
+                "'json_object' (llama.cpp's server: json_object + schema) or False, got "
+                f"{structured_output!r}")
         self.max_concurrency = max_concurrency
         self.rpm = rpm
         self.tpm = tpm

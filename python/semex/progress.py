@@ -1,0 +1,43 @@
+"""The progress bar: tqdm.auto (a widget in notebooks, text in terminals), per document."""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional
+
+
+class ProgressBar:
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.n = 0
+        self.total = total
+        self._bar: Any = None
+        self._started = time.monotonic()
+        self._last_postfix = 0.0
+        if enabled and total:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="doc", dynamic_ncols=True)
+
+    def advance(self, k: int) -> None:
+        if k:
+            self.update_to(self.n + k)
+
+    def update_to(self, n: int, stats: Optional[Dict[str, Any]] = None) -> None:
+        n = max(self.n, min(self.total, n))
+        if self._bar is not None:
+            if n > self.n:
+                self._bar.update(n - self.n)
+            now = time.monotonic()
+            if stats and now - self._last_postfix >= 0.5:
+                self._last_postfix = now
+                elapsed = max(1e-9, now - self._started)
+                self._bar.set_postfix(
+                    {"req/s": f"{stats.get('admitted', 0) / elapsed:.0f}",
+                     "tokens": stats.get("tokens", 0), "retries": stats.get("retries", 0),
+                     "429s": stats.get("http_429", 0), "errors": stats.get("errors", 0)},
+                    refresh=False)
+        self.n = n
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
