@@ -1297,6 +1297,8 @@ int main(int argc, char **argv) {
     parse_args(argc, argv);
     raise_nofile();
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGINT, SIG_DFL); /* a shell may start background jobs with SIGINT ignored */
+    signal(SIGTERM, SIG_DFL);
 
     sigset_t sigs;
     sigemptyset(&sigs);

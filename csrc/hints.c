@@ -18,6 +18,36 @@ void sx_hints_reset(sx_hints *h)
 /* Longest header value we bother to parse; anything longer is not a hint we understand. */
 #define SX_HINT_VALUE_MAX 96
 
+/* Digits with at most one decimal point, nothing else: strtod would also take "inf",
+ * "1e999" and hex, and an infinite Retry-After would stall a batch forever. Values are
+ * capped at a day. Returns -1 if there is no number at s. */
+static double parse_decimal(const char *s, const char **end)
+{
+    double v = 0, scale = 0;
+    int digits = 0;
+    const char *p = s;
+    for (; *p; p++) {
+        if (isdigit((unsigned char)*p)) {
+            if (scale > 0) {
+                v += (*p - '0') * scale;
+                scale /= 10;
+            } else {
+                v = v * 10 + (*p - '0');
+            }
+            digits++;
+        } else if (*p == '.' && scale == 0) {
+            scale = 0.1;
+        } else {
+            break;
+        }
+    }
+    *end = p;
+    if (!digits)
+        return -1;
+    return v < 86400.0 * 1000 ? v : 86400.0 * 1000;
+}
+
+
 double sx_parse_duration(const char *s, size_t len)
 {
     char text[SX_HINT_VALUE_MAX];
@@ -30,11 +60,9 @@ double sx_parse_duration(const char *s, size_t len)
     double total = 0;
     int parts = 0;
     while (*p) {
-        char *end;
-        if (!(isdigit((unsigned char)*p) || *p == '.'))
-            return -1;
-        double v = strtod(p, &end);
-        if (end == p || v < 0)
+        const char *end;
+        double v = parse_decimal(p, &end);
+        if (v < 0)
             return -1;
         p = end;
         if (*p == '\0') {
@@ -92,10 +120,10 @@ static double parse_retry_after(const char *s, size_t len, double wall_now)
         return -1;
     memcpy(text, s, len);
     text[len] = '\0';
-    char *end;
-    double v = strtod(text, &end);
-    if (end != text && *end == '\0')
-        return v >= 0 ? v : -1;
+    const char *end;
+    double v = parse_decimal(text, &end);
+    if (v >= 0 && *end == '\0')
+        return v > 86400.0 ? 86400.0 : v;
     /* An HTTP-date: libcurl already knows every format RFC 7231 allows. */
     time_t when = curl_getdate(text, NULL);
     if (when == (time_t)-1)

@@ -128,6 +128,37 @@ static void queue_unlink(sx_sched *s, sx_batch *b)
     b->in_queue = 0;
 }
 
+static int below_batch_cap(const sx_batch *b);
+
+/* The earliest-due retry that is due now and whose batch is below its own cap. The heap is
+ * searched depth-first, pruning subtrees not yet due, so the cost is the number of due
+ * retries, not the heap size; a capped batch at the top does not block the others. */
+static int heap_pick_due(const sx_sched *s, double now, size_t *index)
+{
+    size_t stack[64];
+    size_t depth = 0;
+    int found = 0;
+    double best = 0;
+    if (s->heap_len && s->heap[0]->due <= now)
+        stack[depth++] = 0;
+    while (depth) {
+        size_t i = stack[--depth];
+        sx_slot *slot = s->heap[i];
+        if (found && slot->due >= best)
+            continue;  /* children are due no sooner */
+        if (below_batch_cap(slot->batch)) {
+            found = 1;
+            best = slot->due;
+            *index = i;
+            continue;  /* its children are due later than it */
+        }
+        for (size_t c = 2 * i + 1; c <= 2 * i + 2 && c < s->heap_len; c++)
+            if (s->heap[c]->due <= now && depth < sizeof stack / sizeof stack[0])
+                stack[depth++] = c;
+    }
+    return found;
+}
+
 static int below_batch_cap(const sx_batch *b)
 {
     return b->opts.max_in_flight <= 0 || b->in_flight < (size_t)b->opts.max_in_flight;
@@ -160,12 +191,15 @@ size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double 
     while (taken < max && s->in_flight < limit) {
         sx_slot *slot;
         sx_batch *from_queue = NULL;
-        if (s->heap_len && s->heap[0]->due <= now && below_batch_cap(s->heap[0]->batch)) {
-            slot = s->heap[0];
+        size_t heap_index = 0;
+        if (heap_pick_due(s, now, &heap_index)) {
+            slot = s->heap[heap_index];
         } else if ((from_queue = queue_pick(s)) != NULL) {
             slot = &from_queue->slots[from_queue->next_unsent];
         } else {
-            if (s->heap_len)
+            /* Only a retry that is not yet due is worth a timer; one that is due but held
+             * by its batch's cap is released by that batch's next completion. */
+            if (s->heap_len && s->heap[0]->due > now)
                 lower(wake_at, s->heap[0]->due);
             break;
         }
@@ -190,7 +224,7 @@ size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double 
             if (from_queue->next_unsent == from_queue->n)
                 queue_unlink(s, from_queue);
         } else {
-            heap_remove(s, 0);
+            heap_remove(s, heap_index);
         }
         slot->where = SX_AT_WORKER;
         if (slot->attempts == 0)

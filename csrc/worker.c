@@ -230,8 +230,11 @@ static void xfer_start(sx_worker *w, sx_slot *slot)
     } else {
         curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
     }
-    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)(o->timeout * 1000.0));
-    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)(o->connect_timeout * 1000.0));
+    /* libcurl reads 0 as "no timeout": never let a sub-millisecond timeout round to it. */
+    long timeout_ms = (long)ceil(o->timeout * 1000.0);
+    long connect_ms = (long)ceil(o->connect_timeout * 1000.0);
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout_ms > 0 ? timeout_ms : 1L);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, connect_ms > 0 ? connect_ms : 1L);
     curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)o->max_body);
     curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, o->verify_tls ? 1L : 0L);
     curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, o->verify_tls ? 2L : 0L);
@@ -397,10 +400,16 @@ static void reap(sx_worker *w)
 
 static void drain_wakefd(sx_worker *w)
 {
-    atomic_store(&w->wake_pending, 0);
+    /* Read first, clear the flag second. A wake that lands in between sees the flag still
+     * set and skips its write, which is fine: this worker runs a full round (admissions,
+     * cancellations, shutdown check) right after, and that round sees what the waker
+     * changed under the lock before waking. Clearing first would let the read swallow a
+     * write made after the clear, leaving the flag set with nothing to read: every later
+     * wake-up would then be skipped and the worker would sleep forever. */
     uint64_t value;
     while (read(w->wakefd, &value, sizeof value) == (ssize_t)sizeof value)
         ;
+    atomic_store(&w->wake_pending, 0);
 }
 
 static void *worker_main(void *arg)
@@ -454,7 +463,9 @@ static void *worker_main(void *arg)
         reap(w);
     }
 
-    /* Shutdown: every transfer still here belongs to a stopped batch. */
+    /* Shutdown: normally every transfer still here belongs to a batch that close() stopped.
+     * If the loop itself failed (epoll_wait error), stop those batches first so that their
+     * slots still end in a final state rather than pending. */
     sx_xfer *x = w->active;
     while (x) {
         sx_xfer *next = x->next;
@@ -463,6 +474,10 @@ static void *worker_main(void *arg)
     }
     double now = sx_now();
     sx_engine_lock(e);
+    for (x = w->active; x; x = x->next)
+        if (!x->slot->batch->stopped)
+            sx_engine_stop_batch_locked(e, x->slot->batch, SX_FAILED, SX_ERR_TRANSPORT,
+                                        "an engine worker thread failed (epoll_wait)");
     for (x = w->active; x; x = x->next)
         sx_engine_slot_stopped_locked(e, x->slot, now);
     sx_engine_unlock(e);

@@ -4,6 +4,10 @@
  * are driven with fake clocks; the engine is driven end to end with real worker threads
  * against a tiny HTTP/1.1 server that lives in this file.
  *
+ * Usage: test_engine [name-substring]
+ *   SX_TEST_TIMEOUT=<s>  watchdog for the whole run (default 120 s; raise it under valgrind)
+ * Prints one line per test and finally "N passed, M failed"; exits non-zero on any failure.
+ *
  * Build: see Makefile next to this file (make test | tsan | asan). */
 #include <errno.h>
 #include <math.h>
@@ -12,6 +16,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -2231,22 +2236,16 @@ static void test_engine_abort_on_401(void)
     REQUIRE(e != NULL);
     /* Request 0 gets a 401 at once; the others are in flight (SLOW) or still queued. */
     enum { N = 80 };
-    char **bodies = NULL;
-    sx_batch *b = mk_http_batch("SLOW", N, &bodies);
-    REQUIRE(b != NULL);
-    free_bodies(bodies, N);
-    const char *auth = "AUTH-please";
-    sx_request_opts o = e2e_opts();
+    char text[N][32];
     const char *all[N];
     size_t lens[N];
     for (size_t i = 0; i < N; i++) {
-        all[i] = b->slots[i].body;
-        lens[i] = b->slots[i].body_len;
+        snprintf(text[i], sizeof text[i], i == 0 ? "AUTH-please" : "SLOW-abort-%zu", i);
+        all[i] = text[i];
+        lens[i] = strlen(text[i]);
     }
-    all[0] = auth;
-    lens[0] = strlen(auth);
+    sx_request_opts o = e2e_opts();
     sx_batch *a = sx_batch_new(g_url, NULL, 0, all, lens, NULL, N, &o);
-    sx_batch_free(b);
     REQUIRE(a != NULL);
     double t0 = mono_now();
     CHECK(sx_engine_submit(e, a) == 0);
@@ -2371,6 +2370,36 @@ static void test_engine_rpm_paced(void)
     sx_engine_free(e);
 }
 
+/* The module's default is http2=1; over plain http:// that must still be fast HTTP/1.1. */
+static void test_engine_http2_option_on_plain_http(void)
+{
+    REQUIRE(g_srv_ok);
+    sx_engine_opts eo;
+    memset(&eo, 0, sizeof eo);
+    eo.workers = 2;
+    eo.sched.max_in_flight = 32;
+    eo.sched.adaptive = 1;
+    eo.sched.queue_limit = 1000;
+    eo.http2 = 1;
+    char err[256] = "";
+    sx_engine *e = sx_engine_new(&eo, err, sizeof err);
+    REQUIRE(e != NULL);
+    char **bodies = NULL;
+    sx_batch *b = mk_http_batch("h2opt", 200, &bodies);
+    REQUIRE(b != NULL && bodies != NULL);
+    CHECK(sx_engine_submit(e, b) == 0);
+    CHECK(sx_engine_wait(e, b, 20.0) == 1);
+    sx_engine_lock(e);
+    CHECK(b->ok == 200);
+    for (size_t i = 0; i < 200; i++)
+        CHECK(b->slots[i].response_len == strlen(bodies[i]) &&
+              memcmp(b->slots[i].response, bodies[i], b->slots[i].response_len) == 0);
+    sx_engine_unlock(e);
+    sx_engine_release_batch(e, b);
+    sx_engine_free(e);
+    free_bodies(bodies, 200);
+}
+
 /* Regression: sx_engine_new once started each worker before counting it in e->nworkers, so
  * a worker could divide by nworkers == 0 in admit() (SIGFPE) and TSan saw a data race
  * (fixed in bb120fb: threads start only after all workers exist). */
@@ -2398,17 +2427,25 @@ static void test_engine_new_free_churn(void)
     }
 }
 
-/* ------------------------------------------------------------------ known csrc bugs
+/* ------------------------------------------------------------------ regressions
  *
- * Each of these fails (or crashes, hangs) against csrc/ as it stands; they document bugs
- * found while writing this file. They are not part of the default run, so `make test`
- * stays green while the fixes are pending: run them with
- *     build/test_engine --known-bugs
- * Crashing and hanging cases run in a forked child, so they are reported as failures. */
+ * Each of these failed (or crashed, hung) against an earlier csrc/; they found the bugs
+ * and now keep them fixed: a retry stuck behind a capped batch at the heap top, a worker
+ * spinning on it, a non-numeric Retry-After ("inf") stalling a batch forever, and a lost
+ * wake-up that made sx_engine_close hang. Crashing and hanging cases run in a forked
+ * child, so they are reported as failures rather than stopping the run. */
 
 /* Run fn in a child process with a time limit; returns the wait status. */
 static int run_in_child(void (*fn)(void), unsigned seconds)
 {
+#if defined(__SANITIZE_THREAD__)
+    /* TSan cannot start threads after a multi-threaded fork: run in-process; the watchdog
+     * still turns a hang into a failure. */
+    (void)seconds;
+    unsigned long before = g_failures;
+    fn();
+    return g_failures == before ? 0 : (1 << 8);
+#else
     fflush(stdout);
     fflush(stderr);
     pid_t pid = fork();
@@ -2424,6 +2461,7 @@ static int run_in_child(void (*fn)(void), unsigned seconds)
     while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
         ;
     return status;
+#endif
 }
 
 static void describe_status(const char *what, int status)
@@ -2435,7 +2473,7 @@ static void describe_status(const char *what, int status)
         fprintf(stderr, "  %s: child exited with %d\n", what, WEXITSTATUS(status));
 }
 
-/* sched.c:174-184: only the heap top is considered. When the top retry is due but its batch
+/* sched.c:163-170 (sx_sched_take): only the heap top is considered. When the top retry is due but its batch
  * is at its own max_in_flight, a due retry of another batch behind it is not handed out, and
  * *wake_at is set to the top's due time, which is already in the past. */
 static void test_bug_sched_retry_head_of_line(void)
@@ -2472,7 +2510,7 @@ static void test_bug_sched_retry_head_of_line(void)
     /* At T0+3 both retries are due; a's must wait for a1, b's may go. */
     wake = -1;
     size_t n = sx_sched_take(&s, out, 8, T0 + 3, &wake);
-    CHECK(n == 1 && n > 0 && out[0] == &b->slots[0]);
+    CHECK(n == 1 && out[0] == &b->slots[0]);
     CHECK(wake < 0 || wake > T0 + 3);   /* never "wake me at a time already past" */
     if (wake >= 0 && wake <= T0 + 3)
         fprintf(stderr, "  take returned %zu, wake_at = now %+.3f s\n", n, wake - (T0 + 3));
@@ -2489,7 +2527,7 @@ static double cpu_seconds(void)
 }
 
 /* The same head-of-line case end to end: the wake_at in the past makes the worker's
- * epoll_wait timeout 0 (worker.c:425-428), so it spins on a core until the capped batch's
+ * epoll_wait timeout 0 (worker.c:425-432), so it spins on a core until the capped batch's
  * slow request returns. */
 static void test_bug_worker_spins_on_capped_retry(void)
 {
@@ -2517,7 +2555,7 @@ static void test_bug_worker_spins_on_capped_retry(void)
     sx_engine_free(e);
 }
 
-/* hints.c:92-95 (and sx_parse_duration, hints.c:35-38): strtod accepts "inf", "1e999",
+/* hints.c:96-98 (parse_retry_after; and sx_parse_duration, hints.c:36): strtod accepts "inf", "1e999",
  * "0x10"; RFC 9110 delay-seconds is 1*DIGIT. "Retry-After: inf" becomes an infinite delay:
  * with a 429 the cool-down and the slot's due time become +inf and the batch never ends. */
 static void test_bug_retry_after_not_digits(void)
@@ -2529,13 +2567,14 @@ static void test_bug_retry_after_not_digits(void)
     sx_hints_reset(&h);
     sx_hints_feed(&h, "Retry-After: 1e999\r\n", 20, 1700000000.0);
     CHECK(h.retry_after < 0 || isfinite(h.retry_after));
-    CHECK(!isfinite(sx_parse_duration("1e999s", 6)) ? 0 : 1);
+    CHECK(isfinite(sx_parse_duration("1e999s", 6)));
     sx_hints_reset(&h);
     sx_hints_feed(&h, "Retry-After: 0x10\r\n", 19, 1700000000.0);
     CHECK(h.retry_after < 0);
 }
 
-/* worker.c:393-399, drain_wakefd clears wake_pending *before* reading the eventfd. A
+/* worker.c:398-404: drain_wakefd clears wake_pending *before* reading the eventfd (and
+ * sx_worker_wake, worker.c:558-565, skips its write while wake_pending is set). A
  * sx_worker_wake() landing between the two sets wake_pending = 1 and writes the eventfd; the
  * read then swallows that write. From then on wake_pending stays 1 with the eventfd empty,
  * so every later sx_worker_wake() is a no-op: the worker sleeps in epoll_wait(-1) when idle
@@ -2593,6 +2632,36 @@ static void test_bug_lost_wakeup(void)
 
 /* ------------------------------------------------------------------ main */
 
+/* Watchdog: a hang (say, a worker that never wakes for sx_engine_close) must fail the run
+ * with the test's name rather than stall CI. SX_TEST_TIMEOUT=<seconds> (default 120). */
+static _Atomic(const char *) g_current_test;
+static pthread_mutex_t g_dog_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_dog_cv;
+static int g_dog_done;
+
+static void *watchdog_main(void *arg)
+{
+    double limit = *(const double *)arg;
+    struct timespec ts;
+    double until = mono_now() + limit;
+    ts.tv_sec = (time_t)until;
+    ts.tv_nsec = (long)((until - (double)ts.tv_sec) * 1e9);
+    pthread_mutex_lock(&g_dog_mu);
+    int rc = 0;
+    while (!g_dog_done && rc != ETIMEDOUT)
+        rc = pthread_cond_timedwait(&g_dog_cv, &g_dog_mu, &ts);
+    int done = g_dog_done;
+    pthread_mutex_unlock(&g_dog_mu);
+    if (!done) {
+        const char *name = atomic_load(&g_current_test);
+        fprintf(stderr, "TIMEOUT: still running %s after %.1f s (hung?)\n",
+                name ? name : "(setup)", limit);
+        fflush(stderr);
+        _exit(3);
+    }
+    return NULL;
+}
+
 typedef struct test_case {
     const char *name;
     void (*fn)(void);
@@ -2633,10 +2702,9 @@ static const test_case tests[] = {
     TEST(test_engine_eventfd),
     TEST(test_engine_429_cooldown),
     TEST(test_engine_rpm_paced),
+    TEST(test_engine_http2_option_on_plain_http),
     TEST(test_engine_new_free_churn),
-};
-
-static const test_case known_bugs[] = {
+    /* regressions: each of these failed, crashed or hung before its fix in csrc/ */
     TEST(test_bug_sched_retry_head_of_line),
     TEST(test_bug_worker_spins_on_capped_retry),
     TEST(test_bug_retry_after_not_digits),
@@ -2650,30 +2718,37 @@ int main(int argc, char **argv)
         fprintf(stderr, "curl_global_init failed\n");
         return 2;
     }
+    static double dog_limit = 120.0;
+    const char *env_limit = getenv("SX_TEST_TIMEOUT");
+    if (env_limit && atof(env_limit) > 0)
+        dog_limit = atof(env_limit);
+    pthread_condattr_t dog_attr;
+    pthread_condattr_init(&dog_attr);
+    pthread_condattr_setclock(&dog_attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&g_dog_cv, &dog_attr);
+    pthread_condattr_destroy(&dog_attr);
+    pthread_t dog;
+    int dog_ok = pthread_create(&dog, NULL, watchdog_main, &dog_limit) == 0;
+
     g_srv_ok = srv_start(&g_srv) == 0;
     if (g_srv_ok)
         snprintf(g_url, sizeof g_url, "http://127.0.0.1:%d/echo", g_srv.port);
     else
         fprintf(stderr, "could not start the test HTTP server: %s\n", strerror(errno));
 
-    /* Usage: test_engine [--known-bugs] [name-substring] */
+    /* Usage: test_engine [name-substring] */
     const test_case *table = tests;
     size_t ntests = sizeof tests / sizeof *tests;
     const char *only = NULL;
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--known-bugs") == 0) {
-            table = known_bugs;
-            ntests = sizeof known_bugs / sizeof *known_bugs;
-        } else {
-            only = argv[i];
-        }
-    }
+    for (int i = 1; i < argc; i++)
+        only = argv[i];
     int passed = 0, failed = 0;
     for (size_t i = 0; i < ntests; i++) {
         if (only && !strstr(table[i].name, only))
             continue;
         unsigned long before = g_failures;
         double t = mono_now();
+        atomic_store(&g_current_test, table[i].name);
         table[i].fn();
         double took = mono_now() - t;
         if (g_failures == before) {
@@ -2686,9 +2761,18 @@ int main(int argc, char **argv)
         fflush(stdout);
     }
 
+    atomic_store(&g_current_test, "(teardown)");
     if (g_srv_ok)
         srv_stop(&g_srv);
     curl_global_cleanup();
+    if (dog_ok) {
+        pthread_mutex_lock(&g_dog_mu);
+        g_dog_done = 1;
+        pthread_cond_signal(&g_dog_cv);
+        pthread_mutex_unlock(&g_dog_mu);
+        pthread_join(dog, NULL);
+    }
+    pthread_cond_destroy(&g_dog_cv);
     printf("%lu checks, %lu failed\n", g_checks, g_failures);
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
