@@ -6,6 +6,13 @@ PYTEST_ARGS ?=
 
 .PHONY: test test-asan test-c tsan demo clean
 
+# The main job: a real LLM (local SmolLM2 on llama.cpp, or your provider when OPENAI_API_KEY
+# is set) extracts fields from examples/tickets.jsonl. Later runs reuse the build.
+demo:
+	SEMEX_WERROR=1 .ci/setup.sh $(VENV)
+	if [ -z "$${OPENAI_API_KEY:-}" ]; then .ci/setup-llm.sh $(VENV); fi
+	$(VENV)/bin/python examples/demo.py
+
 test:
 	SEMEX_WERROR=1 .ci/setup.sh $(VENV)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

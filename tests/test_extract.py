@@ -293,3 +293,18 @@ def test_a_user_model_that_raises_fails_only_its_rows():
                                               use_batch_processing=False, progress=False))
     assert out.outputs[0] == expected_row("ok1") and out.outputs[2] == expected_row("ok2")
     assert "GPU on fire" in str(out.errors[1])
+
+
+def test_progress_bar_and_usage_summary(server, make_lm, capsys):
+    lm = make_lm(input_price_per_million=1.0, output_price_per_million=2.0)
+    texts = [f"bar {i}" for i in range(20)] + ["bar 0"]
+    out = semex.sem_extract(docs_of(texts), lm, FIELDS, batch_size=5,
+                            progress_bar_desc="Extracting tickets")
+    err = capsys.readouterr().err
+    assert "Extracting tickets" in err and "21/21" in err
+    assert out.usage.cache_hits == 1 and out.usage.requests == 4
+    assert out.usage.cost == pytest.approx(
+        (out.usage.prompt_tokens * 1.0 + out.usage.completion_tokens * 2.0) / 1e6)
+    lm.print_total_usage()
+    printed = capsys.readouterr().out
+    assert "test-model" in printed and "4 requests" in printed and "cost" in printed

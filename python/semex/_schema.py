@@ -201,17 +201,18 @@ def parse_json_answer(text: Optional[str]) -> Any:
     if text is None:
         raise ValueError("the answer is empty")
     s = text.strip()
+    # strict=False: small local models sometimes emit raw control characters in strings
     try:
-        return json.loads(s)
+        return json.loads(s, strict=False)
     except ValueError:
         pass
     fence = re.search(r"```(?:json|JSON)?\s*(.*?)```", s, re.S)
     if fence:
         try:
-            return json.loads(fence.group(1).strip())
+            return json.loads(fence.group(1).strip(), strict=False)
         except ValueError:
             pass
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(strict=False)
     for match in re.finditer(r"[\[{]", s):
         try:
             value, _ = decoder.raw_decode(s, match.start())

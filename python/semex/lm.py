@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -42,6 +43,17 @@ class Usage:
     failed: int = 0            # items that failed in the end
     cache_hits: int = 0        # items answered without a request (duplicates in one call)
     cost: Optional[float] = None  # in the currency of the prices given to LM, when known
+
+    def summary(self) -> str:
+        """One line for people: tokens, requests, retries, 429s, failures, cost."""
+        text = (f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens"
+                f", {self.requests:,} requests ({self.retries:,} retries, "
+                f"{self.rate_limited:,} rate-limited), {self.failed:,} failed")
+        if self.cache_hits:
+            text += f", {self.cache_hits:,} answered from duplicates"
+        if self.cost is not None:
+            text += f", cost {self.cost:.4f}"
+        return text
 
     def add(self, other: "Usage") -> None:
         self.prompt_tokens += other.prompt_tokens
@@ -278,6 +290,10 @@ class LM:
         if key and key in text:
             text = text.replace(key, "***")
         return text
+
+    def print_total_usage(self, file: Any = None) -> None:
+        """Write the usage of every call so far (LOTUS's name) to ``file`` (stdout)."""
+        (file or sys.stdout).write(f"{self.model}: {self.total_usage.summary()}\n")
 
     def close(self) -> None:
         """Stop the engine's threads now (they also stop at interpreter exit)."""

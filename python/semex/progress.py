@@ -30,11 +30,12 @@ class ProgressBar:
             if stats and now - self._last_postfix >= 0.5:
                 self._last_postfix = now
                 elapsed = max(1e-9, now - self._started)
-                self._bar.set_postfix(
-                    {"req/s": f"{stats.get('admitted', 0) / elapsed:.0f}",
-                     "tokens": stats.get("tokens", 0), "retries": stats.get("retries", 0),
-                     "429s": stats.get("http_429", 0), "errors": stats.get("errors", 0)},
-                    refresh=False)
+                postfix = {"req/s": f"{stats.get('admitted', 0) / elapsed:.0f}"}
+                if stats.get("tokens"):  # known once a window of answers has been read
+                    postfix["tokens"] = stats["tokens"]
+                postfix.update(retries=stats.get("retries", 0), **{"429s": stats.get("http_429", 0)},
+                               errors=stats.get("errors", 0))
+                self._bar.set_postfix(postfix, refresh=False)
         self.n = n
 
     def close(self) -> None:
