@@ -476,7 +476,15 @@ class _Job:
             else:
                 self.errors[i] = self.error_for(i, state, kind, status, body, error, attempts)
                 usage.failed += 1
-        usage.rate_limited += batch.progress()[5]
+        progress = batch.progress()
+        usage.rate_limited += progress[5]
+        if progress[4] or progress[5]:
+            logger.info("%d requests: %d retries, %d answered 429 (rate limited); engine: %s",
+                        len(batch), progress[4], progress[5],
+                        {k: v for k, v in self.lm.engine_stats().items()
+                         if k in ("window", "cooldowns", "window_cuts", "timeouts")})
+        else:
+            logger.debug("%d requests, no retries", len(batch))
 
     def error_for(self, i, state, kind, status, body, error, attempts) -> E.RequestError:
         if state == _engine.CANCELLED:
