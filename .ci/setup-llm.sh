@@ -10,7 +10,9 @@ py="$venv/bin/python"
 
 if ! command -v g++ >/dev/null; then
     if [ "$(id -u)" = 0 ]; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq g++ >/dev/null
     else
         echo "semex setup: llama.cpp needs a C++ compiler: sudo apt-get install g++" >&2
         exit 1
