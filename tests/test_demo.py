@@ -4,13 +4,17 @@ import os
 import subprocess
 import sys
 
+import semex
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def test_demo_uses_the_configured_provider(server):
     env = dict(os.environ, OPENAI_API_KEY=server.api_key, OPENAI_BASE_URL=server.base_url,
                SEMEX_MODEL="provider-model")
-    env["PYTHONPATH"] = os.path.join(ROOT, "python") + os.pathsep + env.get("PYTHONPATH", "")
+    # the semex these tests import (installed in CI, python/ in a dev checkout)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(semex.__file__)))
+    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
     run = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "demo.py")],
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
