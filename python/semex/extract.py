@@ -290,6 +290,8 @@ class _Run:
     def __init__(self, docs, model, output_cols, extract_quotes, batch_size,
                  use_batch_processing, max_concurrent_batches, progress, progress_bar_desc,
                  safe_mode, on_error, postprocessor, prompt_strategy):
+        if output_cols is None:
+            raise E.ConfigurationError("output_cols is required")
         _unsupported(prompt_strategy)
         _check_common(batch_size, on_error, max_concurrent_batches)
         self.docs = _check_docs(docs)
@@ -436,8 +438,6 @@ def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
 
     Works inside a running event loop (a notebook cell): no event loop is used.
     """
-    if output_cols is None:
-        raise E.ConfigurationError("output_cols is required")
     run = _Run(docs, model, output_cols, extract_quotes, batch_size, use_batch_processing,
                max_concurrent_batches, progress, progress_bar_desc, safe_mode, on_error,
                postprocessor, prompt_strategy)
@@ -463,8 +463,6 @@ async def sem_extract_async(docs: Sequence[Mapping[str, Any]], model: Any = None
     """Awaitable twin of :func:`sem_extract` for any running asyncio loop (Jupyter
     included). ``max_concurrent_batches`` (default 3) limits prompts in flight; a plain
     callable model runs in worker threads so the loop never blocks."""
-    if output_cols is None:
-        raise E.ConfigurationError("output_cols is required")
     run = _Run(docs, model, output_cols, extract_quotes, batch_size, use_batch_processing,
                max_concurrent_batches, progress, progress_bar_desc, safe_mode, on_error,
                postprocessor, prompt_strategy)
