@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "sx_clock.h"
+
 void sx_hints_reset(sx_hints *h)
 {
     h->retry_after = -1;
@@ -128,6 +130,8 @@ static double parse_retry_after(const char *s, size_t len, double wall_now)
     time_t when = curl_getdate(text, NULL);
     if (when == (time_t)-1)
         return -1;
+    if (wall_now < 0)
+        wall_now = sx_wall_now();
     double delay = (double)when - wall_now;
     return delay > 0 ? delay : 0;
 }

@@ -24,7 +24,8 @@ typedef struct sx_hints {
 void sx_hints_reset(sx_hints *h);
 
 /* Feed one raw header line (not NUL-terminated, may end in CRLF). `wall_now` is the current
- * wall-clock time in seconds, used only to turn an HTTP-date into a delay. */
+ * wall-clock time in seconds, used only to turn an HTTP-date into a delay; < 0 means "read the
+ * clock if a date needs it" (most header lines do not, so the caller need not read it). */
 void sx_hints_feed(sx_hints *h, const char *line, size_t len, double wall_now);
 
 /* Parse an OpenAI-style duration ("6m0s", "20ms", "1.5s", "1h", "2") into seconds.

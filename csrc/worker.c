@@ -19,17 +19,67 @@
 /* Requests taken from the scheduler per locked pass, and events handled per epoll_wait. */
 #define SX_TAKE_CHUNK 256
 #define SX_MAX_EVENTS 512
-/* First size of a transfer's response buffer; it doubles as needed and is reused. */
-#define SX_BUF_INITIAL 4096
+/* Transfers per libcurl multi handle. libcurl 7.x keeps one connection cache per multi handle
+ * and walks it linearly: every curl_multi_remove_handle visits every cached connection
+ * (close_connect_only) and every new transfer walks the host's connection list looking for an
+ * idle one, so with one multi handle the cost per request grows with the number in flight
+ * (~20% of the worker at 1,000 in flight, ~90% at 10,000). A worker therefore spreads its
+ * transfers over "shards", each a multi handle with its own cache of at most about this many
+ * connections; all shards share the worker's epoll set, and their timers fold into one
+ * epoll_wait timeout. */
+#ifndef SX_SHARD_CAP
+#define SX_SHARD_CAP 64
+#endif
+/* epoll tag of the wake-up eventfd (sockets carry their shard index). */
+#define SX_WAKE_TAG UINT32_MAX
+/* New connections a worker opens per round. Opening one costs ~75 µs (socket, connect,
+ * libcurl's connection setup); opening 1,000 in one pass delays every first request by the
+ * whole pass (~80 ms) and holds up completions meanwhile. In steps, the first requests go out
+ * after a few ms and the loop keeps serving the ones already answered. Transfers that can
+ * reuse an idle connection are not limited. */
+#ifndef SX_RAMP_PER_ROUND
+#define SX_RAMP_PER_ROUND 64
+#endif
+/* First size of a transfer's response buffer when the server sent no Content-Length; it
+ * doubles as needed. The buffer is allocated per response and handed to the slot as is. */
+#ifndef SX_BUF_INITIAL
+#define SX_BUF_INITIAL 1024
+#endif
+/* libcurl's receive buffer (CURLOPT_BUFFERSIZE) is allocated for every transfer while it runs
+ * (16 KB by default, libcurl's minimum is 1 KB): at 10,000 in flight that is most of the
+ * engine's memory that is not libcurl's handle itself. A whole response that fits in it is read
+ * with one recv(); a larger one takes a round per buffer. So the size follows the responses:
+ * the smallest power of two that held the largest response (headers + body) of the last
+ * SX_RECV_WINDOW completions, between SX_RECV_MIN and SX_RECV_MAX; it grows at once and
+ * shrinks only after a whole window of smaller responses. */
+#ifndef SX_RECV_MIN
+#define SX_RECV_MIN 1024L
+#endif
+#define SX_RECV_MAX 16384L
+#define SX_RECV_WINDOW 256
+
+/* One multi handle of a worker and the transfers on it (worker thread only). */
+typedef struct sx_shard {
+    sx_worker *worker;
+    CURLM *multi;
+    uint32_t index;             /* in worker->shards; tags its sockets in epoll */
+    double deadline;            /* libcurl's next timeout for this multi, < 0 for none */
+    size_t nactive;             /* transfers on it */
+    size_t peak;                /* most transfers it ever ran at once: ~ its connections */
+    int touched;                /* on the worker's list of shards to reap this round */
+} sx_shard;
 
 typedef struct sx_xfer {
     CURL *easy;
     sx_worker *worker;
+    sx_shard *shard;            /* the multi handle it runs on; NULL while pooled */
     sx_slot *slot;              /* NULL while pooled */
-    char *buf;                  /* response body so far; reused across transfers */
+    char *buf;                  /* this response's body so far; passes to the slot */
     size_t len, cap;
     size_t max_body;
     int overflow;
+    size_t header_bytes;        /* response header bytes seen (for the receive buffer size) */
+    long recv_buffer;           /* CURLOPT_BUFFERSIZE currently set on the handle */
     int result;                 /* CURLcode of the finished transfer */
     sx_hints hints;
     char errbuf[CURL_ERROR_SIZE];
@@ -41,18 +91,41 @@ struct sx_worker {
     int index;
     pthread_t thread;
     int started;
-    CURLM *multi;
     int epfd;
     int wakefd;
     atomic_int wake_pending;     /* a wake-up was written and not yet consumed */
-    double curl_deadline;        /* libcurl's next timeout, < 0 for none (worker only) */
     uint64_t cancel_seen;        /* engine cancel_gen already handled (worker only) */
-    sx_xfer *active;             /* transfers on the multi handle (worker only) */
+    /* The fields below are the worker thread's own. */
+    CURLSH *share;               /* DNS cache and TLS sessions, shared by the shards */
+    sx_shard **shards;
+    uint32_t nshards, shards_alloc;
+    uint32_t fill;               /* no shard below this index has room */
+    uint32_t *touched;           /* shards that ran socket_action this round */
+    uint32_t ntouched;
+    long shard_maxconnects;
+    size_t warm;                 /* sum of the shards' peaks: connections likely open */
+    size_t ramp_left;            /* new connections still allowed this round */
+    /* Sockets libcurl opened through on_open, indexed by fd: their epoll registration is
+     * kept when libcurl stops watching them between requests (see on_socket). */
+    struct sx_fdinfo *fds;
+    size_t nfds;
+    sx_xfer *active;             /* transfers on the multi handles */
     size_t nactive;
     sx_xfer *pool;               /* idle transfers with their easy handles (worker only) */
     sx_rng rng;
+    long recv_buffer;            /* receive buffer size for new transfers (worker only) */
+    long recv_window_max;        /* largest size wanted in the current window */
+    unsigned recv_window_n;      /* completions counted in the current window */
     sx_slot *taken[SX_TAKE_CHUNK];
 };
+
+typedef struct sx_fdinfo {
+    uint32_t events;            /* registered epoll events */
+    uint32_t shard;             /* registered shard tag */
+    uint8_t owned;              /* opened by on_open and not yet closed by on_close */
+    uint8_t registered;         /* in the epoll set */
+    uint8_t watched;            /* libcurl wants its events (not CURL_POLL_REMOVE'd) */
+} sx_fdinfo;
 
 /* ---- libcurl callbacks (run on this worker's thread, inside socket_action) ---- */
 
@@ -65,7 +138,14 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata)
         return 0;  /* any short count makes libcurl abort the transfer */
     }
     if (x->len + n > x->cap) {
-        size_t cap = x->cap ? x->cap : SX_BUF_INITIAL;
+        size_t cap = x->cap;
+        if (!cap) {
+            /* First bytes: size the buffer from Content-Length when the server sent one
+             * (exact for identity encoding; a compressed body grows from there). */
+            curl_off_t cl = -1;
+            curl_easy_getinfo(x->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
+            cap = cl > 0 && (size_t)cl <= x->max_body ? (size_t)cl : SX_BUF_INITIAL;
+        }
         while (cap < x->len + n)
             cap *= 2;
         char *grown = realloc(x->buf, cap);
@@ -83,42 +163,193 @@ static size_t on_header(char *ptr, size_t size, size_t nmemb, void *userdata)
 {
     sx_xfer *x = userdata;
     size_t n = size * nmemb;
-    sx_hints_feed(&x->hints, ptr, n, sx_wall_now());
+    x->header_bytes += n;
+    sx_hints_feed(&x->hints, ptr, n, -1.0);
     return n;
 }
 
+static sx_fdinfo *owned_fd(sx_worker *w, curl_socket_t fd)
+{
+    if (fd < 0 || (size_t)fd >= w->nfds || !w->fds[fd].owned)
+        return NULL;
+    return &w->fds[fd];
+}
+
+/* libcurl's socket callback. A kept-alive connection's socket is dropped from the watch list
+ * when a transfer finishes (CURL_POLL_REMOVE) and added back when the next one starts on it:
+ * two epoll_ctl calls per request. For the sockets we opened (on_open) and whose closing we
+ * see (on_close), the registration is kept instead, and a watch that asks for what is already
+ * registered costs no syscall. An event on a kept but unwatched socket (an idle connection
+ * closed by the server) drops the registration then (worker_main). */
 static int on_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
 {
     (void)easy;
-    sx_worker *w = userp;
+    sx_shard *sh = userp;
+    sx_worker *w = sh->worker;
+    sx_fdinfo *info = owned_fd(w, fd);
     if (what == CURL_POLL_REMOVE) {
+        if (info) {
+            info->watched = 0;
+            return 0;
+        }
         epoll_ctl(w->epfd, EPOLL_CTL_DEL, fd, NULL);
         return 0;
     }
-    struct epoll_event ev;
-    memset(&ev, 0, sizeof ev);
-    ev.data.fd = fd;
-    ev.events = ((what & CURL_POLL_IN) ? EPOLLIN : 0) | ((what & CURL_POLL_OUT) ? EPOLLOUT : 0);
-    int op = socketp ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
-    if (epoll_ctl(w->epfd, op, fd, &ev) != 0) {
-        /* The fd may have been closed and reused behind libcurl's bookkeeping: retry the
-         * other way round. */
-        op = op == EPOLL_CTL_ADD ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
-        if (epoll_ctl(w->epfd, op, fd, &ev) != 0)
-            return -1;
+    uint32_t events = ((what & CURL_POLL_IN) ? EPOLLIN : 0) |
+                      ((what & CURL_POLL_OUT) ? EPOLLOUT : 0);
+    if (!(info && info->registered && info->events == events && info->shard == sh->index)) {
+        struct epoll_event ev;
+        memset(&ev, 0, sizeof ev);
+        ev.data.u64 = ((uint64_t)sh->index << 32) | (uint32_t)fd;
+        ev.events = events;
+        int op = (socketp || (info && info->registered)) ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+        if (epoll_ctl(w->epfd, op, fd, &ev) != 0) {
+            /* The fd may have been closed and reused behind libcurl's bookkeeping: retry the
+             * other way round. */
+            op = op == EPOLL_CTL_ADD ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+            if (epoll_ctl(w->epfd, op, fd, &ev) != 0) {
+                if (info)
+                    info->registered = 0;
+                return -1;
+            }
+        }
+        if (info) {
+            info->registered = 1;
+            info->events = events;
+            info->shard = sh->index;
+        }
     }
+    if (info)
+        info->watched = 1;
     if (!socketp)
-        curl_multi_assign(w->multi, fd, (void *)1);
+        curl_multi_assign(sh->multi, fd, (void *)1);
     return 0;
+}
+
+/* libcurl's socket opener: the plain socket() it would make, recorded as ours. */
+static curl_socket_t on_open(void *clientp, curlsocktype purpose, struct curl_sockaddr *addr)
+{
+    (void)purpose;
+    sx_worker *w = clientp;
+    curl_socket_t fd = socket(addr->family, addr->socktype, addr->protocol);
+    if (fd < 0)
+        return CURL_SOCKET_BAD;
+    if ((size_t)fd >= w->nfds) {
+        size_t n = w->nfds ? w->nfds : 256;
+        while (n <= (size_t)fd)
+            n *= 2;
+        sx_fdinfo *fds = realloc(w->fds, n * sizeof *fds);
+        if (!fds)
+            return fd;  /* not recorded: handled like any socket we did not open */
+        memset(fds + w->nfds, 0, (n - w->nfds) * sizeof *fds);
+        w->fds = fds;
+        w->nfds = n;
+    }
+    memset(&w->fds[fd], 0, sizeof w->fds[fd]);
+    w->fds[fd].owned = 1;
+    return fd;
+}
+
+/* libcurl's socket closer. Closing drops the fd from the epoll set (nothing else holds it). May
+ * run on the thread that frees the worker, after the worker thread ended. */
+static int on_close(void *clientp, curl_socket_t fd)
+{
+    sx_worker *w = clientp;
+    if (fd >= 0 && (size_t)fd < w->nfds)
+        memset(&w->fds[fd], 0, sizeof w->fds[fd]);
+    return close(fd);
 }
 
 static int on_timer(CURLM *multi, long timeout_ms, void *userp)
 {
     (void)multi;
-    sx_worker *w = userp;
+    sx_shard *sh = userp;
     /* No syscall here: the deadline is folded into the next epoll_wait's timeout. */
-    w->curl_deadline = timeout_ms < 0 ? -1.0 : sx_now() + (double)timeout_ms / 1000.0;
+    sh->deadline = timeout_ms < 0 ? -1.0 : sx_now() + (double)timeout_ms / 1000.0;
     return 0;
+}
+
+/* ---- shards ---- */
+
+static sx_shard *shard_new(sx_worker *w)
+{
+    if (w->nshards == w->shards_alloc) {
+        uint32_t n = w->shards_alloc ? w->shards_alloc * 2 : 8;
+        sx_shard **shards = realloc(w->shards, n * sizeof *shards);
+        if (!shards)
+            return NULL;
+        w->shards = shards;
+        uint32_t *touched = realloc(w->touched, n * sizeof *touched);
+        if (!touched)
+            return NULL;
+        w->touched = touched;
+        w->shards_alloc = n;
+    }
+    sx_shard *sh = calloc(1, sizeof *sh);
+    if (!sh)
+        return NULL;
+    sh->worker = w;
+    sh->index = w->nshards;
+    sh->deadline = -1;
+    sh->multi = curl_multi_init();
+    if (!sh->multi) {
+        free(sh);
+        return NULL;
+    }
+    curl_multi_setopt(sh->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+    curl_multi_setopt(sh->multi, CURLMOPT_SOCKETDATA, sh);
+    curl_multi_setopt(sh->multi, CURLMOPT_TIMERFUNCTION, on_timer);
+    curl_multi_setopt(sh->multi, CURLMOPT_TIMERDATA, sh);
+    curl_multi_setopt(sh->multi, CURLMOPT_MAXCONNECTS, w->shard_maxconnects);
+    if (w->engine->opts.http2)
+        curl_multi_setopt(sh->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+    w->shards[w->nshards++] = sh;
+    return sh;
+}
+
+/* The first shard with room (so connections are reused where transfers just finished), or a
+ * new one. */
+static sx_shard *shard_pick(sx_worker *w)
+{
+    for (uint32_t i = w->fill; i < w->nshards; i++) {
+        if (w->shards[i]->nactive < SX_SHARD_CAP) {
+            w->fill = i;
+            return w->shards[i];
+        }
+    }
+    w->fill = w->nshards;
+    return shard_new(w);
+}
+
+/* A transfer left shard sh (finished, cancelled or failed to start). */
+static void shard_release(sx_worker *w, sx_shard *sh)
+{
+    sh->nactive--;
+    if (sh->index < w->fill)
+        w->fill = sh->index;
+}
+
+static void shard_touch(sx_worker *w, sx_shard *sh)
+{
+    if (!sh->touched) {
+        sh->touched = 1;
+        w->touched[w->ntouched++] = sh->index;
+    }
+}
+
+static void shard_action(sx_worker *w, sx_shard *sh, curl_socket_t fd, int flags)
+{
+    int running;
+    curl_multi_socket_action(sh->multi, fd, flags, &running);
+    shard_touch(w, sh);
+}
+
+/* Remove a transfer from its multi handle. */
+static void xfer_detach(sx_worker *w, sx_xfer *x)
+{
+    curl_multi_remove_handle(x->shard->multi, x->easy);
+    shard_release(w, x->shard);
+    x->shard = NULL;
 }
 
 /* ---- transfers ---- */
@@ -151,8 +382,18 @@ static sx_xfer *xfer_get(sx_worker *w)
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(h, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
-    curl_easy_setopt(h, CURLOPT_ACCEPT_ENCODING, "");
+    /* gzip only, not "" (every encoding libcurl has: "deflate, gzip, br, zstd"): libcurl 7.88
+     * formats request headers one byte at a time through its printf (~200 instructions per
+     * byte of an Accept-Encoding header, which passes twice), so the 18 bytes saved are ~4% of
+     * the worker's instructions per request. Every provider speaks gzip. */
+    curl_easy_setopt(h, CURLOPT_ACCEPT_ENCODING, "gzip");
     curl_easy_setopt(h, CURLOPT_USERAGENT, "semex/0.1");
+    curl_easy_setopt(h, CURLOPT_OPENSOCKETFUNCTION, on_open);
+    curl_easy_setopt(h, CURLOPT_OPENSOCKETDATA, w);
+    curl_easy_setopt(h, CURLOPT_CLOSESOCKETFUNCTION, on_close);
+    curl_easy_setopt(h, CURLOPT_CLOSESOCKETDATA, w);
+    if (w->share)
+        curl_easy_setopt(h, CURLOPT_SHARE, w->share);
     if (w->engine->opts.http2) {
         curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
     } else {
@@ -171,12 +412,12 @@ static void xfer_destroy(sx_xfer *x)
 static void xfer_put(sx_worker *w, sx_xfer *x)
 {
     x->slot = NULL;
-    /* Do not let one huge response pin memory for the life of the pool. */
-    if (x->cap > (1u << 20)) {
-        free(x->buf);
-        x->buf = NULL;
-        x->cap = 0;
-    }
+    /* A pooled transfer holds no response buffer: each response gets its own, which then
+     * belongs to the slot, so idle handles pin no memory. */
+    free(x->buf);
+    x->buf = NULL;
+    x->cap = 0;
+    x->len = 0;
     x->next = w->pool;
     w->pool = x;
 }
@@ -215,9 +456,14 @@ static void xfer_start(sx_worker *w, sx_slot *slot)
     x->len = 0;
     x->overflow = 0;
     x->max_body = o->max_body;
+    x->header_bytes = 0;
     x->errbuf[0] = '\0';
     sx_hints_reset(&x->hints);
     CURL *h = x->easy;
+    if (x->recv_buffer != w->recv_buffer) {
+        curl_easy_setopt(h, CURLOPT_BUFFERSIZE, w->recv_buffer);
+        x->recv_buffer = w->recv_buffer;
+    }
     curl_easy_setopt(h, CURLOPT_URL, b->url);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, b->headers);
     /* Over TLS, wait for a connection that may turn out to multiplex (HTTP/2 via ALPN)
@@ -238,10 +484,22 @@ static void xfer_start(sx_worker *w, sx_slot *slot)
     curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)o->max_body);
     curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, o->verify_tls ? 1L : 0L);
     curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, o->verify_tls ? 2L : 0L);
-    if (curl_multi_add_handle(w->multi, h) != CURLM_OK) {
+    sx_shard *sh = shard_pick(w);
+    if (!sh) {
         xfer_put(w, x);
         goto fail;
     }
+    if (curl_multi_add_handle(sh->multi, h) != CURLM_OK) {
+        xfer_put(w, x);
+        goto fail;
+    }
+    if (++sh->nactive > sh->peak) {
+        sh->peak = sh->nactive;
+        w->warm++;
+        if (w->ramp_left)
+            w->ramp_left--;
+    }
+    x->shard = sh;
     active_add(w, x);
     return;
 
@@ -256,8 +514,10 @@ fail:;
     sx_engine_unlock(e);
 }
 
-/* Take what the scheduler admits, in chunks, up to this worker's share of the window. */
-static void admit(sx_worker *w, double now, double *wake_at)
+/* Take what the scheduler admits, in chunks, up to this worker's share of the window, after
+ * removing the transfers of stopped batches. One locked pass in the common case (no
+ * cancellation, one chunk). Returns 1 when the engine is stopping. */
+static int admit(sx_worker *w, double now, double *wake_at)
 {
     sx_engine *e = w->engine;
     sx_xfer *stopped = NULL;
@@ -276,11 +536,10 @@ static void admit(sx_worker *w, double now, double *wake_at)
             x = next;
         }
     }
-    sx_engine_unlock(e);
-
     if (stopped) {
+        sx_engine_unlock(e);
         for (sx_xfer *x = stopped; x; x = x->next)
-            curl_multi_remove_handle(w->multi, x->easy);
+            xfer_detach(w, x);
         sx_engine_lock(e);
         for (sx_xfer *x = stopped; x; x = x->next)
             sx_engine_slot_stopped_locked(e, x->slot, now);
@@ -290,25 +549,57 @@ static void admit(sx_worker *w, double now, double *wake_at)
             xfer_put(w, stopped);
             stopped = next;
         }
+        sx_engine_lock(e);
     }
 
+    w->ramp_left = SX_RAMP_PER_ROUND;
     for (;;) {
-        sx_engine_lock(e);
+        /* The lock is held here. */
         if (e->stopping) {
             sx_engine_unlock(e);
-            return;
+            return 1;
         }
         size_t limit = (size_t)sx_sched_window(&e->sched);
         size_t share = (limit + (size_t)e->nworkers - 1) / (size_t)e->nworkers;
         size_t room = share > w->nactive ? share - w->nactive : 0;
+        /* Idle connections first; only ramp_left more that may need a new one. */
+        size_t ramp = (w->warm > w->nactive ? w->warm - w->nactive : 0) + w->ramp_left;
+        int ramping = room > ramp;
+        if (ramping)
+            room = ramp;
         if (room > SX_TAKE_CHUNK)
             room = SX_TAKE_CHUNK;
         size_t n = room ? sx_sched_take(&e->sched, w->taken, room, now, wake_at) : 0;
         sx_engine_unlock(e);
         for (size_t i = 0; i < n; i++)
             xfer_start(w, w->taken[i]);
+        if (ramping && n == room) {
+            /* Held back by the ramp with work left, perhaps: come back right after this
+             * round's events. */
+            *wake_at = now;
+            return 0;
+        }
         if (n < SX_TAKE_CHUNK)
-            return;
+            return 0;
+        sx_engine_lock(e);
+    }
+}
+
+/* Size the receive buffer of later transfers from a finished one (see SX_RECV_MIN). */
+static void recv_buffer_observe(sx_worker *w, const sx_xfer *x)
+{
+    size_t total = x->header_bytes + x->len;
+    long want = SX_RECV_MIN;
+    while (want < SX_RECV_MAX && (size_t)want < total)
+        want *= 2;
+    if (want > w->recv_window_max)
+        w->recv_window_max = want;
+    if (want > w->recv_buffer)
+        w->recv_buffer = want;
+    if (++w->recv_window_n >= SX_RECV_WINDOW) {
+        w->recv_buffer = w->recv_window_max;
+        w->recv_window_max = SX_RECV_MIN;
+        w->recv_window_n = 0;
     }
 }
 
@@ -319,17 +610,22 @@ static void reap(sx_worker *w)
     CURLMsg *msg;
     int left;
     sx_xfer *finished = NULL;
-    while ((msg = curl_multi_info_read(w->multi, &left))) {
-        if (msg->msg != CURLMSG_DONE)
-            continue;
-        sx_xfer *x = NULL;
-        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&x);
-        x->result = (int)msg->data.result;
-        curl_multi_remove_handle(w->multi, x->easy);
-        active_remove(w, x);
-        x->next = finished;
-        finished = x;
+    for (uint32_t t = 0; t < w->ntouched; t++) {
+        sx_shard *sh = w->shards[w->touched[t]];
+        sh->touched = 0;
+        while ((msg = curl_multi_info_read(sh->multi, &left))) {
+            if (msg->msg != CURLMSG_DONE)
+                continue;
+            sx_xfer *x = NULL;
+            curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&x);
+            x->result = (int)msg->data.result;
+            xfer_detach(w, x);
+            active_remove(w, x);
+            x->next = finished;
+            finished = x;
+        }
     }
+    w->ntouched = 0;
     if (!finished)
         return;
 
@@ -355,16 +651,25 @@ static void reap(sx_worker *w)
         long status = 0;
         curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
         int code = x->result;
+        if (code == CURLE_OK)
+            recv_buffer_observe(w, x);
         done_t *d = count ? &done[i++] : &stack_done[0];
         d->x = x;
         sx_classify(&d->a, code, x->errbuf, (int)status, x->buf, x->len, x->overflow);
         d->a.hints = x->hints;
         d->response = NULL;
-        /* Keep the body of successes and of final HTTP errors (it explains them). */
+        /* Keep the body of successes and of final HTTP errors (it explains them): the
+         * buffer itself passes to the slot, trimmed if growth left much slack. */
         if (code == CURLE_OK && x->len && d->a.verdict != SX_V_RETRY) {
-            d->response = malloc(x->len);
-            if (d->response)
-                memcpy(d->response, x->buf, x->len);
+            char *body = x->buf;
+            if (x->cap - x->len > 256 + x->len / 8) {
+                char *trimmed = realloc(body, x->len);
+                if (trimmed)
+                    body = trimmed;
+            }
+            d->response = body;
+            x->buf = NULL;
+            x->cap = 0;
         }
         if (!count) {
             sx_engine_lock(e);
@@ -417,22 +722,19 @@ static void *worker_main(void *arg)
     sx_worker *w = arg;
     sx_engine *e = w->engine;
     struct epoll_event events[SX_MAX_EVENTS];
-    int running;
 
     for (;;) {
         double now = sx_now();
         double wake_at = -1;
-        admit(w, now, &wake_at);
-
-        sx_engine_lock(e);
-        int stopping = e->stopping;
-        sx_engine_unlock(e);
-        if (stopping)
+        if (admit(w, now, &wake_at))
             break;
 
-        double deadline = w->curl_deadline;
-        if (wake_at >= 0 && (deadline < 0 || wake_at < deadline))
-            deadline = wake_at;
+        double deadline = wake_at;
+        for (uint32_t i = 0; i < w->nshards; i++) {
+            double d = w->shards[i]->deadline;
+            if (d >= 0 && (deadline < 0 || d < deadline))
+                deadline = d;
+        }
         int timeout_ms = -1;
         if (deadline >= 0) {
             double ms = ceil((deadline - sx_now()) * 1000.0);
@@ -442,9 +744,17 @@ static void *worker_main(void *arg)
         if (nev < 0 && errno != EINTR)
             break;
         for (int i = 0; i < nev; i++) {
-            int fd = events[i].data.fd;
-            if (fd == w->wakefd) {
+            uint32_t tag = (uint32_t)(events[i].data.u64 >> 32);
+            if (tag == SX_WAKE_TAG) {
                 drain_wakefd(w);
+                continue;
+            }
+            curl_socket_t fd = (curl_socket_t)(uint32_t)events[i].data.u64;
+            sx_fdinfo *info = owned_fd(w, fd);
+            if (info && !info->watched) {
+                /* A kept registration libcurl is not watching (see on_socket). */
+                epoll_ctl(w->epfd, EPOLL_CTL_DEL, fd, NULL);
+                info->registered = 0;
                 continue;
             }
             int flags = 0;
@@ -454,11 +764,15 @@ static void *worker_main(void *arg)
                 flags |= CURL_CSELECT_OUT;
             if (events[i].events & (EPOLLERR | EPOLLHUP))
                 flags |= CURL_CSELECT_ERR;
-            curl_multi_socket_action(w->multi, fd, flags, &running);
+            shard_action(w, w->shards[tag], fd, flags);
         }
-        if (w->curl_deadline >= 0 && sx_now() >= w->curl_deadline) {
-            w->curl_deadline = -1;
-            curl_multi_socket_action(w->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+        double after = sx_now();
+        for (uint32_t i = 0; i < w->nshards; i++) {
+            sx_shard *sh = w->shards[i];
+            if (sh->deadline >= 0 && after >= sh->deadline) {
+                sh->deadline = -1;
+                shard_action(w, sh, CURL_SOCKET_TIMEOUT, 0);
+            }
         }
         reap(w);
     }
@@ -469,7 +783,7 @@ static void *worker_main(void *arg)
     sx_xfer *x = w->active;
     while (x) {
         sx_xfer *next = x->next;
-        curl_multi_remove_handle(w->multi, x->easy);
+        xfer_detach(w, x);
         x = next;
     }
     double now = sx_now();
@@ -498,8 +812,16 @@ static void worker_free(sx_worker *w)
         w->pool = x->next;
         xfer_destroy(x);
     }
-    if (w->multi)
-        curl_multi_cleanup(w->multi);
+    for (uint32_t i = 0; i < w->nshards; i++) {
+        curl_multi_cleanup(w->shards[i]->multi);
+        free(w->shards[i]);
+    }
+    free(w->shards);
+    free(w->touched);
+    /* After every easy handle and multi handle that used it is gone. */
+    if (w->share)
+        curl_share_cleanup(w->share);
+    free(w->fds);
     if (w->epfd >= 0)
         close(w->epfd);
     if (w->wakefd >= 0)
@@ -518,7 +840,8 @@ sx_worker *sx_worker_new(sx_engine *e, int index, char *err, size_t errlen)
     w->index = index;
     w->epfd = -1;
     w->wakefd = -1;
-    w->curl_deadline = -1;
+    w->recv_buffer = SX_RECV_MIN;
+    w->recv_window_max = SX_RECV_MIN;
     atomic_init(&w->wake_pending, 0);
     sx_rng_seed(&w->rng, (uint64_t)(sx_wall_now() * 1e9) ^ ((uint64_t)index << 32) ^
                              (uint64_t)(uintptr_t)w);
@@ -532,26 +855,28 @@ sx_worker *sx_worker_new(sx_engine *e, int index, char *err, size_t errlen)
     struct epoll_event ev;
     memset(&ev, 0, sizeof ev);
     ev.events = EPOLLIN;
-    ev.data.fd = w->wakefd;
+    ev.data.u64 = (uint64_t)SX_WAKE_TAG << 32;
     if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->wakefd, &ev) != 0) {
         snprintf(err, errlen, "epoll_ctl: %s", strerror(errno));
         goto err;
     }
-    w->multi = curl_multi_init();
-    if (!w->multi) {
-        snprintf(err, errlen, "curl_multi_init failed");
-        goto err;
+    /* Shards (multi handles) are made as transfers need them. Each keeps up to its share of
+     * the worker's connection cache: by default room for all its transfers plus a few idle. */
+    long share = (e->opts.sched.max_in_flight + e->opts.workers - 1) / e->opts.workers;
+    long nshards = (share + SX_SHARD_CAP - 1) / SX_SHARD_CAP;
+    w->shard_maxconnects = SX_SHARD_CAP + 4;
+    if (e->opts.max_connections > 0) {
+        w->shard_maxconnects = (e->opts.max_connections + nshards - 1) / nshards;
+        if (w->shard_maxconnects < 1)
+            w->shard_maxconnects = 1;
     }
-    long maxconn = e->opts.max_connections;
-    if (maxconn <= 0)
-        maxconn = e->opts.sched.max_in_flight / e->opts.workers + 16;
-    curl_multi_setopt(w->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
-    curl_multi_setopt(w->multi, CURLMOPT_SOCKETDATA, w);
-    curl_multi_setopt(w->multi, CURLMOPT_TIMERFUNCTION, on_timer);
-    curl_multi_setopt(w->multi, CURLMOPT_TIMERDATA, w);
-    curl_multi_setopt(w->multi, CURLMOPT_MAXCONNECTS, maxconn);
-    if (e->opts.http2)
-        curl_multi_setopt(w->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+    /* One DNS cache and TLS session cache for all shards: a shard's first connection then
+     * needs no resolver thread and may resume a session. Only this thread uses it. */
+    w->share = curl_share_init();
+    if (w->share) {
+        curl_share_setopt(w->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS);
+        curl_share_setopt(w->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION);
+    }
     return w;
 
 err:

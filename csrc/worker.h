@@ -1,14 +1,19 @@
-/* worker.h — one I/O thread with its own libcurl multi handle.
+/* worker.h — one I/O thread with its own libcurl multi handles.
  *
  * A worker runs an epoll loop over the sockets libcurl asks it to watch
- * (curl_multi_socket_action), with libcurl's timer folded into epoll_wait's timeout rather
+ * (curl_multi_socket_action), with libcurl's timers folded into epoll_wait's timeout rather
  * than a timerfd (re-arming a timerfd on every timer callback cost a fifth of a profile; see
- * PERF-NOTES.md). Each round it: takes the requests the scheduler admits, starts them on
- * pooled easy handles (connections are kept alive and reused; HTTP/2 is multiplexed when the
- * server offers it), services its sockets, and reports all finished transfers in one locked
- * pass. An eventfd wakes it for new work, cancellations and shutdown; wake-ups are coalesced.
+ * PERF-NOTES.md). Its transfers are spread over several multi handles ("shards") of at most
+ * 64 transfers each, because libcurl 7.x walks a multi handle's whole connection cache on
+ * every transfer removal and new transfer: with one multi handle the cost per request grew
+ * with the number in flight. The shards share the worker's epoll set, DNS cache and TLS
+ * sessions. Each round it: takes the requests the scheduler admits, starts them on pooled easy
+ * handles (connections are kept alive and reused; new connections are opened a bounded number
+ * per round; HTTP/2 is multiplexed when the server offers it), services its sockets, and
+ * reports all finished transfers in one locked pass. An eventfd wakes it for new work,
+ * cancellations and shutdown; wake-ups are coalesced.
  *
- * The worker never touches Python. Its multi handle, easy handles and buffers are its own. */
+ * The worker never touches Python. Its multi handles, easy handles and buffers are its own. */
 #ifndef SEMEX_WORKER_H
 #define SEMEX_WORKER_H
 
