@@ -218,6 +218,7 @@ void sx_engine_attempt_done_locked(sx_engine *e, sx_slot *slot, sx_attempt *a, s
         return;
     }
     if (v == SX_V_OK) {
+        slot->chat = a->chat;
         finish_slot_locked(e, slot, SX_OK, SX_ERR_NONE, a->http_status, response,
                            response_len, NULL, now);
         return;

@@ -167,28 +167,31 @@ static int Engine_clear(EngineObject *self)
 PyDoc_STRVAR(Engine_submit_doc,
 "submit($self, url, headers, bodies, tokens=None, *, timeout=60.0, connect_timeout=10.0,\n"
 "       max_retries=5, max_body=67108864, verify=True, backoff_base=0.5, backoff_cap=30.0,\n"
-"       notify_each=False, max_in_flight=0)\n"
+"       notify_each=False, max_in_flight=0, parse_chat=False)\n"
 "--\n\n"
 "Submit one batch: a request per item of `bodies` (bytes to POST, or None to GET), all to\n"
 "`url` with `headers` (a list of 'Name: value' strings). `tokens` gives each request's\n"
 "estimated token cost for the tokens/min limit. Returns a Batch whose results come back in\n"
-"input order. max_in_flight > 0 caps this batch's own concurrency below the engine's.");
+"input order. max_in_flight > 0 caps this batch's own concurrency below the engine's.\n"
+"parse_chat=True: workers read each successful answer as a chat completion as it lands\n"
+"(see Batch.chat_results).");
 
 static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"url", "headers", "bodies", "tokens", "timeout",
                              "connect_timeout", "max_retries", "max_body", "verify",
                              "backoff_base", "backoff_cap", "notify_each", "max_in_flight",
-                             NULL};
+                             "parse_chat", NULL};
     const char *url;
     PyObject *headers_obj, *bodies_obj, *tokens_obj = Py_None;
     double timeout = 60.0, connect_timeout = 10.0, backoff_base = 0.5, backoff_cap = 30.0;
-    int max_retries = 5, verify = 1, notify_each = 0, batch_cap = 0;
+    int max_retries = 5, verify = 1, notify_each = 0, batch_cap = 0, parse_chat = 0;
     Py_ssize_t max_body = 64 * 1024 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpi:submit", kwlist, &url,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpip:submit", kwlist, &url,
                                      &headers_obj, &bodies_obj, &tokens_obj, &timeout,
                                      &connect_timeout, &max_retries, &max_body, &verify,
-                                     &backoff_base, &backoff_cap, &notify_each, &batch_cap))
+                                     &backoff_base, &backoff_cap, &notify_each, &batch_cap,
+                                     &parse_chat))
         return NULL;
     if (!engine_usable(self))
         return NULL;
@@ -296,6 +299,7 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
         .backoff_cap = backoff_cap,
         .notify_each = notify_each,
         .max_in_flight = batch_cap > 0 ? batch_cap : 0,
+        .parse_chat = parse_chat,
     };
     batch = sx_batch_new(url, header_ptrs, (size_t)nh, body_ptrs, lens, costs, (size_t)n,
                          &opts);
@@ -608,7 +612,7 @@ static PyObject *Batch_progress(BatchObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *slot_tuple(const sx_slot *s)
 {
     PyObject *body, *error;
-    if (s->response) {
+    if (s->response && !s->chat.parsed) {  /* a parsed body was rewritten in place */
         body = PyBytes_FromStringAndSize(s->response, (Py_ssize_t)s->response_len);
     } else {
         body = Py_NewRef(Py_None);
@@ -628,13 +632,54 @@ static PyObject *slot_tuple(const sx_slot *s)
                          error, s->attempts, s->latency);
 }
 
-PyDoc_STRVAR(Batch_results_doc,
-"results($self)\n--\n\n"
-"One tuple per request, in input order: (state, error_kind, http_status, body, error,\n"
-"attempts, latency). state is PENDING/OK/FAILED/CANCELLED; body is the response bytes (for\n"
-"successes and final HTTP errors) or None; error is the failure reason or None.");
+/* A parsed chat answer as (content, finish_reason, prompt, completion, total tokens). */
+static PyObject *chat_tuple(const sx_slot *s)
+{
+    const sx_chat *c = &s->chat;
+    PyObject *content, *finish;
+    if (c->content_null)
+        content = Py_NewRef(Py_None);
+    else
+        content = PyUnicode_DecodeUTF8(s->response + c->content_off,
+                                       (Py_ssize_t)c->content_len, "strict");
+    if (!content)
+        return NULL;
+    if (c->finish_null)
+        finish = Py_NewRef(Py_None);
+    else
+        finish = PyUnicode_DecodeUTF8(s->response + c->finish_off, (Py_ssize_t)c->finish_len,
+                                      "strict");
+    if (!finish) {
+        Py_DECREF(content);
+        return NULL;
+    }
+    return Py_BuildValue("(NNLLL)", content, finish, (long long)c->prompt_tokens,
+                         (long long)c->completion_tokens, (long long)c->total_tokens);
+}
 
-static PyObject *Batch_results(BatchObject *self, PyObject *Py_UNUSED(ignored))
+/* results()' tuple with its last item replaced by the parsed answer (or None). A parsed
+ * answer's body is not turned into bytes: nobody reads it. */
+static PyObject *slot_chat_tuple(const sx_slot *s)
+{
+    if (s->state != SX_OK || !s->chat.parsed || !s->response) {
+        PyObject *t = slot_tuple(s);
+        if (!t)
+            return NULL;
+        PyObject *old = PyTuple_GET_ITEM(t, 6);
+        PyTuple_SET_ITEM(t, 6, Py_NewRef(Py_None));
+        Py_DECREF(old);
+        return t;
+    }
+    PyObject *chat = chat_tuple(s);
+    if (!chat)
+        return NULL;
+    return Py_BuildValue("(iiiOOiN)", (int)s->state, (int)s->error_kind, s->http_status,
+                         Py_None, Py_None, s->attempts, chat);
+}
+
+typedef PyObject *(*slot_converter)(const sx_slot *);
+
+static PyObject *batch_tuples(BatchObject *self, slot_converter convert)
 {
     if (!batch_usable(self))
         return NULL;
@@ -646,7 +691,7 @@ static PyObject *Batch_results(BatchObject *self, PyObject *Py_UNUSED(ignored))
     PyObject *list = PyList_New((Py_ssize_t)b->n);
     if (list) {
         for (size_t i = 0; i < b->n; i++) {
-            PyObject *item = slot_tuple(&b->slots[i]);
+            PyObject *item = convert(&b->slots[i]);
             if (!item) {
                 Py_CLEAR(list);
                 break;
@@ -657,6 +702,30 @@ static PyObject *Batch_results(BatchObject *self, PyObject *Py_UNUSED(ignored))
     if (!done)
         batch_unlock(self);
     return list;
+}
+
+PyDoc_STRVAR(Batch_chat_results_doc,
+"chat_results($self)\n--\n\n"
+"results(), with the last item of each tuple (latency) replaced by the parsed answer of a\n"
+"batch submitted with parse_chat=True: (content, finish_reason, prompt_tokens,\n"
+"completion_tokens, total_tokens), content/finish_reason None for JSON null, token counts 0\n"
+"when absent. Such rows carry body None. None instead where the answer was not read (not\n"
+"OK, or a body the fast reader leaves to json.loads: then body holds the bytes).");
+
+static PyObject *Batch_chat_results(BatchObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return batch_tuples(self, slot_chat_tuple);
+}
+
+PyDoc_STRVAR(Batch_results_doc,
+"results($self)\n--\n\n"
+"One tuple per request, in input order: (state, error_kind, http_status, body, error,\n"
+"attempts, latency). state is PENDING/OK/FAILED/CANCELLED; body is the response bytes (for\n"
+"successes and final HTTP errors) or None; error is the failure reason or None.");
+
+static PyObject *Batch_results(BatchObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return batch_tuples(self, slot_tuple);
 }
 
 static Py_ssize_t Batch_len(BatchObject *self)
@@ -699,6 +768,7 @@ static PyMethodDef Batch_methods[] = {
     {"cancel", (PyCFunction)Batch_cancel, METH_NOARGS, Batch_cancel_doc},
     {"progress", (PyCFunction)Batch_progress, METH_NOARGS, Batch_progress_doc},
     {"results", (PyCFunction)Batch_results, METH_NOARGS, Batch_results_doc},
+    {"chat_results", (PyCFunction)Batch_chat_results, METH_NOARGS, Batch_chat_results_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <curl/curl.h>
 
+#include "chatjson.h"
+
 typedef enum sx_state {
     SX_PENDING = 0,
     SX_OK = 1,
@@ -59,6 +61,7 @@ typedef struct sx_request_opts {
     double backoff_cap;      /* seconds; no single backoff waits longer */
     int notify_each;         /* 1: wake the eventfd on every completion (progress bars) */
     int max_in_flight;       /* this batch's own concurrency cap; 0: only the engine's */
+    int parse_chat;          /* 1: workers read successful answers as chat completions */
 } sx_request_opts;
 
 typedef struct sx_batch sx_batch;
@@ -87,6 +90,8 @@ typedef struct sx_slot {
     char *response;          /* final response body (ok, or the failing response) */
     size_t response_len;
     char *error;             /* failure reason, NUL-terminated; never contains headers */
+    sx_chat chat;            /* with opts.parse_chat and state OK: the answer's fields, read
+                              * by a worker (chatjson.h); spans point into `response` */
 } sx_slot;
 
 struct sx_batch {

@@ -283,6 +283,7 @@ void sx_classify(sx_attempt *a, int curl_code, const char *curl_error, int statu
     a->congestion = 0;
     a->rate_limited = 0;
     a->reason[0] = '\0';
+    memset(&a->chat, 0, sizeof a->chat);
 
     if (overflow || curl_code == CURLE_FILESIZE_EXCEEDED) {
         a->verdict = SX_V_FAIL;

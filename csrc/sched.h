@@ -78,6 +78,7 @@ typedef struct sx_attempt {
     int congestion;         /* 429 or timeout: cut the window */
     int rate_limited;       /* 429: global cool-down */
     sx_hints hints;
+    sx_chat chat;           /* a success read as a chat completion (parsed = 0 if not) */
     char reason[256];       /* human-readable, never contains headers */
 } sx_attempt;
 

@@ -670,6 +670,9 @@ static void reap(sx_worker *w)
             d->response = body;
             x->buf = NULL;
             x->cap = 0;
+            /* Read the answer here, off the GIL and beside the Python thread. */
+            if (d->a.verdict == SX_V_OK && x->slot->batch->opts.parse_chat)
+                sx_chat_parse(body, x->len, &d->a.chat);
         }
         if (!count) {
             sx_engine_lock(e);

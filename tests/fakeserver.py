@@ -14,7 +14,8 @@ the key (``[[name]]`` / ``[[name=value]]``, ``*N`` = only attempts 1..N):
     [[lat=MS]]  [[fail=CODE*N]]  [[fail=CODE]]  [[retry_after=S]]
     [[retry_after_date=S]]  [[retry_after_ms=MS]]  [[reset_requests=V]]
     [[reset_tokens=V]]  [[quota]]  [[drop*N]]  [[truncate*N]]  [[stall*N]]
-    [[big=N]]  [[badjson]]
+    [[big=N]]  [[badjson]]  [[rawb64=BASE64]] (answer 200 with exactly these body bytes,
+    base64 in the URL-safe alphabet)
 
 Extraction mode: if the first message is a system message containing "You
 extract structured information", the request is a sem_extract prompt
@@ -778,7 +779,10 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) 
             return await reply(400, OVERFLOW_BODY)
     else:
         content = "echo: " + _DIRECTIVE_RE.sub("", key).strip()
-    if "badjson" in d:
+    if "rawb64" in d:
+        import base64
+        rbody = base64.urlsafe_b64decode(d["rawb64"][0] or "")
+    elif "badjson" in d:
         rbody = b'{"choices": ['
     else:
         p = sum(len(t.split()) for t in texts) + 1

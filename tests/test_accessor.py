@@ -90,3 +90,18 @@ def test_empty_frame_gets_the_columns_and_sends_nothing(server, make_lm):
     out = df.sem_extract(["text"], FIELDS, model=make_lm(), progress=False)
     assert list(out.columns) == ["text", "sentiment", "product", "extract_error"]
     assert len(out) == 0 and server.log() == []
+
+
+def test_import_semex_does_not_import_pandas_but_registers_the_accessor_when_it_loads():
+    import subprocess
+    import sys
+    code = (
+        "import sys, semex\n"
+        "assert 'pandas' not in sys.modules, 'import semex pulled in pandas'\n"
+        "import pandas as pd\n"
+        "acc = pd.DataFrame({'a': ['x']}).sem_extract\n"
+        "print(type(acc).__module__, type(acc).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**__import__("os").environ})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["semex.accessor", "SemExtractAccessor"]

@@ -12,7 +12,9 @@ from .errors import RequestError, SemexError
 from .extract import SemanticExtractOutput, sem_extract, sem_extract_async
 from .lm import LM, LMOutput, Usage
 from .settings import settings
-from . import accessor as _accessor  # registers df.sem_extract
+from ._pandas_hook import register_accessor_with_pandas as _register_accessor
+
+_register_accessor()  # df.sem_extract, once pandas is (or gets) imported
 
 __version__ = "0.1.0"
 

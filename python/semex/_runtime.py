@@ -133,13 +133,18 @@ class Windows:
     `depth` windows submitted ahead so the engine never idles between them. Iterate to get
     (start, batch) in order; wait on each batch before asking for the next. close() cancels
     whatever is still pending (a failed or interrupted caller loses no finished work: the
-    windows it already consumed are its own)."""
+    windows it already consumed are its own).
+
+    The first window is only `first` requests: the engine starts sending after building
+    those few bodies instead of a whole window's, and the next window is built while they
+    are in flight."""
 
     def __init__(self, submit: Callable[[int, int], _engine.Batch], n: int, size: int,
-                 depth: int = 2):
+                 depth: int = 2, first: int = 256):
         self._submit = submit
         self.n = n
         self.size = max(1, size)
+        self.first = max(1, min(first, self.size))
         self.depth = max(1, depth)
         self.pending: "deque[Tuple[int, _engine.Batch]]" = deque()
         self._start = 0
@@ -148,7 +153,8 @@ class Windows:
     def __iter__(self) -> Iterator[Tuple[int, _engine.Batch]]:
         while self._start < self.n or self.pending:
             while len(self.pending) < self.depth and self._start < self.n:
-                end = min(self.n, self._start + self.size)
+                size = self.size if self._start else self.first
+                end = min(self.n, self._start + size)
                 self.pending.append((self._start, self._submit(self._start, end)))
                 self._start = end
             start, batch = self.pending[0]

@@ -2667,9 +2667,112 @@ typedef struct test_case {
     void (*fn)(void);
 } test_case;
 
+/* ---------------------------------------------------------------- chat answer reader */
+
+static int chat_parse_str(const char *json, sx_chat *c, char *copy, size_t cap)
+{
+    size_t n = strlen(json);
+    if (n >= cap)
+        return -1;
+    memcpy(copy, json, n + 1);
+    return sx_chat_parse(copy, n, c);
+}
+
+static void test_chat_reader(void)
+{
+    char buf[512];
+    sx_chat c;
+    const char *good = "{\"id\":\"x\",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\","
+                       "\"content\":\"a\\\"b\\\\c\\n\\u00e9\\ud83d\\ude00\"},\"finish_reason\":"
+                       "\"stop\"}],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3,"
+                       "\"total_tokens\":15}}";
+    CHECK(chat_parse_str(good, &c, buf, sizeof buf) == SX_CHAT_PARSED);
+    CHECK(c.parsed == SX_CHAT_PARSED && !c.content_null && !c.finish_null);
+    CHECK(c.content_len == 12 && memcmp(buf + c.content_off, "a\"b\\c\n\xc3\xa9\xf0\x9f\x98\x80", 12) == 0);
+    CHECK(c.finish_len == 4 && memcmp(buf + c.finish_off, "stop", 4) == 0);
+    CHECK(c.prompt_tokens == 12 && c.completion_tokens == 3 && c.total_tokens == 15);
+
+    CHECK(chat_parse_str("{\"choices\":[{\"message\":{\"content\":null}}]}", &c, buf,
+                         sizeof buf) == SX_CHAT_PARSED);
+    CHECK(c.content_null && c.finish_null && c.total_tokens == 0);
+
+    /* left to json.loads; the buffer must come back untouched */
+    const char *fallbacks[] = {
+        "", "   ", "[]", "{}", "{\"choices\":[]}", "{\"choices\":{}}",
+        "{\"choices\":[{\"message\":{}}]}",
+        "{\"choices\":[{\"message\":{\"content\":1}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"\\ud800\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"a\\q\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"a\tb\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"\xed\xa0\x80\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"\xc0\xaf\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"a\\u00e\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"a\"}}],\"choices\":[]}",
+        "{\"choices\":[{\"message\":{\"content\":\"a\"}}],\"usage\":{\"total_tokens\":-1}}",
+        "{\"choices\":[{\"message\":{\"content\":\"a\"}}],\"usage\":{\"total_tokens\":1.0}}",
+        "{\"choices\":[{\"message\":{\"content\":\"a\"}}],\"x\":NaN}",
+        "{\"choices\":[{\"message\":{\"content\":\"a\"}}],\"x\":01}",
+        "{\"choices\":[{\"message\":{\"content\":\"a\"}}],\"x\":1.}",
+        "{\"choices\":[{\"message\":{\"content\":\"a\"}}],\"x\":[1,]}",
+        "{\"choices\":[{\"message\":{\"content\":\"a\"}}],}",
+        "{\"choices\":[{\"message\":{\"content\":\"a\"}}]} x",
+        "{\"choices\":[{\"message\":{\"content\":\"a\"}}]}{}",
+        "{\"ch\\u006fices\":[{\"message\":{\"content\":\"a\"}}]}",
+        "{\"choices\":[{\"message\":{\"content\":\"a\"}}],\"x\":tru}",
+    };
+    for (size_t i = 0; i < sizeof fallbacks / sizeof *fallbacks; i++) {
+        int rc = chat_parse_str(fallbacks[i], &c, buf, sizeof buf);
+        CHECK(rc == SX_CHAT_FALLBACK && !c.parsed);
+        CHECK(strcmp(buf, fallbacks[i]) == 0);
+        if (rc != SX_CHAT_FALLBACK)
+            fprintf(stderr, "    parsed what should fall back: %s\n", fallbacks[i]);
+    }
+
+    /* deep nesting falls back instead of recursing without bound */
+    char deep[400];
+    size_t k = 0;
+    k += (size_t)snprintf(deep, sizeof deep, "{\"choices\":[{\"message\":{\"content\":\"a\"}}],\"d\":");
+    for (int d = 0; d < 100; d++)
+        deep[k++] = '[';
+    for (int d = 0; d < 100; d++)
+        deep[k++] = ']';
+    deep[k++] = '}';
+    deep[k] = '\0';
+    CHECK(chat_parse_str(deep, &c, buf, sizeof buf) == SX_CHAT_FALLBACK);
+
+    /* every strict prefix of a good answer falls back, reading nothing past its end (the
+     * copy is exactly as long as the prefix, so ASan catches an overread) */
+    size_t n = strlen(good);
+    for (size_t len = 0; len < n; len++) {
+        char *copy = malloc(len ? len : 1);
+        memcpy(copy, good, len);
+        CHECK(sx_chat_parse(copy, len, &c) == SX_CHAT_FALLBACK);
+        free(copy);
+    }
+
+    /* random mutations: never crash, never read out of bounds, and a parse that succeeds
+     * yields spans inside the buffer */
+    sx_rng rng;
+    sx_rng_seed(&rng, 7);
+    for (int round = 0; round < 20000; round++) {
+        char *copy = malloc(n);
+        memcpy(copy, good, n);
+        int edits = 1 + (int)(sx_rng_uniform(&rng) * 4);
+        for (int e = 0; e < edits; e++)
+            copy[(size_t)(sx_rng_uniform(&rng) * (double)n)] = (char)(int)(sx_rng_uniform(&rng) * 256);
+        size_t len = n - (size_t)(sx_rng_uniform(&rng) * 3);
+        if (sx_chat_parse(copy, len, &c) == SX_CHAT_PARSED) {
+            CHECK(c.content_null || (size_t)c.content_off + c.content_len <= len);
+            CHECK(c.finish_null || (size_t)c.finish_off + c.finish_len <= len);
+        }
+        free(copy);
+    }
+}
+
 #define TEST(fn) {#fn, fn}
 
 static const test_case tests[] = {
+    TEST(test_chat_reader),
     TEST(test_bucket_unlimited),
     TEST(test_bucket_rpm_burst_then_paced),
     TEST(test_bucket_continuous_refill),
