@@ -167,32 +167,44 @@ static int Engine_clear(EngineObject *self)
 PyDoc_STRVAR(Engine_submit_doc,
 "submit($self, url, headers, bodies, tokens=None, *, timeout=60.0, connect_timeout=10.0,\n"
 "       max_retries=5, max_body=67108864, verify=True, backoff_base=0.5, backoff_cap=30.0,\n"
-"       notify_each=False, max_in_flight=0, parse_chat=False)\n"
+"       notify_each=False, max_in_flight=0, parse_chat=False, share_cap_with=None)\n"
 "--\n\n"
 "Submit one batch: a request per item of `bodies` (bytes to POST, or None to GET), all to\n"
 "`url` with `headers` (a list of 'Name: value' strings). `tokens` gives each request's\n"
 "estimated token cost for the tokens/min limit. Returns a Batch whose results come back in\n"
 "input order. max_in_flight > 0 caps this batch's own concurrency below the engine's.\n"
 "parse_chat=True: workers read each successful answer as a chat completion as it lands\n"
-"(see Batch.chat_results).");
+"(see Batch.chat_results). share_cap_with=<Batch of this engine>: count this batch's\n"
+"requests against that batch's max_in_flight cap (one cap for a call split into windows).");
 
 static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"url", "headers", "bodies", "tokens", "timeout",
                              "connect_timeout", "max_retries", "max_body", "verify",
                              "backoff_base", "backoff_cap", "notify_each", "max_in_flight",
-                             "parse_chat", NULL};
+                             "parse_chat", "share_cap_with", NULL};
     const char *url;
-    PyObject *headers_obj, *bodies_obj, *tokens_obj = Py_None;
+    PyObject *headers_obj, *bodies_obj, *tokens_obj = Py_None, *share_obj = Py_None;
     double timeout = 60.0, connect_timeout = 10.0, backoff_base = 0.5, backoff_cap = 30.0;
     int max_retries = 5, verify = 1, notify_each = 0, batch_cap = 0, parse_chat = 0;
     Py_ssize_t max_body = 64 * 1024 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpip:submit", kwlist, &url,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpipO:submit", kwlist, &url,
                                      &headers_obj, &bodies_obj, &tokens_obj, &timeout,
                                      &connect_timeout, &max_retries, &max_body, &verify,
                                      &backoff_base, &backoff_cap, &notify_each, &batch_cap,
-                                     &parse_chat))
+                                     &parse_chat, &share_obj))
         return NULL;
+    sx_batch *share_with = NULL;
+    if (share_obj != Py_None) {
+        PyObject *mod_ = PyType_GetModule(Py_TYPE(self));
+        if (!PyObject_TypeCheck(share_obj, state_of(mod_)->batch_type) ||
+            ((BatchObject *)share_obj)->owner != self || !((BatchObject *)share_obj)->batch) {
+            PyErr_SetString(PyExc_ValueError,
+                            "share_cap_with must be a Batch submitted to this engine");
+            return NULL;
+        }
+        share_with = ((BatchObject *)share_obj)->batch;
+    }
     if (!engine_usable(self))
         return NULL;
     if (!(timeout > 0) || !(connect_timeout > 0)) {
@@ -307,6 +319,8 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
         PyErr_NoMemory();
         goto done;
     }
+    if (share_with)
+        sx_batch_share_cap(batch, share_with);
     PyObject *mod = PyType_GetModule(Py_TYPE(self));
     BatchObject *bo = PyObject_GC_New(BatchObject, state_of(mod)->batch_type);
     if (!bo) {

@@ -19,12 +19,22 @@ sx_batch *sx_batch_new(const char *url, const char *const *headers, size_t nhead
     b->refs = 1;
     b->opts = *opts;
     b->n = n;
+    if (opts->max_in_flight > 0) {
+        b->cap = calloc(1, sizeof *b->cap);
+        if (!b->cap) {
+            free(b);
+            return NULL;
+        }
+        b->cap->max = opts->max_in_flight;
+        atomic_init(&b->cap->refs, 1);
+    }
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     int cond_rc = pthread_cond_init(&b->cond, &attr);
     pthread_condattr_destroy(&attr);
     if (cond_rc != 0) {
+        free(b->cap);
         free(b);
         return NULL;
     }
@@ -73,10 +83,27 @@ err:
     return NULL;
 }
 
+static void cap_unref(sx_cap *cap)
+{
+    if (cap && atomic_fetch_sub(&cap->refs, 1) == 1)
+        free(cap);
+}
+
+void sx_batch_share_cap(sx_batch *b, sx_batch *with)
+{
+    if (!with->cap || with->cap == b->cap)
+        return;
+    atomic_fetch_add(&with->cap->refs, 1);
+    cap_unref(b->cap);
+    b->cap = with->cap;
+    b->opts.max_in_flight = with->cap->max;
+}
+
 void sx_batch_free(sx_batch *b)
 {
     if (!b)
         return;
+    cap_unref(b->cap);
     if (b->slots) {
         for (size_t i = 0; i < b->n; i++) {
             free(b->slots[i].response);

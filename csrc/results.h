@@ -16,6 +16,7 @@
 #define SEMEX_RESULTS_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <curl/curl.h>
@@ -66,6 +67,16 @@ typedef struct sx_request_opts {
 
 typedef struct sx_batch sx_batch;
 
+/* A concurrency cap, shared by every batch of one call: Python splits a long call into
+ * windows (batches) and keeps two submitted, and max_concurrent must bound the call, not
+ * each window. in_flight is [E]; refs is atomic because a batch takes its reference on the
+ * Python thread without the engine lock and drops it wherever the batch is freed. */
+typedef struct sx_cap {
+    size_t in_flight;
+    int max;
+    atomic_int refs;
+} sx_cap;
+
 typedef struct sx_slot {
     /* [R] the request */
     const char *body;        /* points into the batch arena; NULL means GET */
@@ -100,6 +111,7 @@ struct sx_batch {
     int is_https;
     struct curl_slist *headers;
     sx_request_opts opts;
+    sx_cap *cap;              /* NULL: only the engine's cap; set before submission */
     char *arena;              /* all request bodies, back to back */
     sx_slot *slots;
     size_t n;
@@ -126,6 +138,10 @@ struct sx_batch {
 sx_batch *sx_batch_new(const char *url, const char *const *headers, size_t nheaders,
                        const char *const *bodies, const size_t *lens, const double *tokens,
                        size_t n, const sx_request_opts *opts);
+
+/* Before submission: count b's requests against `with`'s cap instead of its own (no-op if
+ * `with` has none). */
+void sx_batch_share_cap(sx_batch *b, sx_batch *with);
 
 /* Free everything; only when refs reached 0. */
 void sx_batch_free(sx_batch *b);

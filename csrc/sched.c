@@ -161,7 +161,7 @@ static int heap_pick_due(const sx_sched *s, double now, size_t *index)
 
 static int below_batch_cap(const sx_batch *b)
 {
-    return b->opts.max_in_flight <= 0 || b->in_flight < (size_t)b->opts.max_in_flight;
+    return !b->cap || b->cap->in_flight < (size_t)b->cap->max;
 }
 
 /* The oldest queued batch that may send now, or NULL. */
@@ -233,6 +233,8 @@ size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double 
         slot->admit_seq = ++s->stats.admitted;
         s->in_flight++;
         slot->batch->in_flight++;
+        if (slot->batch->cap)
+            slot->batch->cap->in_flight++;
         out[taken++] = slot;
     }
     return taken;
@@ -356,6 +358,8 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
     sx_batch *b = slot->batch;
     s->in_flight--;
     b->in_flight--;
+    if (b->cap)
+        b->cap->in_flight--;
 
     if (a->rate_limited) {
         s->stats.http_429++;
@@ -419,6 +423,8 @@ void sx_sched_release(sx_sched *s, sx_slot *slot)
 {
     s->in_flight--;
     slot->batch->in_flight--;
+    if (slot->batch->cap)
+        slot->batch->cap->in_flight--;
 }
 
 void sx_sched_remove_batch(sx_sched *s, sx_batch *b, void (*fn)(sx_slot *, void *), void *arg)

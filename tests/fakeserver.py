@@ -142,6 +142,8 @@ class State:
         self.total_connections = 0
         self.requests = 0
         self.client_closed = 0
+        self.in_flight = 0       # chat requests being handled right now
+        self.max_in_flight = 0   # the most at once since the last reset
 
     def configure(self, cfg: dict) -> None:
         if "latency_ms" in cfg:
@@ -833,7 +835,8 @@ async def handle_control(conn: Conn, method: str, path: str, body: bytes,
         rbody = _dumps({"open_connections": st.open_connections,
                         "total_connections": st.total_connections,
                         "requests": st.requests,
-                        "client_closed": st.client_closed}).encode()
+                        "client_closed": st.client_closed,
+                        "max_in_flight": st.max_in_flight}).encode()
     else:
         status, rbody = 404, error_body(404, "Unknown control endpoint %s" % path)
     await conn.send(build_response(status, rbody, keep_alive))
@@ -900,7 +903,13 @@ async def serve_request(conn: Conn, first: bool) -> bool:
             await conn.send(build_response(405, error_body(405, "Method not allowed."),
                                            keep_alive))
             return keep_alive
-        return await handle_chat(conn, headers, body, keep_alive)
+        st = STATE
+        st.in_flight += 1
+        st.max_in_flight = max(st.max_in_flight, st.in_flight)
+        try:
+            return await handle_chat(conn, headers, body, keep_alive)
+        finally:
+            st.in_flight -= 1
     await conn.send(build_response(404, error_body(404, "Unknown URL %s" % path), keep_alive))
     return keep_alive
 

@@ -78,3 +78,18 @@ def test_bad_prompts_are_rejected_before_any_request(server, make_lm):
     with pytest.raises(E.ConfigurationError, match="single string"):
         semex.llm_batch("abc", model=lm)
     assert server.log() == []
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_max_concurrent_bounds_the_whole_call_across_windows(server, make_lm, use_async):
+    # 1,500 prompts run as several engine windows (two submitted at a time); the cap is
+    # the call's, so the server never sees more than 4 of them at once.
+    server.reset()
+    lm = make_lm(max_concurrency=64)
+    prompts = [f"[[lat=2]] w{i}" for i in range(1500)]
+    if use_async:
+        result = asyncio.run(semex.llm_batch_async(prompts, model=lm, max_concurrent=4))
+    else:
+        result = semex.llm_batch(prompts, model=lm, max_concurrent=4)
+    assert result == [f"echo: w{i}" for i in range(1500)]
+    assert 1 <= server.stats()["max_in_flight"] <= 4

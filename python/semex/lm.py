@@ -379,6 +379,7 @@ class _Job:
         if max_concurrent is not None:
             _check_int("max_concurrent", max_concurrent, 1)
         self.max_concurrent = max_concurrent or 0
+        self.cap_holder: Optional[_engine.Batch] = None
         if isinstance(messages_batch, (str, bytes, Mapping)) or not hasattr(
                 messages_batch, "__iter__"):
             raise E.ConfigurationError(
@@ -439,13 +440,16 @@ class _Job:
         tokens = None
         if lm.tpm:
             tokens = [len(b) / 4.0 + self.token_extra for b in bodies]
-        return lm._engine.get().submit(
+        batch = lm._engine.get().submit(
             lm.url, lm._headers, bodies, tokens,
             timeout=lm.timeout, connect_timeout=lm.connect_timeout,
             max_retries=lm.max_retries, max_body=lm.max_response_bytes,
             verify=lm.verify_tls, backoff_base=lm.backoff_base, backoff_cap=lm.backoff_cap,
             notify_each=self.progress is not None, max_in_flight=self.max_concurrent,
-            parse_chat=True)
+            parse_chat=True, share_cap_with=self.cap_holder)
+        if self.max_concurrent and self.cap_holder is None:
+            self.cap_holder = batch  # every later window counts against the same cap
+        return batch
 
     def ticker(self, windows: Windows):
         if self.progress is None:

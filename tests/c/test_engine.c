@@ -853,6 +853,41 @@ static void test_sched_batch_cap_and_fifo(void)
     sx_batch_free(d);
 }
 
+/* Windows of one call share its cap: two batches, one cap of 3, never more than 3 out. */
+static void test_sched_shared_cap(void)
+{
+    sx_sched s;
+    sx_sched_opts so = sched_opts(100);
+    sx_sched_init(&s, &so, T0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 3);
+    sx_request_opts capped = req_opts();
+    capped.max_in_flight = 3;
+    sx_batch *w1 = mk_batch("w1", 2, NULL, &capped);
+    sx_batch *w2 = mk_batch("w2", 5, NULL, &capped);
+    REQUIRE(w1 && w2);
+    sx_batch_share_cap(w2, w1);
+    CHECK(w1->cap && w1->cap == w2->cap);
+    REQUIRE(sx_sched_push_batch(&s, w1) == 0);
+    REQUIRE(sx_sched_push_batch(&s, w2) == 0);
+    sx_slot *out[16];
+    double wake = -1;
+    size_t n = sx_sched_take(&s, out, 16, T0, &wake);
+    CHECK(n == 3 && w1->cap->in_flight == 3);
+    CHECK(out[0] == &w1->slots[0] && out[1] == &w1->slots[1] && out[2] == &w2->slots[0]);
+    CHECK(sx_sched_take(&s, out, 16, T0, &wake) == 0);
+    /* a completion in either window frees room for the call */
+    finish_ok(&s, &w1->slots[0], &rng, T0);
+    n = sx_sched_take(&s, out, 16, T0, &wake);
+    CHECK(n == 1 && out[0] == &w2->slots[1]);
+    CHECK(w1->cap->in_flight == 3);
+    sx_sched_destroy(&s);
+    /* the cap outlives whichever window is freed first */
+    sx_batch_free(w1);
+    CHECK(w2->cap->max == 3);
+    sx_batch_free(w2);
+}
+
 static void test_sched_rpm(void)
 {
     sx_sched s;
@@ -2787,6 +2822,7 @@ static const test_case tests[] = {
     TEST(test_batch_results),
     TEST(test_sched_max_in_flight),
     TEST(test_sched_batch_cap_and_fifo),
+    TEST(test_sched_shared_cap),
     TEST(test_sched_rpm),
     TEST(test_sched_tpm),
     TEST(test_sched_429_retry_and_cooldown),
