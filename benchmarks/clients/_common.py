@@ -6,7 +6,8 @@ Every client script takes the same command line
         [--model mock] [--max-retries R] [--timeout S]
 
 sends one request per row (row i carries the user message "prompt i"; the mock provider,
-benchmarks/mockserver.c, answers "echo: prompt i"), and prints ONE JSON line on stdout:
+benchmarks/mockserver.c, answers "echo: prompt i"; requests with a response_format get a
+schema-shaped JSON answer instead, see mock_string_value), and prints ONE JSON line on stdout:
 
     client, n, c, wall_s, rps (rows / wall), ok, errors, mismatches, rows_lost,
     retried, got_429, cpu_user_s, cpu_sys_s, cpu_us_per_req, max_rss_mb, notes, ...
@@ -56,6 +57,20 @@ def prompts(n: int):
 
 def expected(i: int) -> str:
     return f"echo: prompt {i}"
+
+
+def fnv1a32(data: bytes) -> int:
+    h = 0x811C9DC5
+    for b in data:
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def mock_string_value(field: str, document: str) -> str:
+    """What the mock answers for a string field `field` of a structured (response_format)
+    request about `document` (the text after "Document:" / under "Document <k>:", trailing
+    whitespace trimmed): "<field>:<8 hex digits of FNV-1a 32 of its UTF-8 bytes>"."""
+    return f"{field}:{fnv1a32(document.encode('utf-8', 'surrogatepass')):08x}"
 
 
 _DOC_RE = re.compile(r"prompt (\d+)(?!\d)")

@@ -5,8 +5,9 @@
         [--max-retries R] [--uvloop]
 
 model "openai/<model>" with api_base pointing at the mock. Settings: LiteLLM's default
-transport (its aiohttp transport in this version) with its connector limit raised to C
-(AIOHTTP_CONNECTOR_LIMIT, read when litellm is imported; default 1000), the local price
+transport (its aiohttp transport in this version) with its connector limits raised to C
+(AIOHTTP_CONNECTOR_LIMIT and AIOHTTP_CONNECTOR_LIMIT_PER_HOST, read when litellm is
+imported; defaults 1000 and 500), the local price
 map (no network at import), retries = the OpenAI SDK's max_retries inside LiteLLM
 (honouring retry-after-ms). LiteLLM does not expose per-call retries or 429s, so
 retried/got_429 are null (the harness reports the server's counts).
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     cm.raise_nofile()
     cm.quiet_third_parties()
     os.environ["AIOHTTP_CONNECTOR_LIMIT"] = str(args.c)
+    os.environ["AIOHTTP_CONNECTOR_LIMIT_PER_HOST"] = str(args.c)
     import litellm
     litellm.suppress_debug_info = True
     litellm.telemetry = False
@@ -67,7 +69,8 @@ def main(argv=None) -> int:
     return cm.emit("LiteLLM acompletion", args, m, ok=ok, errors=len(errs),
                    mismatches=mismatches, retried=None, got_429=None,
                    error_kinds=cm.count_kinds(errs),
-                   notes=f"max_retries={args.max_retries}, AIOHTTP_CONNECTOR_LIMIT={args.c}",
+                   notes=(f"max_retries={args.max_retries}, AIOHTTP_CONNECTOR_LIMIT="
+                          f"AIOHTTP_CONNECTOR_LIMIT_PER_HOST={args.c}"),
                    version=version("litellm"))
 
 
