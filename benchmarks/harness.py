@@ -97,6 +97,8 @@ RL_EXCLUDE = {"aiohttp-uvloop", "semex-w2"}
 # ~297 rows/s (a 14 s check under these limits gave 63 and 314 rows/s: the buckets start
 # with one second's worth, 10,000 tokens, which a short run feels more). LOTUS: ~132 tokens
 # per call, 1 call/row -> ~75 rows/s, 70 kept (its own pacing).
+# (d) steady state: the clients fast enough for N=100,000 to take seconds, not minutes.
+STEADY_CLIENTS = ("semex", "aiohttp")
 RL_ROWS_PER_S = {"semex-extract-1": 59.0, "semex-extract-10": 295.0, "lotus": 70.0}
 
 
@@ -417,11 +419,21 @@ class Harness:
         self.one_config("faults", keys, c, n_full, FAULTS, cfg_index)
         return cfg_index + 1
 
+    def steady(self, keys, c, n, cfg_index):
+        """(d) the same server as (a) at C, N large enough that start-up and the last
+        requests' drain weigh little: the figure to hold beside wrk's steady state."""
+        for key in self.order([k for k in keys if k in STEADY_CLIENTS], cfg_index):
+            for rnd in range(1, 3):
+                self.run_client(key, "steady", c, n, [], max_retries=6, rnd=rnd,
+                                note=f"N={n:,}: start-up and drain amortised")
+        return cfg_index + 1
+
     def ratelimit(self, keys, c, seconds, cfg_index):
         rate = RL_RPM / 60.0
         for key in self.order([k for k in keys if k not in RL_EXCLUDE], cfg_index):
-            n = nice_n(RL_ROWS_PER_S.get(key, rate) * seconds)
-            extra, note = [], f"~{seconds:.0f} s of requests at the allowed rate"
+            secs = self.args.rl_semex_seconds if key == "semex" else seconds
+            n = nice_n(RL_ROWS_PER_S.get(key, rate) * secs)
+            extra, note = [], f"~{secs:.0f} s of requests at the allowed rate"
             if key.startswith("semex"):
                 extra = ["--rpm", str(RL_RPM), "--tpm", str(RL_TPM)]
                 note += f"; LM(rpm={RL_RPM}, tpm={RL_TPM}), max_retries=6"
@@ -606,6 +618,25 @@ def find(records, workload, key, c):
     return None
 
 
+def zero_overhead_wall(n, c, seeds=5):
+    """Expected wall time of a client with no overhead at all against this mock: n requests,
+    c always in flight (a freed slot sends the next request at once), each taking a
+    latency drawn uniformly from [LATENCY_MS - JITTER_MS, LATENCY_MS + JITTER_MS]. It
+    exceeds the ideal n * latency / c because the last requests drain one by one."""
+    import heapq
+    import random
+    lo, hi = (LATENCY_MS - JITTER_MS) / 1000.0, (LATENCY_MS + JITTER_MS) / 1000.0
+    walls = []
+    for seed in range(seeds):
+        rng = random.Random(seed)
+        free_at = [0.0] * min(c, n)
+        for _ in range(n):
+            t = heapq.heappop(free_at)
+            heapq.heappush(free_at, t + rng.uniform(lo, hi))
+        walls.append(max(free_at))
+    return sum(walls) / len(walls)
+
+
 def targets(records, conc):
     lines = []
 
@@ -618,9 +649,16 @@ def targets(records, conc):
         ideal = x["n"] * LATENCY_MS / 1000.0 / 1000
         ratio = x["wall_s"] / ideal
         busy = (x["cpu_user_s"] + x["cpu_sys_s"]) / x["wall_s"]
-        lines.append(f"- semex within 1.05× of ideal at C=1000: wall/ideal = {ratio:.2f}× "
+        bound = zero_overhead_wall(x["n"], 1000)
+        lines.append(f"- semex within 1.05× of ideal at C=1000: wall/ideal = {ratio:.3f}× "
                      f"({x['wall_s']:.3f} s vs {ideal:.3f} s; the semex process kept "
-                     f"{busy:.2f} cores busy) → {verdict(ratio <= 1.05)}")
+                     f"{busy:.2f} cores busy) → {verdict(ratio <= 1.05)}. A client with no "
+                     f"overhead at all would take {bound:.3f} s = {bound / ideal:.3f}× ideal "
+                     f"here (simulated: the last requests of N={x['n']:,} drain one by one "
+                     "with latencies of 25–75 ms), so at this N the target leaves "
+                     f"{100 * (1.05 * ideal - bound) / bound:.1f}% for connection set-up, "
+                     f"Python and the engine; semex used {100 * (x['wall_s'] - bound) / bound:.1f}%"
+                     " over that floor.")
         s2 = find(records, "throughput", "semex-w2", 1000)
         if s2:
             lines.append(f"  - with workers=2: {s2['result']['rps']:,.0f} req/s, wall/ideal "
@@ -629,7 +667,18 @@ def targets(records, conc):
         if w:
             lines.append(f"- semex within 1.10× of wrk at C=1000: wrk {w:,.0f} req/s / semex "
                          f"{x['rps']:,.0f} req/s = {w / x['rps']:.2f}× → "
-                         f"{verdict(w / x['rps'] <= 1.10)}")
+                         f"{verdict(w / x['rps'] <= 1.10)} (wrk's figure is a 10 s steady "
+                         "state, without start-up or drain)")
+        st = find(records, "steady", "semex", 1000)
+        if st:
+            y = st["result"]
+            ideal_s = y["n"] * LATENCY_MS / 1000.0 / 1000
+            bound_s = zero_overhead_wall(y["n"], 1000, seeds=2)
+            lines.append(f"- steady state (d), N={y['n']:,} at C=1000: wall/ideal "
+                         f"{y['wall_s'] / ideal_s:.3f}× (no-overhead floor "
+                         f"{bound_s / ideal_s:.3f}×) → {verdict(y['wall_s'] / ideal_s <= 1.05)}"
+                         + (f"; wrk / semex = {w:,.0f} / {y['rps']:,.0f} = {w / y['rps']:.2f}× → "
+                            f"{verdict(w / y['rps'] <= 1.10)}" if w else ""))
         for key, lim in (("openai", 10), ("openai-aiohttp", 10), ("aiohttp", 3),
                          ("aiohttp-uvloop", 3)):
             p = find(records, "throughput", key, 1000)
@@ -812,12 +861,20 @@ def write_report(h: Harness, meta: dict, path: str):
                  "failed requests are their errors; × wrk uses (a)'s wrk at this C.\n")
         L.append(throughput_table(recs, "faults", a.fault_c, wrk_rps(recs, a.fault_c)))
         L.append("")
+    if not a.skip_steady:
+        L.append(f"## (d) Steady state: N = {a.steady_n:,} at C = {a.steady_c:,}\n")
+        L.append("Same server as (a). At N=20,000 (a 1 s run) connection set-up and the drain "
+                 "of the last requests weigh several percent; here they weigh little, which "
+                 "is what wrk's 10 s run measures. Each client runs twice; median shown.\n")
+        L.append(throughput_table(recs, "steady", a.steady_c, wrk_rps(recs, a.steady_c)))
+        L.append("")
     if not a.skip_ratelimit:
         L.append(f"## (c) Rate-limited server: --rpm {RL_RPM} --tpm {RL_TPM} (100 req/s), "
                  f"C = {a.rl_c}\n")
-        L.append(f"Each client gets about {a.rl_seconds:.0f} s of work at the allowed rate "
-                 f"(≈{RL_RPM / 60 * a.rl_seconds:,.0f} calls; the issue asks for 3 minutes, cut "
-                 "to keep the whole run bounded). The mock's token buckets hold one second's "
+        L.append(f"semex llm_batch gets about {a.rl_semex_seconds:.0f} s of work at the allowed "
+                 f"rate (≈{RL_RPM / 60 * a.rl_semex_seconds:,.0f} calls: the issue's 3 minutes); "
+                 f"every other client about {a.rl_seconds:.0f} s "
+                 f"(≈{RL_RPM / 60 * a.rl_seconds:,.0f} calls, cut to keep the whole run bounded). The mock's token buckets hold one second's "
                  "worth (100 requests, 10,000 tokens) at start, so a perfect client reaches "
                  "slightly above the allowed rate over a short run. *server 200s/s* = the "
                  "mock's 200 answers / the client's wall time. *allowed calls/s* = min(100, "
@@ -872,8 +929,13 @@ def main(argv=None) -> int:
     p.add_argument("--rl-c", type=int, default=64)
     p.add_argument("--rl-seconds", type=float, default=None)
     p.add_argument("--rl-peer-retries", type=int, default=20)
+    p.add_argument("--rl-semex-seconds", type=float, default=None,
+                   help="seconds of work for semex llm_batch under the rate limit (default "
+                        "180: the issue's 3 minutes; the peers get --rl-seconds)")
+    p.add_argument("--steady-n", type=int, default=100000)
+    p.add_argument("--steady-c", type=int, default=1000)
     p.add_argument("--skip-workloads", default="",
-                   help="comma-separated: throughput,faults,ratelimit")
+                   help="comma-separated: throughput,faults,steady,ratelimit")
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for the clients (the venv with semex and the peers)")
     p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
@@ -889,6 +951,7 @@ def main(argv=None) -> int:
         a.budget_s = a.budget_s or 2.0
         a.wrk_seconds = a.wrk_seconds or 2
         a.rl_seconds = a.rl_seconds or 5.0
+        a.rl_semex_seconds = a.rl_semex_seconds or a.rl_seconds
         a.repeat = 1
         if a.fault_c == 1000:
             a.fault_c = 256
@@ -898,9 +961,11 @@ def main(argv=None) -> int:
         a.budget_s = a.budget_s or 25.0
         a.wrk_seconds = a.wrk_seconds or 10
         a.rl_seconds = a.rl_seconds or 60.0
+        a.rl_semex_seconds = a.rl_semex_seconds or 180.0
     skip = {s.strip() for s in a.skip_workloads.split(",") if s.strip()}
     a.skip_faults = "faults" in skip
     a.skip_ratelimit = "ratelimit" in skip
+    a.skip_steady = "steady" in skip or a.quick
     keys = DEFAULT_CLIENTS if not a.only else [k.strip() for k in a.only.split(",")]
     for k in keys:
         if k not in CLIENTS:
@@ -947,6 +1012,8 @@ def main(argv=None) -> int:
         k = h.throughput(keys, a.conc, a.n, k)
     if not a.skip_faults:
         k = h.faults(keys, a.fault_c, a.n, k)
+    if not a.skip_steady:
+        k = h.steady(keys, a.steady_c, a.steady_n, k)
     if not a.skip_ratelimit:
         k = h.ratelimit(keys, a.rl_c, a.rl_seconds, k)
     meta["load_end"] = loadavg()

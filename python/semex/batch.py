@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Sequence, Union
 
 from .errors import ConfigurationError, RequestError
-from .lm import LMOutput
+from .lm import LM, LMOutput
 from .settings import settings
 
 __all__ = ["llm_batch", "llm_batch_async", "parallel_query", "parallel_query_async"]
@@ -55,8 +55,13 @@ def llm_batch(prompts: Sequence[Prompt], model: Any = None, max_concurrent: int 
     item that failed after its retries. Works inside a running event loop (no loop is used).
     """
     lm = settings.resolve_lm(model)
-    output = lm(_conversations(prompts, system_prompt), progress=progress,
-                max_concurrent=max_concurrent, **request_fields)
+    if isinstance(lm, LM) and type(lm).__call__ is LM.__call__:
+        # semex's own LM: plain-string prompts go straight into request bodies
+        output = lm._run_prompts(prompts, system_prompt, progress, max_concurrent,
+                                 request_fields)
+    else:
+        output = lm(_conversations(prompts, system_prompt), progress=progress,
+                    max_concurrent=max_concurrent, **request_fields)
     return _merge(output)
 
 
@@ -65,8 +70,12 @@ async def llm_batch_async(prompts: Sequence[Prompt], model: Any = None,
                           progress=None, **request_fields: Any) -> List[Result]:
     """Awaitable twin of :func:`llm_batch` for any running asyncio loop."""
     lm = settings.resolve_lm(model)
-    output = await lm.async_call(_conversations(prompts, system_prompt), progress=progress,
-                                 max_concurrent=max_concurrent, **request_fields)
+    if isinstance(lm, LM) and type(lm).async_call is LM.async_call:
+        output = await lm._run_prompts_async(prompts, system_prompt, progress,
+                                             max_concurrent, request_fields)
+    else:
+        output = await lm.async_call(_conversations(prompts, system_prompt), progress=progress,
+                                     max_concurrent=max_concurrent, **request_fields)
     return _merge(output)
 
 

@@ -325,6 +325,36 @@ class LM:
             windows.close()
         return job.finish()
 
+    def _run_prompts(self, prompts: Sequence[Any], system_prompt: Optional[str],
+                     progress: Optional[ProgressCallback], max_concurrent: Optional[int],
+                     request_fields: Dict[str, Any]) -> LMOutput:
+        """llm_batch's path: plain-string prompts never become message dicts."""
+        job = _Job(self, _prompt_list(prompts), request_fields, progress, max_concurrent,
+                   prompts=True, system_prompt=system_prompt)
+        windows = Windows(job.submit, job.n, job.window_size)
+        try:
+            for start, batch in windows:
+                wait_sync(batch, job.ticker(windows))
+                job.collect(start, batch)
+        finally:
+            windows.close()
+        return job.finish()
+
+    async def _run_prompts_async(self, prompts: Sequence[Any], system_prompt: Optional[str],
+                                 progress: Optional[ProgressCallback],
+                                 max_concurrent: Optional[int],
+                                 request_fields: Dict[str, Any]) -> LMOutput:
+        job = _Job(self, _prompt_list(prompts), request_fields, progress, max_concurrent,
+                   prompts=True, system_prompt=system_prompt)
+        windows = Windows(job.submit, job.n, job.window_size)
+        try:
+            for start, batch in windows:
+                await wait_async(batch, job.ticker(windows))
+                job.collect(start, batch)
+        finally:
+            windows.close()
+        return job.finish()
+
     async def async_call(self, messages_batch: Sequence[Messages], *,
                          progress: Optional[ProgressCallback] = None,
                          max_concurrent: Optional[int] = None,
@@ -355,6 +385,15 @@ class LM:
 _ENCODE = json.JSONEncoder(ensure_ascii=False).encode
 
 
+def _prompt_list(prompts: Any) -> Sequence[Any]:
+    if isinstance(prompts, (str, bytes)):
+        raise E.ConfigurationError("prompts must be a list of strings, not a single string")
+    if isinstance(prompts, Mapping) or not hasattr(prompts, "__iter__"):
+        raise E.ConfigurationError(
+            f"prompts must be a list of strings or conversations, got {type(prompts).__name__}")
+    return prompts
+
+
 def _token_count(value: Any) -> int:
     """A usage count as a provider sent it; anything but a non-negative number counts 0."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
@@ -373,9 +412,13 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 class _Job:
     """One LM call: validates input up front, builds bodies window by window, reads results."""
 
-    def __init__(self, lm: LM, messages_batch: Sequence[Messages],
+    def __init__(self, lm: LM, messages_batch: Sequence[Any],
                  request_fields: Dict[str, Any], progress: Optional[ProgressCallback],
-                 max_concurrent: Optional[int] = None):
+                 max_concurrent: Optional[int] = None, *, prompts: bool = False,
+                 system_prompt: Optional[str] = None):
+        """prompts=True (llm_batch): items are plain strings (the user message) or
+        conversations, and `system_prompt` goes first in each; a string's body is written
+        around its JSON string directly, with no message dicts built for it."""
         if max_concurrent is not None:
             _check_int("max_concurrent", max_concurrent, 1)
         self.max_concurrent = max_concurrent or 0
@@ -388,18 +431,32 @@ class _Job:
         self.lm = lm
         self.batch = list(messages_batch)
         self.n = len(self.batch)
+        self.prompts = prompts
+        name = "prompts" if prompts else "messages_batch"
         for i, messages in enumerate(self.batch):
-            if type(messages) is not list and not isinstance(messages, (list, tuple)):
+            if type(messages) is str:
+                if prompts:
+                    continue
+            elif prompts and isinstance(messages, str):
+                self.batch[i] = str(messages)
+                continue
+            if type(messages) is not list and not isinstance(messages, (list, tuple)) or \
+                    isinstance(messages, str):
                 raise E.ConfigurationError(
-                    f"messages_batch[{i}] must be a list of message dicts, got "
-                    f"{type(messages).__name__}")
+                    f"{name}[{i}] must be a "
+                    + ("str or a " if prompts else "")
+                    + f"list of message dicts, got {type(messages).__name__}")
             if not messages:
-                raise E.ConfigurationError(f"messages_batch[{i}] is an empty conversation")
+                raise E.ConfigurationError(f"{name}[{i}] is an empty conversation")
             for j, message in enumerate(messages):
                 if (type(message) is not dict and not isinstance(message, Mapping)) or \
                         "role" not in message:
                     raise E.ConfigurationError(
-                        f"messages_batch[{i}][{j}] must be a dict with 'role' and 'content'")
+                        f"{name}[{i}][{j}] must be a dict with 'role' and 'content'")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise E.ConfigurationError(
+                f"system_prompt must be a str, got {type(system_prompt).__name__}")
+        self.system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         fields: Dict[str, Any] = {"model": lm.model}
         if lm.temperature is not None:
             fields["temperature"] = lm.temperature
@@ -415,6 +472,9 @@ class _Job:
         # Every body is the same prefix + this conversation's messages: encode the shared
         # part once.
         self.prefix = (encoded[:-1] + ', "messages": ') if fields else '{"messages": '
+        # ... and a plain-string prompt's body is this + its JSON string + '}]}'.
+        self.user_open = (self.prefix + (_ENCODE(self.system)[:-1] + ", " if self.system
+                                         else "[") + '{"role": "user", "content": ')
         self.token_extra = float(fields.get("max_tokens") or 0)
         # Two windows of 2x the concurrency are resident: enough queued work to cover the
         # time Python spends building the next window, without holding 4x as many bodies
@@ -431,9 +491,22 @@ class _Job:
         prefix = self.prefix
         encode = _ENCODE  # json.dumps(..., ensure_ascii=False) without its per-call set-up
         bodies = []
-        for i in range(start, end):
+        items = self.batch
+        if self.prompts:
+            user_open, system = self.user_open, self.system
+            for i in range(start, end):
+                item = items[i]
+                if type(item) is str:
+                    bodies.append((user_open + encode(item) + "}]}").encode("utf-8"))
+                    continue
+                try:
+                    bodies.append((prefix + encode(system + list(item)) + "}").encode("utf-8"))
+                except (TypeError, ValueError) as exc:
+                    raise E.ConfigurationError(
+                        f"prompts[{i}] is not JSON-serializable: {exc}") from None
+        for i in (range(start, end) if not self.prompts else ()):
             try:
-                bodies.append((prefix + encode(self.batch[i]) + "}").encode("utf-8"))
+                bodies.append((prefix + encode(items[i]) + "}").encode("utf-8"))
             except (TypeError, ValueError) as exc:
                 raise E.ConfigurationError(
                     f"messages_batch[{i}] is not JSON-serializable: {exc}") from None
