@@ -105,3 +105,103 @@ def test_import_semex_does_not_import_pandas_but_registers_the_accessor_when_it_
                          timeout=120, env={**__import__("os").environ})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["semex.accessor", "SemExtractAccessor"]
+
+
+# -- streaming: chunks (lowered so that small frames cross several) ------------------------
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(semex.extract, "_CHUNK_ROWS", 5)
+
+
+def test_chunked_frame_keeps_order_dedups_across_chunks_and_raises_with_the_full_frame(
+        server, make_lm, small_chunks):
+    texts = [f"t{i % 7}" if i % 2 else f"row {i}" for i in range(23)]
+    texts[8] = texts[19] = "bad [[fail=404]]"  # in the second chunk, and repeated later
+    df = pd.DataFrame({"text": texts, "n": range(23)}, index=range(100, 123))
+    with pytest.raises(E.BatchError) as info:
+        df.sem_extract(["text"], FIELDS, model=make_lm(), use_batch_processing=False,
+                       progress=False, on_error="raise", return_raw_outputs=True)
+    frame = info.value.results
+    assert list(frame.index) == list(range(100, 123))
+    assert list(frame.columns) == ["text", "n", "sentiment", "product", "raw_output",
+                                   "extract_error"]
+    good = [i for i in range(23) if i not in (8, 19)]
+    assert [frame["product"].iloc[i] for i in good] == [f"product:{texts[i]}" for i in good]
+    for i in (8, 19):
+        assert pd.isna(frame["sentiment"].iloc[i]) and pd.isna(frame["raw_output"].iloc[i])
+        assert frame["extract_error"].iloc[i].startswith(f"row {i}: ")
+        assert "404" in frame["extract_error"].iloc[i]
+        assert info.value.errors[i].index == i
+    assert frame["extract_error"].iloc[good].isna().all()
+    assert sum(e is not None for e in info.value.errors) == 2
+    assert str(frame["sentiment"].dtype) == str(pd.Series(["a", None]).dtype)
+    assert str(frame["extract_error"].dtype) == str(pd.Series(["a", None]).dtype)
+    sent = [d for r in server.log() for d in r["doc_ids"]]
+    assert sorted(sent) == sorted(set(t.split(" [[")[0] for t in texts))
+    assert list(df.columns) == ["text", "n"] and df["text"].tolist() == texts
+
+
+def test_chunked_frame_columns_get_the_dtypes_of_a_whole_frame(server, make_lm, small_chunks):
+    from typing import Optional
+
+    from pydantic import BaseModel
+
+    class Row(BaseModel):
+        words: int
+        tags: list
+        note: Optional[str] = None
+
+    texts = [f"w {'x ' * (i % 4)}{i}".strip() for i in range(12)]
+    df = pd.DataFrame({"text": texts})
+    out = df.sem_extract("text", Row, model=make_lm(), batch_size=2, progress=False)
+    assert out["words"].dtype == np.int64 and list(out["words"]) == [len(t) for t in texts]
+    assert out["tags"].dtype == object and out["tags"].iloc[3] == texts[3].split()
+    assert str(out["note"].dtype) == str(pd.Series(["a", None]).dtype)
+    assert out["extract_error"].dtype == object and out["extract_error"].isna().all()
+
+    # a chunk where every value is missing, another where every row failed
+    texts = [f"v{i}" for i in range(15)]
+    for i in range(5, 10):
+        texts[i] += " [[null]]"
+    texts[12] += " [[fail=400]]"
+    out = pd.DataFrame({"text": texts}).sem_extract(
+        ["text"], FIELDS, model=make_lm(), use_batch_processing=False, progress=False,
+        error_col=None)
+    assert str(out["sentiment"].dtype) == str(pd.Series(["a", None]).dtype)
+    assert out["sentiment"].iloc[5:10].isna().all() and out["sentiment"].iloc[0] == "sentiment:v0"
+    assert out["extract_error"].notna().sum() == 1 and "row 12" in out["extract_error"].iloc[12]
+
+    out = pd.DataFrame({"text": [f"z{i} [[null]]" for i in range(11)]}).sem_extract(
+        ["text"], FIELDS, model=make_lm(), batch_size=3, progress=False)
+    assert out["sentiment"].dtype == object and out["sentiment"].isna().all()
+
+
+def test_chunked_async_accessor_and_postprocessor(server, make_lm, small_chunks):
+    df = pd.DataFrame({"text": [f"q{i % 9}" for i in range(21)]})
+
+    async def cell():
+        return await df.sem_extract.async_extract(["text"], FIELDS, model=make_lm(),
+                                                  batch_size=2, max_concurrent_batches=2,
+                                                  progress=False)
+
+    out = asyncio.run(cell())
+    assert list(out["sentiment"]) == [f"sentiment:q{i % 9}" for i in range(21)]
+
+    def shout(raw_outputs, model, cot):
+        import json
+        return [{k: v.upper() for k, v in json.loads(r).items() if k in FIELDS}
+                for r in raw_outputs]
+
+    out = df.sem_extract(["text"], FIELDS, model=make_lm(), postprocessor=shout,
+                         progress=False)
+    assert list(out["product"]) == [f"PRODUCT:Q{i % 9}" for i in range(21)]
+
+
+def test_documents_render_from_columns_like_dict_records(server, make_lm):
+    df = pd.DataFrame({"a": [1, None, 3], "b": ["x", "y", None],
+                       "when": pd.to_datetime(["2024-01-02", None, "2024-03-04"])})
+    rendered = semex.accessor._FrameDocuments(df, ["b", "a", "when", "a"]).render(0, 3)
+    expected = [semex.extract.render_document(d)
+                for d in df[["b", "a", "when"]].to_dict("records")]
+    assert rendered == expected

@@ -4,6 +4,7 @@ import asyncio
 import enum
 import random
 import threading
+import time
 from typing import List, Optional
 
 import pytest
@@ -308,3 +309,164 @@ def test_progress_bar_and_usage_summary(server, make_lm, capsys):
     lm.print_total_usage()
     printed = capsys.readouterr().out
     assert "test-model" in printed and "4 requests" in printed and "cost" in printed
+
+
+# -- streaming: chunks (lowered so that small inputs cross several) ------------------------
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    def set_rows(rows):
+        monkeypatch.setattr(semex.extract, "_CHUNK_ROWS", rows)
+    set_rows(7)
+    return set_rows
+
+
+def test_duplicates_across_chunks_are_sent_once_and_rows_stay_in_order(server, make_lm,
+                                                                       small_chunks, capsys):
+    texts = [f"c{i % 13}" if i % 3 else f"u{i}" for i in range(60)]  # repeats span chunks
+    out = semex.sem_extract(docs_of(texts), make_lm(), FIELDS, batch_size=3,
+                            progress_bar_desc="chunked")
+    assert out.errors == [None] * 60
+    assert out.outputs == [expected_row(t) for t in texts]
+    assert out.raw_outputs[1] == out.raw_outputs[40] and '"c1"' not in out.raw_outputs[1]
+    sent = [d for r in server.log() for d in r["doc_ids"]]
+    assert sorted(sent) == sorted(set(texts))
+    assert out.usage.cache_hits == 60 - len(set(texts))
+    assert "chunked" in capsys.readouterr().err
+
+
+def test_bad_batch_answers_in_a_middle_chunk_are_split_and_retried(server, make_lm,
+                                                                   small_chunks):
+    small_chunks(8)
+    texts = [f"m{i}" for i in range(24)]
+    texts[10] += " [[batch_badjson]]"
+    texts[13] += " [[batch_short]]"
+    out = semex.sem_extract(docs_of(texts), make_lm(), FIELDS, batch_size=4, progress=False)
+    assert out.errors == [None] * 24
+    assert out.outputs == [expected_row(f"m{i}") for i in range(24)]
+    sizes = [r["ndocs"] for r in server.log()]
+    assert sizes.count(4) >= 6 and 1 in sizes  # two bad batches halved down to the culprits
+
+
+def test_validation_retries_cross_chunk_boundaries(server, make_lm, small_chunks):
+    small_chunks(3)
+    texts = [f"typed {i}" for i in range(9)]
+    texts[2] += " [[invalid_once]]"   # last row of the first chunk
+    texts[4] += " [[invalid_always]]"
+    out = semex.sem_extract(docs_of(texts), make_lm(), Ticket, batch_size=2, progress=False)
+    clean = [t.split(" [[")[0] for t in texts]
+    assert [out.outputs[i] for i in range(9) if i != 4] == \
+        [typed_row(clean[i]) for i in range(9) if i != 4]
+    assert isinstance(out.errors[4], E.ResponseFormatError) and "row 4" in str(out.errors[4])
+    assert [e is None for e in out.errors].count(False) == 1
+
+
+def test_a_failure_in_a_middle_chunk_raises_with_every_row_of_every_chunk(server, make_lm,
+                                                                          small_chunks):
+    small_chunks(4)
+    texts = [f"r{i}" for i in range(14)]
+    texts[5] = texts[12] = "doomed [[fail=500]]"  # the later copy is a duplicate: not resent
+    with pytest.raises(E.BatchError) as info:
+        semex.sem_extract(docs_of(texts), make_lm(max_retries=0), FIELDS,
+                          use_batch_processing=False, progress=False, on_error="raise")
+    result = info.value.results
+    assert len(result.outputs) == 14 and result.failed == 2
+    assert [result.outputs[i] for i in range(14) if i not in (5, 12)] == \
+        [expected_row(f"r{i}") for i in range(14) if i not in (5, 12)]
+    assert result.outputs[12] == {"sentiment": None, "product": None}
+    for i in (5, 12):
+        assert isinstance(result.errors[i], E.ServerError) and result.errors[i].index == i
+        assert str(result.errors[i]).startswith(f"row {i}: ")
+        assert not str(result.errors[i]).startswith(f"row {i}: row ")
+    assert info.value.errors is result.errors
+    assert sum(d == "doomed" for r in server.log() for d in r["doc_ids"]) == 1
+
+
+@pytest.mark.parametrize("lm_cap, call_cap", [(2, None), (64, 2)])
+def test_async_chunks_give_the_same_rows_and_never_exceed_the_cap(server, make_lm,
+                                                                  small_chunks, lm_cap,
+                                                                  call_cap):
+    # (2, None): steps overlap (the engine's window of 2 bounds both); (64, 2): a per-call
+    # cap, so one step at a time
+    server.configure(latency_ms=[0, 15])
+    small_chunks(16)  # 8 prompts a step: the next step starts at the previous one's tail
+    texts = [f"a{i % 57}" for i in range(120)]
+    texts[40] += " [[batch_bad_ids]]"
+
+    async def main():
+        return await semex.sem_extract_async(docs_of(texts), make_lm(max_concurrency=lm_cap),
+                                             FIELDS, batch_size=2,
+                                             max_concurrent_batches=call_cap, progress=False)
+
+    out = asyncio.run(main())
+    assert out.errors == [None] * 120
+    assert out.outputs == [expected_row(t.split(" [[")[0]) for t in texts]
+    assert out.usage.cache_hits == 120 - len(set(texts))
+    sent = [d for r in server.log() for d in r["doc_ids"]]
+    # every distinct text once, plus the bad batch of 2 resent as 1 + 1
+    assert len(sent) == len(set(texts)) + 2
+    assert 1 <= server.stats()["max_in_flight"] <= 2
+
+
+def test_hash_collisions_never_mix_up_documents(server, make_lm, small_chunks, monkeypatch):
+    monkeypatch.setattr(semex.extract, "_text_hash", lambda text: len(text) % 3)
+    monkeypatch.setattr(semex.extract, "_RECENT_MAX", 2)
+    texts = [f"k{i % 11}" * (1 + i % 2) for i in range(40)]
+    out = semex.sem_extract(docs_of(texts), make_lm(), FIELDS, batch_size=3, progress=False)
+    assert out.errors == [None] * 40
+    assert out.outputs == [expected_row(t) for t in texts]
+    sent = [d for r in server.log() for d in r["doc_ids"]]
+    assert set(sent) == set(texts)
+
+
+class _Stop(BaseException):
+    """Not an Exception, so nothing turns it into a row error: it ends the run."""
+
+
+def test_an_async_step_that_raises_cancels_the_step_in_flight(server, make_lm, small_chunks,
+                                                              monkeypatch):
+    small_chunks(2)
+    absorb = semex.extract._Extraction.absorb
+    runner_calls = []
+    acall = semex._models.ModelRunner.acall
+
+    def failing_absorb(self, task, content, error):
+        if task.docs[0].text.endswith("boom"):
+            raise _Stop()
+        return absorb(self, task, content, error)
+
+    async def counting_acall(self, conversations, response_format, progress):
+        runner_calls.append(len(conversations))
+        return await acall(self, conversations, response_format, progress)
+
+    monkeypatch.setattr(semex.extract._Extraction, "absorb", failing_absorb)
+    monkeypatch.setattr(semex._models.ModelRunner, "acall", counting_acall)
+    texts = ["boom", "x", "slow [[lat=8000]]", "slower [[lat=8000]]", "z"]
+
+    async def main():
+        return await semex.sem_extract_async(docs_of(texts), make_lm(), FIELDS, batch_size=1,
+                                             max_concurrent_batches=None, progress=False)
+
+    started = time.monotonic()
+    with pytest.raises(_Stop):
+        asyncio.run(main())
+    assert time.monotonic() - started < 5  # the slow second chunk was not waited for
+    assert runner_calls == [2, 2]  # it was in flight beside the first
+
+
+def test_the_dedup_index_finds_every_earlier_document():
+    seen = semex.extract._Seen(10 ** 6)
+    rng = random.Random(7)
+    known, order, row = {}, [], 0
+    for _ in range(50):
+        new = list({rng.getrandbits(64) - 2 ** 63 for _ in range(rng.randint(1, 10000))})
+        probe = new + rng.sample(order, min(len(order), 300))
+        assert seen.lookup(probe) == [known.get(h, -1) for h in probe]
+        rows = list(range(row, row + len(new)))
+        row += len(new)
+        seen.add(new, rows)
+        known.update(zip(new, rows))
+        order += new
+    assert len(seen.runs) <= 12
+    big = max(seen.runs, key=lambda run: len(run[0]))
+    assert big[0].nbytes >= 1 << 20 and isinstance(big[0].base, memoryview)  # own mapping

@@ -3,16 +3,25 @@
 Registered when semex is imported. Returns a new DataFrame: the input columns plus one column
 per output (and per quote with ``extract_quotes``), in row order. Failed rows are visible:
 their output cells are missing and the error column carries the reason.
+
+Memory stays flat in the number of rows: documents are rendered from the frame's columns a
+chunk at a time, each finished row goes straight into per-column storage, and a chunk's text
+values become one compact string array as soon as its last row is in. The result shares the
+input's columns (copy-on-write) and gets its columns with the dtypes pandas would infer from
+the whole list of values: ``str`` for text (missing as NaN), object when every value is
+missing or the values are mixed or structured, int64/float64/bool for typed pydantic fields.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import pandas as pd
 
 from . import errors as E
 from ._schema import OutputSpec
-from .extract import SemanticExtractOutput, sem_extract, sem_extract_async
+from .extract import (SemanticExtractOutput, _check_call, _drive, _drive_async, _ListSink,
+                      _missing, _Run, render_pairs)
 
 __all__ = ["SemExtractAccessor"]
 
@@ -30,10 +39,185 @@ def _input_columns(df: pd.DataFrame, input_cols: Union[str, Sequence[str]]) -> L
     return list(input_cols)
 
 
+def _copy(df: pd.DataFrame) -> pd.DataFrame:
+    """A new frame with the input's columns; we only add or replace whole columns, so under
+    copy-on-write (pandas 3) it shares the input's data instead of doubling it."""
+    try:
+        cow = int(pd.__version__.split(".")[0]) >= 3 or \
+            pd.get_option("mode.copy_on_write") is True
+    except (ValueError, KeyError, AttributeError):  # OptionError is both of the last two
+        cow = False
+    return df.copy(deep=not cow)
+
+
+class _FrameDocuments:
+    """The rows of ``df[input_cols]``, rendered a chunk at a time from the columns (no list of
+    dicts for the whole frame). Values and keys as ``to_dict("records")`` would give them."""
+
+    def __init__(self, df: pd.DataFrame, columns: List[str]):
+        sub = df[columns]
+        last: Dict[Any, int] = {}  # a repeated label keeps its first place and last column
+        for j, label in enumerate(sub.columns):
+            last[label] = j
+        self.keys = list(last)
+        self.series = [sub.iloc[:, j] for j in last.values()]
+        self.n = len(df)
+
+    def render(self, start: int, end: int) -> List[str]:
+        columns = [s.iloc[start:end].tolist() for s in self.series]
+        keys = self.keys
+        if len(columns) == 1:
+            key = keys[0]
+            return [render_pairs(((key, value),)) for value in columns[0]]
+        return [render_pairs(zip(keys, values)) for values in zip(*columns)]
+
+    def render_row(self, i: int) -> str:
+        return self.render(i, i + 1)[0]
+
+
+def _text_array(values: List[Optional[str]], dtype: Any) -> Any:
+    """str-or-None values as a pandas array of ``dtype``. Arrow-backed strings are built in
+    pyarrow's system pool: its default (mimalloc) was measured holding about twice the live
+    bytes for this pattern, one medium-sized array per chunk, kept until the end."""
+    if getattr(dtype, "storage", None) == "pyarrow":
+        try:
+            import pyarrow as pa
+
+            arrow = pa.array(values, type=pa.large_string(), from_pandas=True,
+                             memory_pool=pa.system_memory_pool())
+            array = dtype.construct_array_type()(arrow, dtype=dtype)
+            if array.dtype == dtype:
+                return array
+        except (ImportError, TypeError, ValueError):
+            pass
+    return pd.array(values, dtype=dtype)
+
+
+class _Column:
+    """One result column, chunk by chunk: a chunk's values stay Python objects until its last
+    row is written; then, if they are all text or missing, a compact pandas string array."""
+
+    __slots__ = ("blocks", "has_text", "has_other")
+
+    def __init__(self) -> None:
+        self.blocks: Dict[int, Any] = {}
+        self.has_text = False   # some value is a str
+        self.has_other = False  # some value is neither str nor None: the column is object
+
+    def seal(self, chunk: int, text_dtype: Any) -> None:
+        block = self.blocks[chunk]
+        text = False
+        for value in block:
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                self.has_other = True
+                return
+            text = True
+        self.has_text = self.has_text or text
+        if text_dtype is not None and not self.has_other:
+            self.blocks[chunk] = _text_array(block, text_dtype)
+
+    def cell(self, chunk: int, k: int) -> Any:
+        block = self.blocks[chunk]
+        value = block[k]
+        if isinstance(block, list):
+            return value
+        return None if _missing(value) else value  # a string array's gaps read as NaN
+
+    def values(self, text_dtype: Any) -> Any:
+        """The whole column: the string blocks joined without copying when every value is
+        text or missing; otherwise a list, for pandas to infer the dtype as it would from
+        a list of the values (int64, float64 with NaN, bool, object...)."""
+        parts = [self.blocks[c] for c in sorted(self.blocks)]
+        self.blocks = {}
+        if text_dtype is not None and self.has_text and not self.has_other:
+            return pd.concat([pd.Series(p, copy=False) for p in parts],
+                             ignore_index=True).array
+        values: List[Any] = []
+        for part in parts:
+            values.extend(part if isinstance(part, list)
+                          else part.to_numpy(dtype=object, na_value=None))
+        return values
+
+
+class _ColumnSink:
+    """Extraction results straight into per-output-column storage (see extract._ListSink for
+    the contract); errors are kept only for the rows that failed."""
+
+    def __init__(self, spec: OutputSpec, keep_raw: bool):
+        self.columns = {name: _Column() for name in spec.all_columns}
+        self.raw = _Column() if keep_raw else None
+        self.errors: Dict[int, E.RequestError] = {}
+        dtype = pd.Series(["text", None]).dtype  # what this pandas makes of text with gaps
+        self.text_dtype = None if dtype == object else dtype
+
+    def _all(self) -> List[_Column]:
+        return list(self.columns.values()) + ([self.raw] if self.raw is not None else [])
+
+    def bind(self, n: int, chunk_rows: int) -> None:
+        self.chunk_rows = chunk_rows
+
+    def open_chunk(self, chunk: int, start: int, end: int) -> None:
+        for column in self._all():
+            column.blocks[chunk] = [None] * (end - start)
+
+    def write(self, i: int, row: Optional[Dict[str, Any]], raw: Optional[str],
+              error: Optional[E.RequestError]) -> None:
+        chunk, k = divmod(i, self.chunk_rows)
+        if row is not None:
+            for name, column in self.columns.items():
+                column.blocks[chunk][k] = row.get(name)
+        if self.raw is not None:
+            self.raw.blocks[chunk][k] = raw
+        if error is not None:
+            self.errors[i] = error
+
+    def read(self, i: int) -> Tuple[Dict[str, Any], Optional[str], Optional[E.RequestError]]:
+        chunk, k = divmod(i, self.chunk_rows)
+        row = {name: column.cell(chunk, k) for name, column in self.columns.items()}
+        raw = self.raw.cell(chunk, k) if self.raw is not None else None
+        return row, raw, self.errors.get(i)
+
+    def seal(self, chunk: int) -> None:
+        for column in self._all():
+            column.seal(chunk, self.text_dtype)
+
+    def frame(self, df: pd.DataFrame, spec: OutputSpec, return_raw_outputs: bool,
+              return_explanations: bool, error_col: Optional[str]) -> pd.DataFrame:
+        frame = _copy(df)
+        n = len(df)
+        for name in spec.all_columns:
+            _set_column(frame, name, self.columns.pop(name).values(self.text_dtype))
+        if return_raw_outputs:
+            _set_column(frame, "raw_output", self.raw.values(self.text_dtype))
+        if return_explanations:
+            _set_column(frame, "explanation", np.full(n, None, dtype=object))
+        if error_col is not None or self.errors:
+            texts = np.full(n, None, dtype=object)
+            for i, error in self.errors.items():
+                texts[i] = str(error)
+            if self.errors and self.text_dtype is not None:
+                texts = pd.array(texts, dtype=self.text_dtype)  # as pandas infers str + None
+            _set_column(frame, error_col or "extract_error", texts)
+        return frame
+
+
+def _set_column(frame: pd.DataFrame, name: str, values: Any) -> None:
+    """``frame[name] = values``; arrays we built go in without being copied or re-inferred
+    (assigning a bare object ndarray of 1M Nones peaks at ~4x its size), lists are left to
+    pandas' inference as before."""
+    if isinstance(values, list):
+        frame[name] = values
+    else:
+        frame[name] = pd.Series(values, index=frame.index, copy=False,
+                                dtype=object if isinstance(values, np.ndarray) else None)
+
+
 def _result_frame(df: pd.DataFrame, spec: OutputSpec, out: Optional[SemanticExtractOutput],
                   return_raw_outputs: bool, return_explanations: bool,
                   error_col: Optional[str]) -> pd.DataFrame:
-    frame = df.copy()
+    frame = _copy(df)
     n = len(df)
     for column in spec.all_columns:
         frame[column] = [row.get(column) for row in out.outputs] if out else [None] * n
@@ -70,14 +254,23 @@ class SemExtractAccessor:
     def __init__(self, df: pd.DataFrame):
         self._df = df
 
-    def _prepare(self, input_cols, output_cols, extract_quotes, on_error):
+    def _prepare(self, input_cols, output_cols, extract_quotes, on_error, prompt_strategy,
+                 batch_size, max_concurrent_batches):
         df = self._df
         columns = _input_columns(df, input_cols)
         spec = OutputSpec(output_cols, extract_quotes)  # checks output_cols early
-        if on_error not in ("return", "raise"):
-            raise E.ConfigurationError(f"on_error must be 'return' or 'raise', got {on_error!r}")
-        docs = df[columns].to_dict("records")
-        return spec, docs
+        _check_call(output_cols, prompt_strategy, batch_size, on_error, max_concurrent_batches)
+        return spec, _FrameDocuments(df, columns)
+
+    def _start(self, spec, documents, model, output_cols, extract_quotes, postprocessor,
+               return_raw_outputs, safe_mode, progress_bar_desc, use_batch_processing,
+               batch_size, max_concurrent_batches, progress) -> _Run:
+        # A postprocessor sees every raw answer at the end, so its rows go to a list.
+        sink = _ListSink() if postprocessor is not None else \
+            _ColumnSink(spec, keep_raw=return_raw_outputs)
+        return _Run(documents, sink, model, output_cols, extract_quotes, batch_size,
+                    use_batch_processing, max_concurrent_batches, progress,
+                    progress_bar_desc, safe_mode, "return", postprocessor)
 
     def _finish(self, spec, out, return_raw_outputs, return_explanations, error_col,
                 on_error):
@@ -90,6 +283,25 @@ class SemExtractAccessor:
                                results=frame, errors=out.errors)
         return frame
 
+    def _collect(self, run: _Run, spec, return_raw_outputs, return_explanations, error_col,
+                 on_error) -> pd.DataFrame:
+        sink = run.sink
+        if not isinstance(sink, _ColumnSink):
+            return self._finish(spec, run.finish(), return_raw_outputs, return_explanations,
+                                error_col, on_error)
+        run.check_complete()
+        frame = sink.frame(self._df, spec, return_raw_outputs, return_explanations, error_col)
+        failed = run.state.failed
+        if failed:
+            first = sink.errors[min(sink.errors)]
+            run.log_failures(failed, first)
+            if on_error == "raise":
+                raise E.BatchError(f"{failed} of {len(frame)} rows failed; first: {first}. "
+                                   "The exception's .results is the full DataFrame.",
+                                   results=frame,
+                                   errors=[sink.errors.get(i) for i in range(len(frame))])
+        return frame
+
     def __call__(self, input_cols: Union[str, Sequence[str]], output_cols: Any,
                  extract_quotes: bool = False, postprocessor: Optional[Callable] = None,
                  return_raw_outputs: bool = False, safe_mode: bool = False,
@@ -99,16 +311,17 @@ class SemExtractAccessor:
                  max_concurrent_batches: Optional[int] = None, progress: bool = True,
                  on_error: str = "return", error_col: Optional[str] = "extract_error"
                  ) -> pd.DataFrame:
-        spec, docs = self._prepare(input_cols, output_cols, extract_quotes, on_error)
-        out = None
-        if docs:
-            out = sem_extract(docs, model, output_cols, extract_quotes, postprocessor,
-                              return_raw_outputs, safe_mode, progress_bar_desc,
-                              use_batch_processing, batch_size, return_explanations,
-                              prompt_strategy, max_concurrent_batches=max_concurrent_batches,
-                              progress=progress, on_error="return")
-        return self._finish(spec, out, return_raw_outputs, return_explanations, error_col,
-                            on_error)
+        spec, documents = self._prepare(input_cols, output_cols, extract_quotes, on_error,
+                                        prompt_strategy, batch_size, max_concurrent_batches)
+        if not documents.n:
+            return self._finish(spec, None, return_raw_outputs, return_explanations,
+                                error_col, on_error)
+        run = self._start(spec, documents, model, output_cols, extract_quotes, postprocessor,
+                          return_raw_outputs, safe_mode, progress_bar_desc,
+                          use_batch_processing, batch_size, max_concurrent_batches, progress)
+        _drive(run)
+        return self._collect(run, spec, return_raw_outputs, return_explanations, error_col,
+                             on_error)
 
     async def async_extract(self, input_cols: Union[str, Sequence[str]], output_cols: Any,
                             extract_quotes: bool = False,
@@ -121,14 +334,14 @@ class SemExtractAccessor:
                             progress: bool = True, on_error: str = "return",
                             error_col: Optional[str] = "extract_error") -> pd.DataFrame:
         """Awaitable twin of ``df.sem_extract(...)`` for any running loop."""
-        spec, docs = self._prepare(input_cols, output_cols, extract_quotes, on_error)
-        out = None
-        if docs:
-            out = await sem_extract_async(
-                docs, model, output_cols, extract_quotes, postprocessor, return_raw_outputs,
-                safe_mode, progress_bar_desc, use_batch_processing, batch_size,
-                return_explanations, prompt_strategy,
-                max_concurrent_batches=max_concurrent_batches, progress=progress,
-                on_error="return")
-        return self._finish(spec, out, return_raw_outputs, return_explanations, error_col,
-                            on_error)
+        spec, documents = self._prepare(input_cols, output_cols, extract_quotes, on_error,
+                                        prompt_strategy, batch_size, max_concurrent_batches)
+        if not documents.n:
+            return self._finish(spec, None, return_raw_outputs, return_explanations,
+                                error_col, on_error)
+        run = self._start(spec, documents, model, output_cols, extract_quotes, postprocessor,
+                          return_raw_outputs, safe_mode, progress_bar_desc,
+                          use_batch_processing, batch_size, max_concurrent_batches, progress)
+        await _drive_async(run)
+        return self._collect(run, spec, return_raw_outputs, return_explanations, error_col,
+                             on_error)

@@ -1,11 +1,26 @@
 """sem_extract: structured fields from documents, LOTUS-compatible and faster.
 
-Every call runs in rounds. The first round sends each distinct document once (identical
-documents share one answer), ``batch_size`` documents per prompt when batch processing is on.
-A batch whose answer is malformed, has the wrong number of rows or overflows the context is
-split in half for the next round, down to single documents; a row that fails validation
-against a typed schema is retried once with the validation error in the prompt. Nothing is
-silently dropped: every document ends with a row or a typed error.
+Documents stream through in chunks (at least 1,024 prompts' worth and eight concurrency
+rounds), so memory follows the chunk, not the number of rows: a chunk's documents are rendered
+when it is read, each finished row goes straight to the caller's result storage (a list of
+dicts here, compact per-column arrays for the DataFrame accessor), and a chunk's working
+state is dropped once its last row has an outcome.
+
+Each step sends the next chunk's documents (``batch_size`` per prompt with batch processing)
+together with whatever the earlier steps left over: a batch whose answer is malformed, has the
+wrong number of rows or overflows the context is split in half, down to single documents; a
+row that fails validation against a typed schema is retried once with the validation error in
+the prompt. Nothing is silently dropped: every document ends with a row or a typed error.
+Within a step the LM pipelines its own windows; a synchronous call still drains its last
+prompts before the next step, which is why a chunk spans at least eight concurrency rounds.
+The async API with an LM and no ``max_concurrent_batches`` below the LM's ``max_concurrency``
+keeps two steps in flight: the next one starts as soon as the previous one is down to its
+last prompts, so the engine does not idle at chunk boundaries (with a lower per-call cap the
+steps run one at a time, so that the cap holds for the whole call).
+
+Identical documents are sent once per call, across chunks: each distinct text's 64-bit hash
+and first row are kept in sorted numpy runs (12 bytes per distinct document, see ``_Seen``),
+and a hash match is confirmed by comparing the texts before a row reuses another row's answer.
 
 Prompts put the fixed instructions first and the documents last, so providers' prefix caches
 hit across requests.
@@ -15,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import mmap
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -29,6 +45,16 @@ from .settings import settings
 logger = logging.getLogger("semex")
 
 __all__ = ["sem_extract", "sem_extract_async", "SemanticExtractOutput"]
+
+# A chunk holds this many prompts' worth of documents, and at least _CHUNK_CALLS_PER_SLOT
+# per concurrency slot (one LM window or more): long enough that the drain at the end of a
+# synchronous call (the last round of prompts) is a small part of it, small enough to stay
+# a few MB (10,240 short documents at batch_size 10 and concurrency 64).
+_CHUNK_CALLS_MIN = 1024
+_CHUNK_CALLS_PER_SLOT = 8
+_CHUNK_ROWS: Optional[int] = None  # fixed rows per chunk (tests lower it); None: automatic
+_RECENT_MAX = 4096  # answered documents remembered for their later duplicates
+_text_hash = hash   # a document text's 64-bit hash (tests force collisions through this)
 
 
 class EmptyDocumentError(E.RequestError):
@@ -52,9 +78,20 @@ class SemanticExtractOutput:
         return sum(e is not None for e in self.errors)
 
 
+class _Doc:
+    """One distinct document waiting for its answer: its text, first row and duplicates."""
+
+    __slots__ = ("text", "row", "members")
+
+    def __init__(self, text: str, row: int):
+        self.text = text
+        self.row = row
+        self.members: Optional[List[int]] = None  # later rows with the same text
+
+
 @dataclass
 class _Task:
-    uids: Tuple[int, ...]          # distinct documents in this prompt
+    docs: Tuple[_Doc, ...]          # distinct documents in this prompt
     feedback: Optional[str] = None  # validation error to show the model (retry of one row)
 
 
@@ -78,11 +115,11 @@ def _missing(value: Any) -> bool:
         return True  # pandas.NA refuses to be a bool: it is missing by definition
 
 
-def render_document(doc: Mapping[str, Any]) -> str:
-    """A document dict as the model sees it: one "[column]: value" line per field; missing
-    values (None, NaN, NA) are left out."""
+def render_pairs(pairs: Any) -> str:
+    """(column, value) pairs as the model sees them: one "[column]: value" line each;
+    missing values (None, NaN, NA) and blank text are left out."""
     lines = []
-    for key, value in doc.items():
+    for key, value in pairs:
         if isinstance(value, (list, tuple, dict)):
             value = json.dumps(value, ensure_ascii=False, default=str)
         elif _missing(value):
@@ -93,38 +130,147 @@ def render_document(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_document(doc: Mapping[str, Any]) -> str:
+    """A document dict as the model sees it (see :func:`render_pairs`)."""
+    return render_pairs(doc.items())
+
+
+class _ListDocuments:
+    """The list API's documents: dicts, rendered a chunk at a time."""
+
+    def __init__(self, docs: List[Mapping[str, Any]]):
+        self.docs = docs
+        self.n = len(docs)
+
+    def render(self, start: int, end: int) -> List[str]:
+        docs = self.docs
+        return [render_pairs(docs[i].items()) for i in range(start, end)]
+
+    def render_row(self, i: int) -> str:
+        return render_pairs(self.docs[i].items())
+
+
+class _ListSink:
+    """Results as the list API returns them: a dict, raw answer and error per row.
+
+    The sink contract (the accessor has a columnar one): ``bind(n, chunk_rows)`` once;
+    ``open_chunk(chunk, start, end)`` before a chunk's rows are written; ``write(i, row, raw,
+    error)`` exactly once per row; ``read(i)`` -> (row, raw, error) of a written row;
+    ``seal(chunk)`` after the chunk's last row is written."""
+
+    def bind(self, n: int, chunk_rows: int) -> None:
+        self.rows: List[Optional[Dict[str, Any]]] = [None] * n
+        self.raw: List[Optional[str]] = [None] * n
+        self.errors: List[Optional[E.RequestError]] = [None] * n
+
+    def open_chunk(self, chunk: int, start: int, end: int) -> None:
+        pass
+
+    def seal(self, chunk: int) -> None:
+        pass
+
+    def write(self, i: int, row: Optional[Dict[str, Any]], raw: Optional[str],
+              error: Optional[E.RequestError]) -> None:
+        if error is None:
+            self.rows[i] = dict(row) if row is not None else None
+        else:
+            self.errors[i] = error
+        self.raw[i] = raw
+
+    def read(self, i: int) -> Tuple[Optional[Dict[str, Any]], Optional[str],
+                                    Optional[E.RequestError]]:
+        return self.rows[i], self.raw[i], self.errors[i]
+
+    def output(self, spec: OutputSpec) -> SemanticExtractOutput:
+        empty = {c: None for c in spec.all_columns}
+        outputs = [row if row is not None else dict(empty) for row in self.rows]
+        return SemanticExtractOutput(outputs=outputs, raw_outputs=self.raw, errors=self.errors,
+                                     explanations=[None] * len(outputs))
+
+
+class _Seen:
+    """The first row of every distinct text of the call so far, by the text's 64-bit hash.
+
+    Sorted runs of (hash, row) numpy arrays, 12 bytes per distinct document (a dict would take
+    ~100): each chunk adds a run, and a run is merged into the one before it once that one is
+    no longer bigger, so there are O(log n) runs and O(n log n) copying in all. Runs of 1 MB
+    or more get their own anonymous mapping: freed, they go back to the OS at once, where in
+    glibc's heap they would leave holes that the next, bigger run cannot reuse. A match only
+    says "probably the same text": callers compare the texts."""
+
+    def __init__(self, n: int):
+        import numpy as np  # only calls longer than one chunk get here
+
+        self.np = np
+        self.row_type = np.int32 if n < 2 ** 31 else np.int64
+        self.runs: List[Tuple[Any, Any]] = []
+
+    def _empty(self, size: int, dtype: Any) -> Any:
+        np = self.np
+        nbytes = size * np.dtype(dtype).itemsize
+        if nbytes < (1 << 20):
+            return np.empty(size, dtype=dtype)
+        return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=size)
+
+    def lookup(self, hashes: List[int]) -> List[int]:
+        """The first row seen with each hash, or -1."""
+        np = self.np
+        keys = np.array(hashes, dtype=np.int64)
+        found = np.full(len(keys), -1, dtype=np.int64)
+        for run_hashes, run_rows in self.runs:
+            pos = np.searchsorted(run_hashes, keys)
+            np.minimum(pos, len(run_hashes) - 1, out=pos)
+            hit = run_hashes[pos] == keys
+            found[hit] = run_rows[pos[hit]]
+        return found.tolist()
+
+    def add(self, hashes: List[int], rows: List[int]) -> None:
+        np = self.np
+        keys = np.array(hashes, dtype=np.int64)
+        order = np.argsort(keys, kind="stable")
+        run = (keys[order], np.array(rows, dtype=self.row_type)[order])
+        runs = self.runs
+        while runs and len(runs[-1][0]) <= len(run[0]):
+            run = self._merge(runs.pop(), run)
+        runs.append(run)
+
+    def _merge(self, a: Tuple[Any, Any], b: Tuple[Any, Any]) -> Tuple[Any, Any]:
+        np = self.np
+        size = len(a[0]) + len(b[0])
+        at = np.searchsorted(a[0], b[0]) + np.arange(len(b[0]))  # b's places in the merge
+        keep = np.ones(size, dtype=bool)
+        keep[at] = False
+        merged_hashes = self._empty(size, np.int64)
+        merged_rows = self._empty(size, self.row_type)
+        merged_hashes[keep], merged_hashes[at] = a[0], b[0]
+        merged_rows[keep], merged_rows[at] = a[1], b[1]
+        return merged_hashes, merged_rows
+
+
 class _Extraction:
-    def __init__(self, docs: Sequence[Mapping[str, Any]], spec: OutputSpec, batch_size: int,
-                 structured: Any):
+    """The state of one call: prompts, the chunk being read, documents waiting for answers,
+    and what each answer means for the rows."""
+
+    def __init__(self, documents: Any, sink: Any, spec: OutputSpec, batch_size: int,
+                 structured: Any, chunk_rows: int):
+        self.documents = documents
+        self.sink = sink
         self.spec = spec
         self.batch_size = batch_size
         self.structured = structured
-        self.n = len(docs)
-        self.rows: List[Optional[Dict[str, Any]]] = [None] * self.n
-        self.raw: List[Optional[str]] = [None] * self.n
-        self.errors: List[Optional[E.RequestError]] = [None] * self.n
-        # dedup: identical rendered documents are sent once
-        self.texts: List[str] = []
-        self.members: List[List[int]] = []
-        seen: Dict[str, int] = {}
-        for i, doc in enumerate(docs):
-            text = render_document(doc)
-            if not text:
-                self.errors[i] = EmptyDocumentError(
-                    f"row {i}: the document has no text in any input column; nothing sent",
-                    index=i)
-                continue
-            uid = seen.get(text)
-            if uid is None:
-                uid = seen[text] = len(self.texts)
-                self.texts.append(text)
-                self.members.append([])
-            self.members[uid].append(i)
-        self.cache_hits = sum(len(m) - 1 for m in self.members)
-        self.resolved = 0  # distinct documents with a final outcome
-        uids = list(range(len(self.texts)))
-        size = max(1, batch_size)
-        self.tasks = [_Task(tuple(uids[k:k + size])) for k in range(0, len(uids), size)]
+        self.n = documents.n
+        self.chunk_rows = chunk_rows
+        sink.bind(self.n, chunk_rows)
+        self.next_row = 0                     # first row not read yet
+        self.unfinished: Dict[int, int] = {}  # chunk -> its rows without an outcome yet
+        self.pending: Dict[int, _Doc] = {}    # first row -> document waiting for an answer
+        self.seen: Optional[_Seen] = None
+        self.recent: Dict[int, tuple] = {}    # first row -> (text, row, raw, error), answered
+        self.carry: List[_Doc] = []           # new documents not in a prompt yet
+        self.followups: List[_Task] = []      # splits and retries for the next step
+        self.done = 0
+        self.failed = 0
+        self.cache_hits = 0
         self.usage = Usage()
         fields = spec.field_lines()
         common = ("You extract structured information from documents.\n"
@@ -145,109 +291,211 @@ class _Extraction:
         self.rf_single = spec.response_format(structured, batch=False)
         self.rf_batch = spec.response_format(structured, batch=True)
 
+    # -- reading ---------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return self.next_row < self.n or bool(self.followups) or bool(self.carry)
+
+    def read_chunk(self) -> None:
+        """Render the next chunk; settle its empty documents and the duplicates of answered
+        ones now, attach duplicates of waiting ones, queue the rest."""
+        start = self.next_row
+        end = min(self.n, start + self.chunk_rows)
+        self.next_row = end
+        chunk = start // self.chunk_rows
+        self.unfinished[chunk] = end - start
+        self.sink.open_chunk(chunk, start, end)
+        texts = self.documents.render(start, end)
+        hashes = [_text_hash(text) for text in texts]
+        earlier = self.seen.lookup(hashes) if self.seen is not None else None
+        local: Dict[int, _Doc] = {}
+        new_hashes: List[int] = []
+        new_rows: List[int] = []
+        for k, text in enumerate(texts):
+            i = start + k
+            if not text:
+                self._write(i, None, None, EmptyDocumentError(
+                    f"row {i}: the document has no text in any input column; nothing sent",
+                    index=i))
+                continue
+            h = hashes[k]
+            first = earlier[k] if earlier is not None else -1
+            if first >= 0:
+                if self._same_as(first, i, text):
+                    continue
+            else:
+                doc = local.get(h)
+                if doc is not None and doc.text == text:
+                    _add_member(doc, i)
+                    self.cache_hits += 1
+                    continue
+            doc = _Doc(text, i)
+            self.pending[i] = doc
+            self.carry.append(doc)
+            if first < 0 and h not in local:  # a hash collision stays out of the index
+                local[h] = doc
+                new_hashes.append(h)
+                new_rows.append(i)
+        if new_rows and self.next_row < self.n:  # later chunks may repeat these
+            if self.seen is None:
+                self.seen = _Seen(self.n)
+            self.seen.add(new_hashes, new_rows)
+
+    def _same_as(self, first: int, i: int, text: str) -> bool:
+        """Row i repeats the document first seen at row ``first``: share its answer (now, or
+        when it comes) and return True; False if only the hashes matched."""
+        doc = self.pending.get(first)
+        if doc is not None:
+            if doc.text != text:
+                return False
+            _add_member(doc, i)
+            self.cache_hits += 1
+            return True
+        entry = self.recent.get(first)
+        if entry is None:
+            entry = (self.documents.render_row(first),) + tuple(self.sink.read(first))
+            if len(self.recent) >= _RECENT_MAX:
+                self.recent.clear()
+            self.recent[first] = entry
+        if entry[0] != text:
+            return False
+        self.cache_hits += 1
+        error = entry[3]
+        self._write(i, entry[1], entry[2],
+                    _row_error(error, i, was=first) if error is not None else None)
+        return True
+
+    def take_tasks(self) -> List[_Task]:
+        """Leftovers first, then new documents in prompts of ``batch_size``; a partial batch
+        waits for the next chunk unless nothing else would be sent."""
+        tasks, self.followups = self.followups, []
+        size = self.batch_size
+        carry = self.carry
+        cut = len(carry)
+        if self.next_row < self.n and (tasks or cut >= size):
+            cut -= cut % size
+        tasks += [_Task(tuple(carry[k:k + size])) for k in range(0, cut, size)]
+        self.carry = carry[cut:]
+        return tasks
+
     # -- prompts --------------------------------------------------------------------------
     def conversation(self, task: _Task) -> list:
-        if len(task.uids) == 1:
-            user = "Document:\n" + self.texts[task.uids[0]]
+        if len(task.docs) == 1:
+            user = "Document:\n" + task.docs[0].text
             if task.feedback:
                 user += ("\n\nA previous answer for this document was rejected: "
                          f"{task.feedback}. Answer again, following the field types exactly.")
             return [{"role": "system", "content": self.system_single},
                     {"role": "user", "content": user}]
-        parts = [f"{len(task.uids)} documents:"]
-        for k, uid in enumerate(task.uids, 1):
-            parts.append(f"Document {k}:\n{self.texts[uid]}")
+        parts = [f"{len(task.docs)} documents:"]
+        for k, doc in enumerate(task.docs, 1):
+            parts.append(f"Document {k}:\n{doc.text}")
         return [{"role": "system", "content": self.system_batch},
                 {"role": "user", "content": "\n\n".join(parts)}]
 
     # -- outcomes -------------------------------------------------------------------------
-    def _finish(self, uid: int, row: Optional[Dict[str, Any]], raw: Optional[str],
+    def _write(self, i: int, row: Optional[Dict[str, Any]], raw: Optional[str],
+               error: Optional[E.RequestError]) -> None:
+        self.sink.write(i, row, raw, error)
+        self.done += 1
+        if error is not None:
+            self.failed += 1
+        chunk = i // self.chunk_rows
+        left = self.unfinished[chunk] - 1
+        if left:
+            self.unfinished[chunk] = left
+        else:
+            del self.unfinished[chunk]
+            self.sink.seal(chunk)
+
+    def _finish(self, doc: _Doc, row: Optional[Dict[str, Any]], raw: Optional[str],
                 error: Optional[E.RequestError]) -> None:
-        self.resolved += 1
-        for i in self.members[uid]:
-            if error is None:
-                self.rows[i] = dict(row) if row is not None else None
-            else:
-                self.errors[i] = _row_error(error, i)
-            self.raw[i] = raw
+        del self.pending[doc.row]
+        self._write(doc.row, row, raw,
+                    _row_error(error, doc.row) if error is not None else None)
+        for i in doc.members or ():
+            self._write(i, row, raw, _row_error(error, i) if error is not None else None)
 
     def absorb(self, task: _Task, content: Optional[str],
                error: Optional[E.RequestError]) -> List[_Task]:
-        """Take one prompt's outcome; return the tasks it leaves for the next round."""
-        uids = task.uids
+        """Take one prompt's outcome; return the tasks it leaves for the next step."""
+        docs = task.docs
         if error is not None:
-            if len(uids) > 1 and (_is_context_overflow(error)
+            if len(docs) > 1 and (_is_context_overflow(error)
                                   or isinstance(error, E.ResponseFormatError)):
-                return _halves(uids)
-            for uid in uids:
-                self._finish(uid, None, content, error)
+                return _halves(docs)
+            for doc in docs:
+                self._finish(doc, None, content, error)
             return []
         try:
             value = parse_json_answer(content)
         except ValueError as exc:
             return self._unreadable(task, content, str(exc))
-        if len(uids) == 1:
+        if len(docs) == 1:
             obj = value
             if isinstance(obj, dict) and isinstance(obj.get("results"), list) and \
                     len(obj["results"]) == 1 and not set(obj) & set(self.spec.columns):
                 obj = obj["results"][0]
             if isinstance(obj, list) and len(obj) == 1:
                 obj = obj[0]
-            return self._take_row(task, uids[0], obj, content)
+            return self._take_row(task, docs[0], obj, content)
         items = value.get("results") if isinstance(value, dict) else value
-        if not isinstance(items, list) or len(items) != len(uids) or \
+        if not isinstance(items, list) or len(items) != len(docs) or \
                 not all(isinstance(x, dict) for x in items):
             got = len(items) if isinstance(items, list) else type(items).__name__
-            logger.debug("batch of %d got %s rows back; splitting", len(uids), got)
-            return _halves(uids)
+            logger.debug("batch of %d got %s rows back; splitting", len(docs), got)
+            return _halves(docs)
         ids = [x.get("id") for x in items]
         if all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
-            if sorted(ids) != list(range(1, len(uids) + 1)):
-                logger.debug("batch of %d answered with ids %s; splitting", len(uids), ids)
-                return _halves(uids)
+            if sorted(ids) != list(range(1, len(docs) + 1)):
+                logger.debug("batch of %d answered with ids %s; splitting", len(docs), ids)
+                return _halves(docs)
             items = [obj for _, obj in sorted(zip(ids, items), key=lambda p: p[0])]
         next_tasks: List[_Task] = []
-        for uid, obj in zip(uids, items):
-            next_tasks += self._take_row(_Task((uid,)), uid, obj,
+        for doc, obj in zip(docs, items):
+            next_tasks += self._take_row(_Task((doc,)), doc, obj,
                                          json.dumps(obj, ensure_ascii=False))
         return next_tasks
 
-    def _take_row(self, task: _Task, uid: int, obj: Any, raw: Optional[str]) -> List[_Task]:
+    def _take_row(self, task: _Task, doc: _Doc, obj: Any, raw: Optional[str]) -> List[_Task]:
         try:
             row = self.spec.validate(obj)
         except RowInvalid as exc:
             return self._unreadable(task, raw, str(exc))
-        self._finish(uid, row, raw, None)
+        self._finish(doc, row, raw, None)
         return []
 
     def _unreadable(self, task: _Task, raw: Optional[str], reason: str) -> List[_Task]:
-        if len(task.uids) > 1:
-            return _halves(task.uids)
-        uid = task.uids[0]
+        if len(task.docs) > 1:
+            return _halves(task.docs)
+        doc = task.docs[0]
         if task.feedback is None:
             # one more try for this document, telling the model what was wrong
-            return [_Task((uid,), feedback=reason)]
-        self._finish(uid, None, raw, E.ResponseFormatError(
+            return [_Task((doc,), feedback=reason)]
+        self._finish(doc, None, raw, E.ResponseFormatError(
             f"the answer did not match the requested fields: {reason}"))
         return []
 
-    def output(self) -> SemanticExtractOutput:
-        empty = {c: None for c in self.spec.all_columns}
-        outputs = [row if row is not None else dict(empty) for row in self.rows]
-        self.usage.failed = sum(e is not None for e in self.errors)
-        return SemanticExtractOutput(outputs=outputs, raw_outputs=self.raw,
-                                     errors=self.errors, usage=self.usage,
-                                     explanations=[None] * self.n)
+
+def _add_member(doc: _Doc, row: int) -> None:
+    if doc.members is None:
+        doc.members = [row]
+    else:
+        doc.members.append(row)
 
 
-def _halves(uids: Tuple[int, ...]) -> List[_Task]:
-    mid = (len(uids) + 1) // 2
-    return [_Task(uids[:mid]), _Task(uids[mid:])]
+def _halves(docs: Tuple[_Doc, ...]) -> List[_Task]:
+    mid = (len(docs) + 1) // 2
+    return [_Task(docs[:mid]), _Task(docs[mid:])]
 
 
-def _row_error(error: E.RequestError, row: int) -> E.RequestError:
+def _row_error(error: E.RequestError, row: int, was: Optional[int] = None) -> E.RequestError:
+    """``error`` retold for ``row`` (its "item k: " prefix, or "row ``was``: " for an error
+    already told for another row, replaced)."""
     message = str(error)
-    if message.startswith("item "):
+    old = f"row {was}: " if was is not None else None
+    if old is not None and message.startswith(old):
+        message = message[len(old):]
+    elif message.startswith("item "):
         message = message.split(": ", 1)[-1]
     new = type(error)(f"row {row}: {message}", index=row, status=error.status,
                       attempts=error.attempts, body=error.body)
@@ -279,44 +527,84 @@ def _check_common(batch_size: Any, on_error: str, max_concurrent_batches: Any) -
             f"max_concurrent_batches must be an integer >= 1, got {max_concurrent_batches!r}")
 
 
-def _unsupported(prompt_strategy: Any) -> None:
+def _check_call(output_cols: Any, prompt_strategy: Any, batch_size: Any, on_error: str,
+                max_concurrent_batches: Any) -> None:
+    if output_cols is None:
+        raise E.ConfigurationError("output_cols is required")
     if prompt_strategy is not None:
         raise E.ConfigurationError("prompt_strategy is not supported by semex yet; pass None")
+    _check_common(batch_size, on_error, max_concurrent_batches)
+
+
+class _Call:
+    """One model call of a step: prompts of one shape and their progress."""
+
+    __slots__ = ("tasks", "conversations", "response_format", "rows", "done", "step")
+
+    def __init__(self, tasks: List[_Task], conversations: List[list],
+                 response_format: Optional[dict]):
+        self.tasks = tasks
+        self.conversations: Optional[List[list]] = conversations
+        self.response_format = response_format
+        self.rows = sum(1 + len(d.members or ()) for t in tasks for d in t.docs)
+        self.done = 0
+        self.step: Optional[_Step] = None
 
 
 class _Run:
-    """Shared set-up and bookkeeping of one sem_extract call (sync or async)."""
+    """Set-up, steps, progress and bookkeeping of one extraction (sync or async), from any
+    documents (``n``, ``render(start, end)``, ``render_row(i)``) into any sink."""
 
-    def __init__(self, docs, model, output_cols, extract_quotes, batch_size,
+    def __init__(self, documents, sink, model, output_cols, extract_quotes, batch_size,
                  use_batch_processing, max_concurrent_batches, progress, progress_bar_desc,
-                 safe_mode, on_error, postprocessor, prompt_strategy):
-        if output_cols is None:
-            raise E.ConfigurationError("output_cols is required")
-        _unsupported(prompt_strategy)
-        _check_common(batch_size, on_error, max_concurrent_batches)
-        self.docs = _check_docs(docs)
+                 safe_mode, on_error, postprocessor):
         self.spec = OutputSpec(output_cols, extract_quotes)
         model = settings.resolve_lm(model)
         self.runner = ModelRunner(model, max_concurrent_batches)
-        structured = self.runner.structured
-        self.state = _Extraction(self.docs, self.spec,
-                                 batch_size if use_batch_processing else 1, structured)
+        self.model = model
         self.on_error = on_error
         self.postprocessor = postprocessor
-        self.model = model
+        self.sink = sink
+        size = batch_size if use_batch_processing else 1
+        self.cap = _concurrency(self.runner)
+        # Two async steps may overlap only where one limit covers both: the engine's own
+        # window (max_concurrency) bounds every call of an LM, but a max_concurrent_batches
+        # below it, a worker-thread semaphore or a user's async_call bounds one call only.
+        own = self.runner.model.max_concurrency if self.runner.is_lm else None
+        self.overlap = own is not None and self.cap >= own
+        chunk_rows = _CHUNK_ROWS or size * max(_CHUNK_CALLS_MIN,
+                                               _CHUNK_CALLS_PER_SLOT * self.cap)
+        self.state = _Extraction(documents, sink, self.spec, size, self.runner.structured,
+                                 chunk_rows)
+        self.n = documents.n
         self._stats0 = self._engine_stats()
-        self.bar = ProgressBar(len(self.docs), progress_bar_desc, enabled=progress)
-        self.bar.advance(len(self.docs) - sum(len(m) for m in self.state.members))
+        self.in_flight: List[_Call] = []
+        self.bar = ProgressBar(self.n, progress_bar_desc, enabled=progress)
         if safe_mode:
             self.safe_mode_report()
 
     def safe_mode_report(self) -> None:
+        """Estimate from one pass over the documents (rendered and hashed, then dropped)."""
+        import numpy as np
+
         state = self.state
-        chars = sum(len(state.system_batch if len(t.uids) > 1 else state.system_single)
-                    + sum(len(state.texts[u]) for u in t.uids) for t in state.tasks)
-        tokens = chars // 4
-        lines = [f"semex safe mode: {len(self.docs)} documents, {len(state.texts)} distinct, "
-                 f"about {len(state.tasks)} calls and {tokens:,} prompt tokens"]
+        documents, step = state.documents, state.chunk_rows
+        hashes: List[Any] = []
+        lengths: List[Any] = []
+        for start in range(0, self.n, step):
+            texts = [t for t in documents.render(start, min(self.n, start + step)) if t]
+            hashes.append(np.array([_text_hash(t) for t in texts], dtype=np.int64))
+            lengths.append(np.array([len(t) for t in texts], dtype=np.int64))
+        all_hashes = np.concatenate(hashes) if hashes else np.empty(0, np.int64)
+        _, firsts = np.unique(all_hashes, return_index=True)
+        distinct = len(firsts)
+        size = state.batch_size
+        calls = -(-distinct // size)
+        system = state.system_batch if size > 1 else state.system_single
+        text_chars = int(np.concatenate(lengths)[firsts].sum()) if distinct else 0
+        tokens = (calls * len(system) + text_chars) // 4
+        lines = [f"semex safe mode: {self.n} documents, {distinct} distinct, "
+                 f"about {calls} calls and {tokens:,} prompt tokens"]
         cost = getattr(self.model, "_cost", None)
         if callable(cost):
             estimate = cost(tokens, 0)
@@ -325,27 +613,33 @@ class _Run:
         sys.stderr.write("\n".join(lines) + "\n")
         logger.info("%s", " ".join(lines))
 
-    def rounds(self) -> List[Tuple[List[_Task], List[list], Optional[dict], Callable]]:
-        """The next round's calls: multi-document prompts and single-document prompts go
-        in separate calls, each with the response format of its shape."""
+    def next_step(self) -> List[_Call]:
+        """Read the next chunk (if any) and build this step's calls: multi-document prompts
+        and single-document prompts go in separate calls, each with its response format."""
         state = self.state
-        tasks, state.tasks = state.tasks, []
-        groups = [[t for t in tasks if len(t.uids) > 1], [t for t in tasks if len(t.uids) == 1]]
+        if state.next_row < state.n:
+            state.read_chunk()
+        tasks = state.take_tasks()
         calls = []
-        base = self.bar.n
-        for group, rf in zip(groups, (state.rf_batch, state.rf_single)):
-            if not group:
-                continue
-            weights = [sum(len(state.members[u]) for u in t.uids) for t in group]
-            average = sum(weights) / len(weights)
-            cap = base + sum(weights)
-
-            def tick(done: int, total: int, base=base, average=average, cap=cap) -> None:
-                self.bar.update_to(min(cap, base + int(done * average)), self.stats())
-
-            calls.append((group, [state.conversation(t) for t in group], rf, tick))
-            base = cap
+        for group, rf in (([t for t in tasks if len(t.docs) > 1], state.rf_batch),
+                          ([t for t in tasks if len(t.docs) == 1], state.rf_single)):
+            if group:
+                calls.append(_Call(group, [state.conversation(t) for t in group], rf))
+        self.in_flight += calls
+        self._show()
         return calls
+
+    def tick(self, call: _Call) -> Callable[[int, int], None]:
+        def progress(done: int, total: int) -> None:
+            call.done = done
+            if call.step is not None:
+                call.step.check()
+            self._show()
+        return progress
+
+    def _show(self) -> None:
+        guess = sum(c.rows * c.done // max(1, len(c.tasks)) for c in self.in_flight)
+        self.bar.update_to(self.state.done + guess, self.stats())
 
     def _engine_stats(self) -> Dict[str, Any]:
         engine_stats = getattr(self.model, "engine_stats", None)
@@ -357,30 +651,44 @@ class _Run:
         figures = {k: now.get(k, 0) - self._stats0.get(k, 0)
                    for k in ("admitted", "retries", "http_429")}
         figures["tokens"] = self.state.usage.total_tokens
-        figures["errors"] = sum(e is not None for e in self.state.errors)
+        figures["errors"] = self.state.failed
         return figures
 
-    def absorb(self, tasks: List[_Task], out: LMOutput) -> None:
+    def absorb(self, call: _Call, out: LMOutput) -> None:
         state = self.state
+        self.in_flight.remove(call)
+        call.conversations = None
         state.usage.add(out.usage)
-        for task, content, error in zip(tasks, out.outputs, out.errors):
-            state.tasks += state.absorb(task, content, error)
-        done_docs = sum(len(state.members[u]) for u in range(len(state.texts))
-                        if _is_done(state, u))
-        empty = len(self.docs) - sum(len(m) for m in state.members)
-        self.bar.update_to(done_docs + empty, self.stats())
+        for task, content, error in zip(call.tasks, out.outputs, out.errors):
+            state.followups += state.absorb(task, content, error)
+        self._show()
+
+    def check_complete(self) -> None:
+        state = self.state
+        if state.unfinished or state.pending or state.done != self.n:
+            raise RuntimeError(  # a bug in semex, never the user's fault
+                f"sem_extract ended with {self.n - state.done} rows without an outcome")
+
+    def usage(self) -> Usage:
+        usage = self.state.usage
+        usage.cache_hits = self.state.cache_hits
+        usage.failed = self.state.failed
+        return usage
+
+    def log_failures(self, failed: int, first: Any) -> None:
+        logger.warning("sem_extract: %d of %d rows failed; first: %s", failed, self.n, first)
 
     def finish(self) -> SemanticExtractOutput:
+        """The list API's result (list sink), postprocessed; raises for on_error="raise"."""
         self.bar.close()
-        result = self.state.output()
-        result.usage.cache_hits = self.state.cache_hits
-        result.usage.failed = result.failed
+        self.check_complete()
+        result = self.sink.output(self.spec)
+        result.usage = self.usage()
         if self.postprocessor is not None:
             self.apply_postprocessor(result)
         if result.failed:
             first = next(e for e in result.errors if e is not None)
-            logger.warning("sem_extract: %d of %d rows failed; first: %s", result.failed,
-                           len(result.outputs), first)
+            self.log_failures(result.failed, first)
             if self.on_error == "raise":
                 raise E.BatchError(
                     f"{result.failed} of {len(result.outputs)} rows failed; first: {first}. "
@@ -400,9 +708,107 @@ class _Run:
             result.outputs[i] = row
 
 
-def _is_done(state: _Extraction, uid: int) -> bool:
-    first = state.members[uid][0]
-    return state.rows[first] is not None or state.errors[first] is not None
+def _concurrency(runner: ModelRunner) -> int:
+    """Prompts the model has in flight at once (sizes chunks; the runner enforces it)."""
+    cap = runner.max_concurrent
+    own = getattr(runner.model, "max_concurrency", None) if runner.is_lm else None
+    if own:
+        cap = min(cap, own) if cap else own
+    return cap or 4
+
+
+def _drive(run: _Run) -> None:
+    """The synchronous steps: each sends the next chunk with the previous step's leftovers
+    (no round is spent on stragglers alone); the LM pipelines its windows within a call."""
+    state = run.state
+    try:
+        while state.has_work():
+            for call in run.next_step():
+                run.absorb(call, run.runner.call(call.conversations, call.response_format,
+                                                 run.tick(call)))
+    finally:
+        run.bar.close()
+
+
+class _Step:
+    """The calls of one async step, and whether they are down to their last prompts."""
+
+    def __init__(self, calls: List[_Call], cap: int):
+        self.calls = calls
+        self.cap = cap
+        self.tail = asyncio.Event()
+        self._waiter: Optional[asyncio.Future] = None
+        for call in calls:
+            call.step = self
+        self.check()
+
+    def check(self) -> None:
+        if not self.tail.is_set() and \
+                sum(len(c.tasks) - c.done for c in self.calls) <= self.cap:
+            self.tail.set()
+
+    def waiter(self) -> "asyncio.Future":
+        if self._waiter is None:
+            self._waiter = asyncio.ensure_future(self.tail.wait())
+        return self._waiter
+
+    def close(self) -> None:
+        self.tail.set()
+        if self._waiter is not None:
+            self._waiter.cancel()
+
+
+async def _run_step(run: _Run, step: _Step) -> None:
+    """A step's calls (one per prompt shape): together where one limit covers them all,
+    else one after the other, so that a per-call cap holds."""
+    try:
+        if run.overlap:
+            outs = await asyncio.gather(*(run.runner.acall(c.conversations,
+                                                           c.response_format, run.tick(c))
+                                          for c in step.calls))
+            for call, out in zip(step.calls, outs):
+                run.absorb(call, out)
+        else:
+            for call in step.calls:
+                run.absorb(call, await run.runner.acall(call.conversations,
+                                                        call.response_format, run.tick(call)))
+    finally:
+        step.close()
+
+
+async def _drive_async(run: _Run) -> None:
+    """Async steps, two in flight when ``run.overlap``: the next starts once the newest is
+    down to its last ``cap`` prompts, so the engine has the next chunk's prompts before the
+    previous chunk's stragglers are back (their leftovers join a later step). Otherwise, as
+    in the sync API, one step at a time."""
+    state = run.state
+    steps: Dict["asyncio.Future", _Step] = {}
+    newest: Optional[_Step] = None
+    try:
+        while True:
+            if state.has_work() and (not steps or (
+                    run.overlap and len(steps) < 2 and newest.tail.is_set())):
+                calls = run.next_step()
+                if calls:
+                    newest = _Step(calls, run.cap)
+                    steps[asyncio.ensure_future(_run_step(run, newest))] = newest
+                continue
+            if not steps:
+                break
+            waiters = set(steps)
+            if run.overlap and len(steps) < 2 and state.has_work():
+                waiters.add(newest.waiter())
+            finished, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                if steps.pop(task, None) is not None:
+                    task.result()  # a step's exception ends the call
+    finally:
+        for task, step in steps.items():
+            task.cancel()
+            step.close()
+        if steps:
+            await asyncio.gather(*steps, return_exceptions=True)
+        run.bar.close()
 
 
 def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
@@ -438,15 +844,11 @@ def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
 
     Works inside a running event loop (a notebook cell): no event loop is used.
     """
-    run = _Run(docs, model, output_cols, extract_quotes, batch_size, use_batch_processing,
-               max_concurrent_batches, progress, progress_bar_desc, safe_mode, on_error,
-               postprocessor, prompt_strategy)
-    try:
-        while run.state.tasks:
-            for tasks, conversations, rf, tick in run.rounds():
-                run.absorb(tasks, run.runner.call(conversations, rf, tick))
-    finally:
-        run.bar.close()
+    _check_call(output_cols, prompt_strategy, batch_size, on_error, max_concurrent_batches)
+    run = _Run(_ListDocuments(_check_docs(docs)), _ListSink(), model, output_cols,
+               extract_quotes, batch_size, use_batch_processing, max_concurrent_batches,
+               progress, progress_bar_desc, safe_mode, on_error, postprocessor)
+    _drive(run)
     return run.finish()
 
 
@@ -461,18 +863,11 @@ async def sem_extract_async(docs: Sequence[Mapping[str, Any]], model: Any = None
                             progress: bool = True,
                             on_error: str = "return") -> SemanticExtractOutput:
     """Awaitable twin of :func:`sem_extract` for any running asyncio loop (Jupyter
-    included). ``max_concurrent_batches`` (default 3) limits prompts in flight; a plain
-    callable model runs in worker threads so the loop never blocks."""
-    run = _Run(docs, model, output_cols, extract_quotes, batch_size, use_batch_processing,
-               max_concurrent_batches, progress, progress_bar_desc, safe_mode, on_error,
-               postprocessor, prompt_strategy)
-    try:
-        while run.state.tasks:
-            calls = run.rounds()
-            outs = await asyncio.gather(*(run.runner.acall(conversations, rf, tick)
-                                          for _, conversations, rf, tick in calls))
-            for (tasks, _, _, _), out in zip(calls, outs):
-                run.absorb(tasks, out)
-    finally:
-        run.bar.close()
+    included). ``max_concurrent_batches`` (default 3) limits prompts in flight;
+    a plain callable model runs in worker threads so the loop never blocks."""
+    _check_call(output_cols, prompt_strategy, batch_size, on_error, max_concurrent_batches)
+    run = _Run(_ListDocuments(_check_docs(docs)), _ListSink(), model, output_cols,
+               extract_quotes, batch_size, use_batch_processing, max_concurrent_batches,
+               progress, progress_bar_desc, safe_mode, on_error, postprocessor)
+    await _drive_async(run)
     return run.finish()
