@@ -428,6 +428,28 @@ class Harness:
                                 note=f"N={n:,}: start-up and drain amortised")
         return cfg_index + 1
 
+    def memory(self, n):
+        """(e) df.sem_extract over n short rows against the mock at 0 ms: peak RSS growth vs
+        the input frame's size (benchmarks/bench_extract_memory.py, its own mock)."""
+        py = self.args.mem_python or self.python
+        cmd = [py, os.path.join(HERE, "bench_extract_memory.py"), "--n", str(n)]
+        rec = {"workload": "memory", "key": "semex-memory", "label": "semex df.sem_extract",
+               "c": 64, "n": n, "cmd": " ".join(shlex.quote(x) for x in cmd[1:]),
+               "mock": "--latency-ms 0 (started by the script)", "python": py}
+        self.log(f"memory N={n:,} ...")
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, env=self.env,
+                               timeout=self.args.timeout_s)
+            lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+            rec["result"] = json.loads(lines[-1])
+            rec["verdict_line"] = p.stdout.strip().splitlines()[-1]
+            if p.returncode not in (0, 1):
+                rec["failure"] = (p.stderr or p.stdout)[-400:]
+        except Exception as exc:  # noqa: BLE001 - recorded in the report
+            rec["failure"] = f"{type(exc).__name__}: {exc}"
+        self.records.append(rec)
+        self.log("   " + rec.get("verdict_line", rec.get("failure", "?")))
+
     def ratelimit(self, keys, c, seconds, cfg_index):
         rate = RL_RPM / 60.0
         for key in self.order([k for k in keys if k not in RL_EXCLUDE], cfg_index):
@@ -618,6 +640,37 @@ def find(records, workload, key, c):
     return None
 
 
+def memory_section(records):
+    out = ["## (e) Memory: df.sem_extract over many short rows\n",
+           "`benchmarks/bench_extract_memory.py`: a DataFrame of N distinct short rows "
+           "(`order i: customer i%9973 bought item i%313`), two output fields, batch_size=10, "
+           "64 prompts in flight, the mock at 0 ms latency (started by the script), every "
+           "row's values checked. Target: **peak RSS growth** during the call (VmHWM after "
+           "resetting it via /proc/self/clear_refs, minus RSS just before the call) ≤ 2× the "
+           "input frame's own size (`df.memory_usage(deep=True).sum()`).\n",
+           "| N | pandas | frame MB | RSS before MB | peak RSS MB | growth MB | growth / frame "
+           "| result frame MB | wall s | rows/s | bad values | error rows | verdict |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in records:
+        if r["workload"] != "memory":
+            continue
+        x = r.get("result")
+        if not x:
+            out.append(f"| {r['n']:,} | — | — | — | — | — | — | — | — | — | — | — | FAILED: "
+                       f"{str(r.get('failure'))[:200].replace('|', '/')} |")
+            continue
+        mb = 1e6
+        ok = x["peak_growth_bytes"] <= 2 * x["frame_bytes"] and not x["bad_values"] \
+            and not x["error_rows"]
+        out.append(f"| {x['n']:,} | {x['pandas']} | {x['frame_bytes'] / mb:.1f} | "
+                   f"{x['rss_before_bytes'] / mb:.0f} | {x['peak_rss_bytes'] / mb:.0f} | "
+                   f"{x['peak_growth_bytes'] / mb:.1f} | **{x['growth_over_frame']:.2f}×** | "
+                   f"{x['result_frame_bytes'] / mb:.1f} | {x['wall_s']:.1f} | "
+                   f"{x['rows_per_s']:,} | {x['bad_values']} | {x['error_rows']} | "
+                   f"{'met' if ok else 'missed'} ({x['peak_method']}) |")
+    return "\n".join(out) + "\n"
+
+
 def zero_overhead_wall(n, c, seeds=5):
     """Expected wall time of a client with no overhead at all against this mock: n requests,
     c always in flight (a freed slot sends the next request at once), each taking a
@@ -698,6 +751,16 @@ def targets(records, conc):
                      f"open) → {verdict(x['max_rss_mb'] < 300)}")
     elif 10000 in conc:
         lines.append("- 10,000 in flight: no semex result at C=10000")
+    for r in records:
+        if r["workload"] == "memory" and r.get("result"):
+            x = r["result"]
+            ok = x["peak_growth_bytes"] <= 2 * x["frame_bytes"] and not x["bad_values"] \
+                and not x["error_rows"]
+            lines.append(f"- sem_extract over {x['n']:,} rows: peak RSS growth "
+                         f"{x['peak_growth_bytes'] / 1e6:.1f} MB = {x['growth_over_frame']:.2f}× "
+                         f"the frame's {x['frame_bytes'] / 1e6:.1f} MB (absolute peak "
+                         f"{x['peak_rss_bytes'] / 1e6:.0f} MB), {x['bad_values']} bad values → "
+                         f"{verdict(ok)}")
     rl = [r for r in records if r["workload"] == "ratelimit" and r["key"] == "semex"
           and "result" in r]
     if rl:
@@ -868,6 +931,8 @@ def write_report(h: Harness, meta: dict, path: str):
                  "is what wrk's 10 s run measures. Each client runs twice; median shown.\n")
         L.append(throughput_table(recs, "steady", a.steady_c, wrk_rps(recs, a.steady_c)))
         L.append("")
+    if not a.skip_memory:
+        L.append(memory_section(recs))
     if not a.skip_ratelimit:
         L.append(f"## (c) Rate-limited server: --rpm {RL_RPM} --tpm {RL_TPM} (100 req/s), "
                  f"C = {a.rl_c}\n")
@@ -933,9 +998,14 @@ def main(argv=None) -> int:
                    help="seconds of work for semex llm_batch under the rate limit (default "
                         "180: the issue's 3 minutes; the peers get --rl-seconds)")
     p.add_argument("--steady-n", type=int, default=100000)
+    p.add_argument("--mem-n", type=int, default=None,
+                   help="rows for (e) sem_extract memory (default 1,000,000; --quick 50,000)")
+    p.add_argument("--mem-python", default=None,
+                   help="interpreter for (e) (default --python); it needs semex, pandas, "
+                        "numpy and pyarrow")
     p.add_argument("--steady-c", type=int, default=1000)
     p.add_argument("--skip-workloads", default="",
-                   help="comma-separated: throughput,faults,steady,ratelimit")
+                   help="comma-separated: throughput,faults,steady,memory,ratelimit")
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for the clients (the venv with semex and the peers)")
     p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
@@ -952,6 +1022,7 @@ def main(argv=None) -> int:
         a.wrk_seconds = a.wrk_seconds or 2
         a.rl_seconds = a.rl_seconds or 5.0
         a.rl_semex_seconds = a.rl_semex_seconds or a.rl_seconds
+        a.mem_n = a.mem_n or 50000
         a.repeat = 1
         if a.fault_c == 1000:
             a.fault_c = 256
@@ -962,10 +1033,12 @@ def main(argv=None) -> int:
         a.wrk_seconds = a.wrk_seconds or 10
         a.rl_seconds = a.rl_seconds or 60.0
         a.rl_semex_seconds = a.rl_semex_seconds or 180.0
+        a.mem_n = a.mem_n or 1000000
     skip = {s.strip() for s in a.skip_workloads.split(",") if s.strip()}
     a.skip_faults = "faults" in skip
     a.skip_ratelimit = "ratelimit" in skip
     a.skip_steady = "steady" in skip or a.quick
+    a.skip_memory = "memory" in skip
     keys = DEFAULT_CLIENTS if not a.only else [k.strip() for k in a.only.split(",")]
     for k in keys:
         if k not in CLIENTS:
@@ -1014,6 +1087,8 @@ def main(argv=None) -> int:
         k = h.faults(keys, a.fault_c, a.n, k)
     if not a.skip_steady:
         k = h.steady(keys, a.steady_c, a.steady_n, k)
+    if not a.skip_memory:
+        h.memory(a.mem_n)
     if not a.skip_ratelimit:
         k = h.ratelimit(keys, a.rl_c, a.rl_seconds, k)
     meta["load_end"] = loadavg()
