@@ -97,6 +97,8 @@ RL_EXCLUDE = {"aiohttp-uvloop", "semex-w2"}
 # ~297 rows/s (a 14 s check under these limits gave 63 and 314 rows/s: the buckets start
 # with one second's worth, 10,000 tokens, which a short run feels more). LOTUS: ~132 tokens
 # per call, 1 call/row -> ~75 rows/s, 70 kept (its own pacing).
+# (f) 10,000 really in flight (1 s latency): the clients that get there in seconds.
+INFLIGHT_CLIENTS = ("semex", "aiohttp", "aiohttp-uvloop", "openai-aiohttp")
 # (d) steady state: the clients fast enough for N=100,000 to take seconds, not minutes.
 STEADY_CLIENTS = ("semex", "aiohttp")
 RL_ROWS_PER_S = {"semex-extract-1": 59.0, "semex-extract-10": 295.0, "lotus": 70.0}
@@ -428,6 +430,16 @@ class Harness:
                                 note=f"N={n:,}: start-up and drain amortised")
         return cfg_index + 1
 
+    def inflight(self, keys, c, n, latency_ms, cfg_index):
+        """(f) C requests really in flight: at 50 ms no client on two cores completes the
+        C/50 ms = 200,000 req/s that 10,000 in flight need, so the mock answers after
+        latency_ms instead and N = 3 × C."""
+        extra = ["--latency-ms", f"{latency_ms:g}", "--jitter-ms", "0"]
+        for key in self.order([k for k in keys if k in INFLIGHT_CLIENTS], cfg_index):
+            self.run_client(key, "inflight", c, n, extra, max_retries=6,
+                            note=f"mock latency {latency_ms:g} ms, no jitter")
+        return cfg_index + 1
+
     def memory(self, n):
         """(e) df.sem_extract over n short rows against the mock at 0 ms: peak RSS growth vs
         the input frame's size (benchmarks/bench_extract_memory.py, its own mock)."""
@@ -640,6 +652,27 @@ def find(records, workload, key, c):
     return None
 
 
+def inflight_table(records, c, latency_ms):
+    out = ["| client | N | wall s | wall / ideal | peak RSS MB | mock's max open connections | "
+           "CPU µs/req | errors | rows lost | mismatched | notes |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in client_rows(records, "inflight", c):
+        srv = r.get("server", {})
+        if "failure" in r or "skipped" in r:
+            out.append(f"| {r['label']} | {r.get('n', '—')} | — | — | — | "
+                       f"{srv.get('max_open_connections', '—')} | — | — | all? | — | FAILED: "
+                       f"{str(r.get('failure') or r.get('skipped'))[:200].replace('|', '/')} |")
+            continue
+        x = r["result"]
+        ideal = x["n"] * latency_ms / 1000.0 / c
+        out.append(f"| {r['label']} | {x['n']:,} | {x['wall_s']:.2f} | "
+                   f"{x['wall_s'] / ideal:.2f}× | **{x['max_rss_mb']:.0f}** | "
+                   f"{srv.get('max_open_connections', '—')} | {fmt_f(x['cpu_us_per_req'], 0)} | "
+                   f"{x['errors']:,} | {x['rows_lost']:,} | {x.get('mismatches', '—')} | "
+                   f"{(r.get('note') or '').replace('|', '/')} |")
+    return "\n".join(out)
+
+
 def memory_section(records):
     out = ["## (e) Memory: df.sem_extract over many short rows\n",
            "`benchmarks/bench_extract_memory.py`: a DataFrame of N distinct short rows "
@@ -696,6 +729,25 @@ def targets(records, conc):
     def verdict(ok):
         return "**met**" if ok else "**missed**"
 
+    for c in conc:
+        w = next((r for r in records if r["workload"] == "throughput" and r["key"] == "wrk"
+                  and r["c"] == c and r.get("result")), None)
+        srv = (w or {}).get("server") or {}
+        reqs = (w or {}).get("result", {}).get("requests")
+        if not (w and srv.get("cpu_s") and reqs):
+            continue
+        us = srv["cpu_s"] / reqs * 1e6
+        # HTTP requests per second the mock served each client (sem_extract batches send
+        # fewer requests than rows)
+        fastest = max(((r.get("server") or {}).get("requests", 0) / r["result"]["wall_s"]
+                       for r in client_rows(records, "throughput", c)
+                       if r.get("result") and "failure" not in r and r["result"]["wall_s"]),
+                      default=None)
+        if fastest:
+            lines.append(f"- mock not the bottleneck at C={c:,}: under wrk it spent {us:.1f} µs "
+                         f"of CPU per request, i.e. ~{1e6 / us:,.0f} req/s on one core = "
+                         f"{1e6 / us / fastest:.1f}× the fastest client's HTTP request rate "
+                         f"here ({fastest:,.0f} req/s) → {verdict(1e6 / us >= 3 * fastest)}")
     s = find(records, "throughput", "semex", 1000)
     if s:
         x = s["result"]
@@ -742,7 +794,7 @@ def targets(records, conc):
                              f"{verdict(sc * lim <= pc)}")
     else:
         lines.append("- semex at C=1000: no result")
-    s = find(records, "throughput", "semex", 10000)
+    s = find(records, "inflight", "semex", 10000) or find(records, "throughput", "semex", 10000)
     if s:
         x = s["result"]
         srv = s["server"]
@@ -833,6 +885,9 @@ def write_report(h: Harness, meta: dict, path: str):
     L.append("## Run\n")
     L.append(f"- command: `{meta['command']}`")
     L.append(f"- date: {meta['date']} (total wall {meta['wall_min']:.1f} min)")
+    for sup in meta.get("supplements", []):
+        L.append(f"- then, for {sup['workloads']}: `{sup['command']}` on {sup['date']} "
+                 f"({sup['wall_min']:.1f} min); its records were merged into results.json")
     if a.from_json:
         L.append(f"- tables re-rendered from that run's results.json by `harness.py --from-json` "
                  f"on {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} (no "
@@ -931,6 +986,19 @@ def write_report(h: Harness, meta: dict, path: str):
                  "is what wrk's 10 s run measures. Each client runs twice; median shown.\n")
         L.append(throughput_table(recs, "steady", a.steady_c, wrk_rps(recs, a.steady_c)))
         L.append("")
+    if not a.skip_inflight:
+        L.append(f"## (f) {a.inflight_c:,} in flight: latency {a.inflight_latency_ms:g} ms, "
+                 f"N = {3 * a.inflight_c:,}\n")
+        L.append(f"At 50 ms, {a.inflight_c:,} in flight would need "
+                 f"{a.inflight_c / (LATENCY_MS / 1000):,.0f} answers per second, beyond any client "
+                 "(and wrk) on two cores, so in (a) at C=10,000 far fewer are actually in "
+                 "flight (see the mock's open connections). Here the mock answers after "
+                 f"{a.inflight_latency_ms:g} ms, so holding {a.inflight_c:,} in flight takes only "
+                 f"{a.inflight_c / (a.inflight_latency_ms / 1000):,.0f} answers/s; *peak RSS* is "
+                 "the figure to read, and the mock's `max_open_connections` shows how many were "
+                 "really in flight at once.\n")
+        L.append(inflight_table(recs, a.inflight_c, a.inflight_latency_ms))
+        L.append("")
     if not a.skip_memory:
         L.append(memory_section(recs))
     if not a.skip_ratelimit:
@@ -998,6 +1066,8 @@ def main(argv=None) -> int:
                    help="seconds of work for semex llm_batch under the rate limit (default "
                         "180: the issue's 3 minutes; the peers get --rl-seconds)")
     p.add_argument("--steady-n", type=int, default=100000)
+    p.add_argument("--inflight-c", type=int, default=10000)
+    p.add_argument("--inflight-latency-ms", type=float, default=1000.0)
     p.add_argument("--mem-n", type=int, default=None,
                    help="rows for (e) sem_extract memory (default 1,000,000; --quick 50,000)")
     p.add_argument("--mem-python", default=None,
@@ -1005,7 +1075,7 @@ def main(argv=None) -> int:
                         "numpy and pyarrow")
     p.add_argument("--steady-c", type=int, default=1000)
     p.add_argument("--skip-workloads", default="",
-                   help="comma-separated: throughput,faults,steady,memory,ratelimit")
+                   help="comma-separated: throughput,faults,steady,inflight,memory,ratelimit")
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for the clients (the venv with semex and the peers)")
     p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
@@ -1039,6 +1109,7 @@ def main(argv=None) -> int:
     a.skip_ratelimit = "ratelimit" in skip
     a.skip_steady = "steady" in skip or a.quick
     a.skip_memory = "memory" in skip
+    a.skip_inflight = "inflight" in skip or a.quick
     keys = DEFAULT_CLIENTS if not a.only else [k.strip() for k in a.only.split(",")]
     for k in keys:
         if k not in CLIENTS:
@@ -1087,6 +1158,8 @@ def main(argv=None) -> int:
         k = h.faults(keys, a.fault_c, a.n, k)
     if not a.skip_steady:
         k = h.steady(keys, a.steady_c, a.steady_n, k)
+    if not a.skip_inflight:
+        k = h.inflight(keys, a.inflight_c, 3 * a.inflight_c, a.inflight_latency_ms, k)
     if not a.skip_memory:
         h.memory(a.mem_n)
     if not a.skip_ratelimit:
