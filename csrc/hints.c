@@ -15,6 +15,8 @@ void sx_hints_reset(sx_hints *h)
     h->reset_tokens = -1;
     h->remaining_requests = -1;
     h->remaining_tokens = -1;
+    h->limit_requests = -1;
+    h->limit_tokens = -1;
 }
 
 /* Longest header value we bother to parse; anything longer is not a hint we understand. */
@@ -173,6 +175,10 @@ void sx_hints_feed(sx_hints *h, const char *line, size_t len, double wall_now)
         h->remaining_requests = parse_long(value, value_len);
     } else if (name_is(line, name_len, "x-ratelimit-remaining-tokens")) {
         h->remaining_tokens = parse_long(value, value_len);
+    } else if (name_is(line, name_len, "x-ratelimit-limit-requests")) {
+        h->limit_requests = parse_long(value, value_len);
+    } else if (name_is(line, name_len, "x-ratelimit-limit-tokens")) {
+        h->limit_tokens = parse_long(value, value_len);
     }
 }
 
@@ -189,12 +195,28 @@ double sx_hints_retry_delay(const sx_hints *h)
     return delay;
 }
 
-double sx_hints_exhausted_delay(const sx_hints *h)
+static double refill_time(double reset, long limit, double need)
+{
+    if (limit <= 0)
+        return reset;
+    if (need < 1)
+        need = 1;
+    double t = reset * need / (double)limit;
+    return t < reset ? t : reset;
+}
+
+double sx_hints_exhausted_delay(const sx_hints *h, double tokens)
 {
     double delay = -1;
-    if (h->remaining_requests == 0 && h->reset_requests > delay)
-        delay = h->reset_requests;
-    if (h->remaining_tokens == 0 && h->reset_tokens > delay)
-        delay = h->reset_tokens;
+    if (h->remaining_requests == 0 && h->reset_requests >= 0) {
+        double t = refill_time(h->reset_requests, h->limit_requests, 1);
+        if (t > delay)
+            delay = t;
+    }
+    if (h->remaining_tokens == 0 && h->reset_tokens >= 0) {
+        double t = refill_time(h->reset_tokens, h->limit_tokens, tokens);
+        if (t > delay)
+            delay = t;
+    }
     return delay;
 }

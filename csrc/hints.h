@@ -7,6 +7,7 @@
  *   x-ratelimit-reset-requests / x-ratelimit-reset-tokens: OpenAI durations ("1s", "6m0s",
  *       "20ms", "1h2m3.5s", or a bare number of seconds)
  *   x-ratelimit-remaining-requests / x-ratelimit-remaining-tokens: integers
+ *   x-ratelimit-limit-requests / x-ratelimit-limit-tokens: integers (the budget's size)
  * A status line ("HTTP/1.1 ...") resets the hints: only the final response counts. */
 #ifndef SEMEX_HINTS_H
 #define SEMEX_HINTS_H
@@ -19,6 +20,8 @@ typedef struct sx_hints {
     double reset_tokens;        /* seconds; < 0 if absent */
     long remaining_requests;    /* < 0 if absent */
     long remaining_tokens;      /* < 0 if absent */
+    long limit_requests;        /* < 0 if absent */
+    long limit_tokens;          /* < 0 if absent */
 } sx_hints;
 
 void sx_hints_reset(sx_hints *h);
@@ -37,7 +40,12 @@ double sx_parse_duration(const char *s, size_t len);
 double sx_hints_retry_delay(const sx_hints *h);
 
 /* The delay before the next request may go out because the server said a budget is used up
- * (remaining == 0 with a reset time), on any response; -1 if none. */
-double sx_hints_exhausted_delay(const sx_hints *h);
+ * (remaining == 0 with a reset time), on any response; -1 if none. OpenAI's reset is the time
+ * until the budget is back to full, but it refills continuously: with the budget's size
+ * known (x-ratelimit-limit-*), the wait is the time to refill what one request needs, one
+ * request or `tokens` tokens (reset × need / limit), not the whole reset. Pausing for the
+ * whole reset each time a steady client at the limit drains the budget to 0 would cost it
+ * throughput for nothing. */
+double sx_hints_exhausted_delay(const sx_hints *h, double tokens);
 
 #endif

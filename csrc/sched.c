@@ -372,7 +372,7 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
         s->stats.window_cuts++;
 
     /* A server that says a budget is used up is believed on any response, not only 429. */
-    double exhausted = sx_hints_exhausted_delay(&a->hints);
+    double exhausted = sx_hints_exhausted_delay(&a->hints, slot->tokens);
     if (exhausted > 0)
         extend_cooldown(s, now + exhausted);
 

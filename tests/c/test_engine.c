@@ -372,7 +372,7 @@ static void test_hints_retry_after(void)
     CHECK(h.retry_after < 0 && h.reset_requests < 0 && h.reset_tokens < 0);
     CHECK(h.remaining_requests < 0 && h.remaining_tokens < 0);
     CHECK(sx_hints_retry_delay(&h) < 0);
-    CHECK(sx_hints_exhausted_delay(&h) < 0);
+    CHECK(sx_hints_exhausted_delay(&h, 1) < 0);
 
     feed(&h, "Retry-After: 7\r\n", wall);
     CHECK_NEAR(h.retry_after, 7.0, EPS);
@@ -448,7 +448,7 @@ static void test_hints_retry_after(void)
     CHECK(h.remaining_requests < 0);
     CHECK(h.reset_requests < 0);
     CHECK(sx_hints_retry_delay(&h) < 0);
-    CHECK(sx_hints_exhausted_delay(&h) < 0);
+    CHECK(sx_hints_exhausted_delay(&h, 1) < 0);
     feed(&h, "Retry-After: 5\r\n", wall);
     feed(&h, "HTTP/2 429\r\n", wall);
     CHECK(h.retry_after < 0);
@@ -497,7 +497,7 @@ static void test_hints_ratelimit_headers(void)
     feed(&h, "X-RATELIMIT-RESET-REQUESTS: 6m0s\r\n", wall);
     CHECK(h.remaining_requests == 0);
     CHECK_NEAR(h.reset_requests, 360.0, EPS);
-    CHECK_NEAR(sx_hints_exhausted_delay(&h), 360.0, EPS);
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 1), 360.0, EPS);
     CHECK_NEAR(sx_hints_retry_delay(&h), 360.0, EPS);
 
     /* remaining 5: not exhausted. */
@@ -505,7 +505,7 @@ static void test_hints_ratelimit_headers(void)
     feed(&h, "x-ratelimit-remaining-requests: 5\r\n", wall);
     feed(&h, "x-ratelimit-reset-requests: 1s\r\n", wall);
     CHECK(h.remaining_requests == 5);
-    CHECK(sx_hints_exhausted_delay(&h) < 0);
+    CHECK(sx_hints_exhausted_delay(&h, 1) < 0);
     CHECK(sx_hints_retry_delay(&h) < 0);
 
     /* Tokens exhausted too: the later reset wins. */
@@ -514,7 +514,7 @@ static void test_hints_ratelimit_headers(void)
     feed(&h, "x-ratelimit-reset-requests: 20ms\r\n", wall);
     feed(&h, "x-ratelimit-remaining-tokens: 0\r\n", wall);
     feed(&h, "x-ratelimit-reset-tokens: 1.5s\r\n", wall);
-    CHECK_NEAR(sx_hints_exhausted_delay(&h), 1.5, EPS);
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 1), 1.5, EPS);
     CHECK_NEAR(sx_hints_retry_delay(&h), 1.5, EPS);
 
     /* Only the tokens budget is used up. */
@@ -523,13 +523,28 @@ static void test_hints_ratelimit_headers(void)
     feed(&h, "x-ratelimit-reset-requests: 9s\r\n", wall);
     feed(&h, "x-ratelimit-remaining-tokens: 0\r\n", wall);
     feed(&h, "x-ratelimit-reset-tokens: 20ms\r\n", wall);
-    CHECK_NEAR(sx_hints_exhausted_delay(&h), 0.02, EPS);
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 1), 0.02, EPS);
     CHECK_NEAR(sx_hints_retry_delay(&h), 0.02, EPS);
+
+    /* With the budget's size known, only what the next request needs is waited for: the
+     * reset is the time to a full budget, which refills continuously. */
+    sx_hints_reset(&h);
+    feed(&h, "x-ratelimit-limit-requests: 100\r\n", wall);
+    feed(&h, "x-ratelimit-remaining-requests: 0\r\n", wall);
+    feed(&h, "x-ratelimit-reset-requests: 1s\r\n", wall);
+    CHECK(h.limit_requests == 100);
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 1), 0.01, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h), 1.0, EPS);  /* a 429 still waits the whole reset */
+    feed(&h, "x-ratelimit-limit-tokens: 10000\r\n", wall);
+    feed(&h, "x-ratelimit-remaining-tokens: 0\r\n", wall);
+    feed(&h, "x-ratelimit-reset-tokens: 6s\r\n", wall);
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 500), 0.3, EPS);   /* 500 of 10,000 tokens */
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 50000), 6.0, EPS); /* never past the reset */
 
     /* Without a remaining count a reset is still a retry hint, but not "exhausted". */
     sx_hints_reset(&h);
     feed(&h, "x-ratelimit-reset-requests: 2s\r\n", wall);
-    CHECK(sx_hints_exhausted_delay(&h) < 0);
+    CHECK(sx_hints_exhausted_delay(&h, 1) < 0);
     CHECK_NEAR(sx_hints_retry_delay(&h), 2.0, EPS);
 
     /* Retry-After beats the resets. */
