@@ -316,14 +316,7 @@ class LM:
         call's own concurrency below ``max_concurrency``.
         """
         job = _Job(self, messages_batch, request_fields, progress, max_concurrent)
-        windows = Windows(job.submit, job.n, job.window_size)
-        try:
-            for start, batch in windows:
-                wait_sync(batch, job.ticker(windows))
-                job.collect(start, batch)
-        finally:
-            windows.close()
-        return job.finish()
+        return _drive_sync(job)
 
     def _run_prompts(self, prompts: Sequence[Any], system_prompt: Optional[str],
                      progress: Optional[ProgressCallback], max_concurrent: Optional[int],
@@ -331,14 +324,7 @@ class LM:
         """llm_batch's path: plain-string prompts never become message dicts."""
         job = _Job(self, _prompt_list(prompts), request_fields, progress, max_concurrent,
                    prompts=True, system_prompt=system_prompt)
-        windows = Windows(job.submit, job.n, job.window_size)
-        try:
-            for start, batch in windows:
-                wait_sync(batch, job.ticker(windows))
-                job.collect(start, batch)
-        finally:
-            windows.close()
-        return job.finish()
+        return _drive_sync(job)
 
     async def _run_prompts_async(self, prompts: Sequence[Any], system_prompt: Optional[str],
                                  progress: Optional[ProgressCallback],
@@ -346,14 +332,7 @@ class LM:
                                  request_fields: Dict[str, Any]) -> LMOutput:
         job = _Job(self, _prompt_list(prompts), request_fields, progress, max_concurrent,
                    prompts=True, system_prompt=system_prompt)
-        windows = Windows(job.submit, job.n, job.window_size)
-        try:
-            for start, batch in windows:
-                await wait_async(batch, job.ticker(windows))
-                job.collect(start, batch)
-        finally:
-            windows.close()
-        return job.finish()
+        return await _drive_async(job)
 
     async def async_call(self, messages_batch: Sequence[Messages], *,
                          progress: Optional[ProgressCallback] = None,
@@ -362,14 +341,7 @@ class LM:
         """Awaitable twin of ``lm(messages_batch)``; works on any running asyncio loop.
         Cancelling the awaiting task cancels the in-flight requests."""
         job = _Job(self, messages_batch, request_fields, progress, max_concurrent)
-        windows = Windows(job.submit, job.n, job.window_size)
-        try:
-            for start, batch in windows:
-                await wait_async(batch, job.ticker(windows))
-                job.collect(start, batch)
-        finally:
-            windows.close()
-        return job.finish()
+        return await _drive_async(job)
 
     def _record_usage(self, usage: Usage) -> None:
         with self._usage_lock:
@@ -383,6 +355,33 @@ class LM:
 
 
 _ENCODE = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _drive_sync(job: "_Job") -> LMOutput:
+    """Run a job's windows in order; while waiting on the oldest, keep the engine fed."""
+    windows = Windows(job.submit, job.n, job.window_size)
+    try:
+        for start, batch in windows:
+            wait_sync(batch, job.ticker(windows), interval=_POLL_S)
+            job.collect(start, batch)
+    finally:
+        windows.close()
+    return job.finish()
+
+
+async def _drive_async(job: "_Job") -> LMOutput:
+    windows = Windows(job.submit, job.n, job.window_size)
+    try:
+        for start, batch in windows:
+            await wait_async(batch, job.ticker(windows), interval=_POLL_S)
+            job.collect(start, batch)
+    finally:
+        windows.close()
+    return job.finish()
+
+
+# How often a waiting call checks whether the engine needs another window (Windows.top_up).
+_POLL_S = 0.01
 
 
 def _prompt_list(prompts: Any) -> Sequence[Any]:
@@ -525,10 +524,16 @@ class _Job:
         return batch
 
     def ticker(self, windows: Windows):
+        """What a waiting call runs every _POLL_S: top up the engine's work, report progress."""
+        top_up = windows.top_up
         if self.progress is None:
-            return None
+            return top_up
         progress, n = self.progress, self.n
-        return lambda: progress(windows.completed(), n)
+
+        def tick() -> None:
+            top_up()
+            progress(windows.completed(), n)
+        return tick
 
     def collect(self, start: int, batch: _engine.Batch) -> None:
         usage = self.usage
