@@ -97,7 +97,7 @@ def start_server(kind: str, mock: str):
     return proc, int(line.split()[1])
 
 
-def fnv1a32(texts) -> "np.ndarray":
+def fnv1a32(texts):
     """FNV-1a 32-bit of each string's UTF-8 bytes, vectorised over the rows."""
     import numpy as np
     import pyarrow as pa
