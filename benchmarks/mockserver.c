@@ -125,14 +125,22 @@ static void buf_put(buf_t *b, const void *s, size_t n) {
 
 static void buf_puts(buf_t *b, const char *s) { buf_put(b, s, strlen(s)); }
 
-static void buf_putu(buf_t *b, uint64_t v) {
-    char tmp[24];
+/* v in decimal, written at the end of tmp; returns where it starts. */
+static const char *u64_text(char tmp[24], uint64_t v, size_t *len) {
     int i = 24;
     do {
         tmp[--i] = (char)('0' + v % 10);
         v /= 10;
     } while (v);
-    buf_put(b, tmp + i, (size_t)(24 - i));
+    *len = (size_t)(24 - i);
+    return tmp + i;
+}
+
+static void buf_putu(buf_t *b, uint64_t v) {
+    char tmp[24];
+    size_t n;
+    const char *text = u64_text(tmp, v, &n);
+    buf_put(b, text, n);
 }
 
 static void buf_free(buf_t *b) {
@@ -787,12 +795,9 @@ static void fputs_(fill_t *f, const char *s) { fput(f, s, strlen(s)); }
 
 static void fputu(fill_t *f, uint64_t v) {
     char tmp[24];
-    int i = 24;
-    do {
-        tmp[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    fput(f, tmp + i, (size_t)(24 - i));
+    size_t n;
+    const char *text = u64_text(tmp, v, &n);
+    fput(f, text, n);
 }
 
 static void set_doc(fill_t *f, const char *d, size_t n) {

@@ -29,7 +29,6 @@ typedef struct {
 typedef struct {
     const unsigned char *base, *p, *end;
     str_span content, finish;
-    int message_found;
     int64_t tokens[3];
 } scanner;
 
@@ -218,6 +217,25 @@ static int scan_literal(scanner *s, const char *word, size_t n)
 
 static int scan_value(scanner *s, role_t role, int depth);
 
+/* After a member or element: ',' (1: another follows), the closing bracket (0: done), or
+ * anything else (-1: not JSON). */
+static int next_member(scanner *s, char close)
+{
+    skip_ws(s);
+    if (s->p >= s->end)
+        return -1;
+    if (*s->p == ',') {
+        s->p++;
+        skip_ws(s);
+        return 1;
+    }
+    if (*s->p == close) {
+        s->p++;
+        return 0;
+    }
+    return -1;
+}
+
 /* The role of key `k` (raw bytes) inside an object of role `parent`. */
 static role_t child_role(role_t parent, const unsigned char *k, size_t n)
 {
@@ -287,19 +305,11 @@ static int scan_object(scanner *s, role_t role, int depth)
         skip_ws(s);
         if (!scan_value(s, child, depth + 1))
             return FALLBACK;
-        skip_ws(s);
-        if (s->p >= s->end)
+        int more = next_member(s, '}');
+        if (more < 0)
             return FALLBACK;
-        if (*s->p == ',') {
-            s->p++;
-            skip_ws(s);
-            continue;
-        }
-        if (*s->p == '}') {
-            s->p++;
+        if (!more)
             break;
-        }
-        return FALLBACK;
     }
     if (role == ROLE_MESSAGE && !(seen & (1u << ROLE_CONTENT)))
         return FALLBACK;  /* no content key: json.loads' KeyError path reports it */
@@ -320,19 +330,9 @@ static int scan_array(scanner *s, role_t role, int depth)
         role_t child = (role == ROLE_CHOICES && i == 0) ? ROLE_CHOICE0 : ROLE_SKIP;
         if (!scan_value(s, child, depth + 1))
             return FALLBACK;
-        skip_ws(s);
-        if (s->p >= s->end)
-            return FALLBACK;
-        if (*s->p == ',') {
-            s->p++;
-            skip_ws(s);
-            continue;
-        }
-        if (*s->p == ']') {
-            s->p++;
-            return OK;
-        }
-        return FALLBACK;
+        int more = next_member(s, ']');
+        if (more <= 0)
+            return more < 0 ? FALLBACK : OK;
     }
 }
 
@@ -348,8 +348,6 @@ static int scan_value(scanner *s, role_t role, int depth)
     case ROLE_TOP: case ROLE_CHOICE0: case ROLE_MESSAGE:
         if (c != '{')
             return FALLBACK;
-        if (role == ROLE_MESSAGE)
-            s->message_found = 1;
         return scan_object(s, role, depth);
     case ROLE_CHOICES:
         if (c != '[')
@@ -474,7 +472,7 @@ int sx_chat_parse(char *buf, size_t len, sx_chat *out)
     if (!scan_value(&s, ROLE_TOP, 0))
         return SX_CHAT_FALLBACK;
     skip_ws(&s);
-    if (s.p != s.end || !s.message_found || !s.content.found)
+    if (s.p != s.end || !s.content.found)  /* found only inside choices[0].message */
         return SX_CHAT_FALLBACK;
 
     unsigned char *ubuf = (unsigned char *)buf;

@@ -623,27 +623,38 @@ static PyObject *Batch_progress(BatchObject *self, PyObject *Py_UNUSED(ignored))
                          (Py_ssize_t)cancelled, retries, h429);
 }
 
-static PyObject *slot_tuple(const sx_slot *s)
+/* (state, error_kind, http_status, body, error, attempts, last); `last` is stolen. */
+static PyObject *slot_tuple_with(const sx_slot *s, PyObject *last)
 {
     PyObject *body, *error;
+    if (!last)
+        return NULL;
     if (s->response && !s->chat.parsed) {  /* a parsed body was rewritten in place */
         body = PyBytes_FromStringAndSize(s->response, (Py_ssize_t)s->response_len);
     } else {
         body = Py_NewRef(Py_None);
     }
-    if (!body)
+    if (!body) {
+        Py_DECREF(last);
         return NULL;
+    }
     if (s->error) {
         error = PyUnicode_DecodeUTF8(s->error, (Py_ssize_t)strlen(s->error), "replace");
         if (!error) {
             Py_DECREF(body);
+            Py_DECREF(last);
             return NULL;
         }
     } else {
         error = Py_NewRef(Py_None);
     }
-    return Py_BuildValue("(iiiNNid)", (int)s->state, (int)s->error_kind, s->http_status, body,
-                         error, s->attempts, s->latency);
+    return Py_BuildValue("(iiiNNiN)", (int)s->state, (int)s->error_kind, s->http_status, body,
+                         error, s->attempts, last);
+}
+
+static PyObject *slot_tuple(const sx_slot *s)
+{
+    return slot_tuple_with(s, PyFloat_FromDouble(s->latency));
 }
 
 /* A parsed chat answer as (content, finish_reason, prompt, completion, total tokens). */
@@ -672,23 +683,11 @@ static PyObject *chat_tuple(const sx_slot *s)
 }
 
 /* results()' tuple with its last item replaced by the parsed answer (or None). A parsed
- * answer's body is not turned into bytes: nobody reads it. */
+ * answer's body is not turned into bytes (slot_tuple_with leaves it None): nobody reads it. */
 static PyObject *slot_chat_tuple(const sx_slot *s)
 {
-    if (s->state != SX_OK || !s->chat.parsed || !s->response) {
-        PyObject *t = slot_tuple(s);
-        if (!t)
-            return NULL;
-        PyObject *old = PyTuple_GET_ITEM(t, 6);
-        PyTuple_SET_ITEM(t, 6, Py_NewRef(Py_None));
-        Py_DECREF(old);
-        return t;
-    }
-    PyObject *chat = chat_tuple(s);
-    if (!chat)
-        return NULL;
-    return Py_BuildValue("(iiiOOiN)", (int)s->state, (int)s->error_kind, s->http_status,
-                         Py_None, Py_None, s->attempts, chat);
+    int parsed = s->state == SX_OK && s->chat.parsed && s->response;
+    return slot_tuple_with(s, parsed ? chat_tuple(s) : Py_NewRef(Py_None));
 }
 
 typedef PyObject *(*slot_converter)(const sx_slot *);
