@@ -116,31 +116,27 @@ async def wait_async(batch: _engine.Batch, tick: Tick = None,
     fd = batch.fileno()
     timer: Optional[asyncio.TimerHandle] = None
 
-    def fail(exc: BaseException) -> None:
-        if not future.done():
-            future.set_exception(exc)
+    def ticked() -> bool:
+        """Run tick; an exception from it ends the wait in the awaiting task."""
+        if tick is None:
+            return True
+        try:
+            tick()
+            return True
+        except Exception as exc:  # noqa: BLE001 - raised in the awaiting task
+            if not future.done():
+                future.set_exception(exc)
+            return False
 
     def on_ready() -> None:
         batch.clear_notify()
-        if tick is not None:
-            try:
-                tick()
-            except Exception as exc:  # noqa: BLE001 - raised in the awaiting task
-                fail(exc)
-                return
-        if batch.done and not future.done():
+        if ticked() and batch.done and not future.done():
             future.set_result(None)
 
     def on_timer() -> None:
         nonlocal timer
-        if future.done():
-            return
-        try:
-            tick()
-        except Exception as exc:  # noqa: BLE001 - raised in the awaiting task
-            fail(exc)
-            return
-        timer = loop.call_later(interval, on_timer)
+        if not future.done() and ticked():
+            timer = loop.call_later(interval, on_timer)
 
     loop.add_reader(fd, on_ready)
     if tick is not None and interval:

@@ -322,7 +322,7 @@ class LM:
                      progress: Optional[ProgressCallback], max_concurrent: Optional[int],
                      request_fields: Dict[str, Any]) -> LMOutput:
         """llm_batch's path: plain-string prompts never become message dicts."""
-        job = _Job(self, _prompt_list(prompts), request_fields, progress, max_concurrent,
+        job = _Job(self, prompts, request_fields, progress, max_concurrent,
                    prompts=True, system_prompt=system_prompt)
         return _drive_sync(job)
 
@@ -330,7 +330,7 @@ class LM:
                                  progress: Optional[ProgressCallback],
                                  max_concurrent: Optional[int],
                                  request_fields: Dict[str, Any]) -> LMOutput:
-        job = _Job(self, _prompt_list(prompts), request_fields, progress, max_concurrent,
+        job = _Job(self, prompts, request_fields, progress, max_concurrent,
                    prompts=True, system_prompt=system_prompt)
         return await _drive_async(job)
 
@@ -384,15 +384,6 @@ async def _drive_async(job: "_Job") -> LMOutput:
 _POLL_S = 0.01
 
 
-def _prompt_list(prompts: Any) -> Sequence[Any]:
-    if isinstance(prompts, (str, bytes)):
-        raise E.ConfigurationError("prompts must be a list of strings, not a single string")
-    if isinstance(prompts, Mapping) or not hasattr(prompts, "__iter__"):
-        raise E.ConfigurationError(
-            f"prompts must be a list of strings or conversations, got {type(prompts).__name__}")
-    return prompts
-
-
 def _token_count(value: Any) -> int:
     """A usage count as a provider sent it; anything but a non-negative number counts 0."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
@@ -422,25 +413,25 @@ class _Job:
             _check_int("max_concurrent", max_concurrent, 1)
         self.max_concurrent = max_concurrent or 0
         self.cap_holder: Optional[_engine.Batch] = None
+        self.name = name = "prompts" if prompts else "messages_batch"
+        if prompts and isinstance(messages_batch, (str, bytes)):
+            raise E.ConfigurationError("prompts must be a list of strings, not a single string")
         if isinstance(messages_batch, (str, bytes, Mapping)) or not hasattr(
                 messages_batch, "__iter__"):
             raise E.ConfigurationError(
+                f"prompts must be a list of strings or conversations, got "
+                f"{type(messages_batch).__name__}" if prompts else
                 "messages_batch must be a list of conversations (each a list of "
                 f"{{'role': ..., 'content': ...}} dicts), got {type(messages_batch).__name__}")
         self.lm = lm
         self.batch = list(messages_batch)
         self.n = len(self.batch)
-        self.prompts = prompts
-        name = "prompts" if prompts else "messages_batch"
         for i, messages in enumerate(self.batch):
-            if type(messages) is str:
-                if prompts:
-                    continue
-            elif prompts and isinstance(messages, str):
-                self.batch[i] = str(messages)
+            if prompts and isinstance(messages, str):
+                if type(messages) is not str:
+                    self.batch[i] = str(messages)  # submit() tells prompts by exact type
                 continue
-            if type(messages) is not list and not isinstance(messages, (list, tuple)) or \
-                    isinstance(messages, str):
+            if isinstance(messages, str) or not isinstance(messages, (list, tuple)):
                 raise E.ConfigurationError(
                     f"{name}[{i}] must be a "
                     + ("str or a " if prompts else "")
@@ -490,25 +481,18 @@ class _Job:
         prefix = self.prefix
         encode = _ENCODE  # json.dumps(..., ensure_ascii=False) without its per-call set-up
         bodies = []
-        items = self.batch
-        if self.prompts:
-            user_open, system = self.user_open, self.system
-            for i in range(start, end):
-                item = items[i]
-                if type(item) is str:
-                    bodies.append((user_open + encode(item) + "}]}").encode("utf-8"))
-                    continue
-                try:
-                    bodies.append((prefix + encode(system + list(item)) + "}").encode("utf-8"))
-                except (TypeError, ValueError) as exc:
-                    raise E.ConfigurationError(
-                        f"prompts[{i}] is not JSON-serializable: {exc}") from None
-        for i in (range(start, end) if not self.prompts else ()):
+        items, user_open, system = self.batch, self.user_open, self.system
+        for i in range(start, end):
+            item = items[i]
+            if type(item) is str:  # a plain prompt (llm_batch): no message dicts built
+                bodies.append((user_open + encode(item) + "}]}").encode("utf-8"))
+                continue
             try:
-                bodies.append((prefix + encode(items[i]) + "}").encode("utf-8"))
+                bodies.append((prefix + encode(system + list(item) if system else item)
+                               + "}").encode("utf-8"))
             except (TypeError, ValueError) as exc:
                 raise E.ConfigurationError(
-                    f"messages_batch[{i}] is not JSON-serializable: {exc}") from None
+                    f"{self.name}[{i}] is not JSON-serializable: {exc}") from None
         tokens = None
         if lm.tpm:
             tokens = [len(b) / 4.0 + self.token_extra for b in bodies]
@@ -537,7 +521,6 @@ class _Job:
 
     def collect(self, start: int, batch: _engine.Batch) -> None:
         usage = self.usage
-        loads = json.loads
         ok_state = _engine.OK
         outputs, finish_reasons = self.outputs, self.finish_reasons
         for offset, (state, kind, status, body, error, attempts, chat) in enumerate(
@@ -546,50 +529,28 @@ class _Job:
             usage.requests += attempts
             if attempts > 1:
                 usage.retries += attempts - 1
-            if chat is not None:  # read by the engine's worker (csrc/chatjson.h)
-                content, finish_reason, prompt_tokens, completion_tokens, total_tokens = chat
-                usage.prompt_tokens += prompt_tokens
-                usage.completion_tokens += completion_tokens
-                usage.total_tokens += total_tokens
-                finish_reasons[i] = finish_reason
-                if content is None:
-                    self.errors[i] = E.ResponseFormatError(
-                        f"item {i}: the answer has no text content (finish_reason="
-                        f"{finish_reason!r})", index=i, status=status, attempts=attempts)
-                    usage.failed += 1
-                else:
-                    outputs[i] = content
-                continue
-            if state == ok_state:  # an answer the fast reader left to json.loads
-                try:
-                    answer = loads(body)
-                    choice = answer["choices"][0]
-                    content = choice["message"]["content"]
-                except (ValueError, KeyError, IndexError, TypeError) as exc:
-                    self.errors[i] = E.ResponseFormatError(
-                        f"item {i}: the provider's answer could not be read "
-                        f"({type(exc).__name__}: {exc})", index=i, status=status,
-                        attempts=attempts,
-                        body=self.lm._redact(body[:500].decode("utf-8", "replace")))
+            if chat is None:  # not read by the engine's worker (csrc/chatjson.h)
+                if state != ok_state:
+                    self.errors[i] = self.error_for(i, state, kind, status, body, error,
+                                                    attempts)
                     usage.failed += 1
                     continue
-                u = answer.get("usage")
-                if isinstance(u, dict):
-                    usage.prompt_tokens += _token_count(u.get("prompt_tokens"))
-                    usage.completion_tokens += _token_count(u.get("completion_tokens"))
-                    usage.total_tokens += _token_count(u.get("total_tokens"))
-                self.finish_reasons[i] = choice.get("finish_reason")
-                if content is None:
-                    self.errors[i] = E.ResponseFormatError(
-                        f"item {i}: the answer has no text content (finish_reason="
-                        f"{choice.get('finish_reason')!r})", index=i, status=status,
-                        attempts=attempts)
+                chat = self.read_answer(i, body, status, attempts)
+                if chat is None:
                     usage.failed += 1
                     continue
-                self.outputs[i] = content
-            else:
-                self.errors[i] = self.error_for(i, state, kind, status, body, error, attempts)
+            content, finish_reason, prompt_tokens, completion_tokens, total_tokens = chat
+            usage.prompt_tokens += prompt_tokens
+            usage.completion_tokens += completion_tokens
+            usage.total_tokens += total_tokens
+            finish_reasons[i] = finish_reason
+            if content is None:
+                self.errors[i] = E.ResponseFormatError(
+                    f"item {i}: the answer has no text content (finish_reason="
+                    f"{finish_reason!r})", index=i, status=status, attempts=attempts)
                 usage.failed += 1
+            else:
+                outputs[i] = content
         progress = batch.progress()
         usage.rate_limited += progress[5]
         if progress[4] or progress[5]:
@@ -599,6 +560,26 @@ class _Job:
                          if k in ("window", "cooldowns", "window_cuts", "timeouts")})
         else:
             logger.debug("%d requests, no retries", len(batch))
+
+    def read_answer(self, i: int, body: bytes, status: int, attempts: int) -> Optional[tuple]:
+        """An answer the fast reader left to json.loads, as chat_results() gives a parsed one:
+        (content, finish_reason, prompt, completion, total tokens). None (and the row's
+        error set) if it cannot be read."""
+        try:
+            answer = json.loads(body)
+            choice = answer["choices"][0]
+            content = choice["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            self.errors[i] = E.ResponseFormatError(
+                f"item {i}: the provider's answer could not be read "
+                f"({type(exc).__name__}: {exc})", index=i, status=status, attempts=attempts,
+                body=self.lm._redact(body[:500].decode("utf-8", "replace")))
+            return None
+        u = answer.get("usage")
+        if not isinstance(u, dict):
+            u = {}
+        return (content, choice.get("finish_reason"), _token_count(u.get("prompt_tokens")),
+                _token_count(u.get("completion_tokens")), _token_count(u.get("total_tokens")))
 
     def error_for(self, i, state, kind, status, body, error, attempts) -> E.RequestError:
         if state == _engine.CANCELLED:
