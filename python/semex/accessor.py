@@ -66,9 +66,6 @@ class _FrameDocuments:
     def render(self, start: int, end: int) -> List[str]:
         columns = [s.iloc[start:end].tolist() for s in self.series]
         keys = self.keys
-        if len(columns) == 1:
-            key = keys[0]
-            return [render_pairs(((key, value),)) for value in columns[0]]
         return [render_pairs(zip(keys, values)) for values in zip(*columns)]
 
     def render_row(self, i: int) -> str:
@@ -105,6 +102,8 @@ class _Column:
         self.has_other = False  # some value is neither str nor None: the column is object
 
     def seal(self, chunk: int, text_dtype: Any) -> None:
+        if text_dtype is None or self.has_other:
+            return  # no compaction possible: the column is (or stays) a list of objects
         block = self.blocks[chunk]
         text = False
         for value in block:
@@ -232,6 +231,12 @@ def _result_frame(df: pd.DataFrame, spec: OutputSpec, out: Optional[SemanticExtr
     return frame
 
 
+def _raise_batch(frame: pd.DataFrame, failed: int, first: Any, errors: list) -> None:
+    raise E.BatchError(f"{failed} of {len(frame)} rows failed; first: {first}. "
+                       "The exception's .results is the full DataFrame.",
+                       results=frame, errors=errors)
+
+
 @pd.api.extensions.register_dataframe_accessor("sem_extract")
 class SemExtractAccessor:
     """``df.sem_extract(input_cols, output_cols, ...)``: LLM extraction over a DataFrame.
@@ -254,53 +259,53 @@ class SemExtractAccessor:
     def __init__(self, df: pd.DataFrame):
         self._df = df
 
-    def _prepare(self, input_cols, output_cols, extract_quotes, on_error, prompt_strategy,
-                 batch_size, max_concurrent_batches):
+    def _begin(self, input_cols, output_cols, extract_quotes, postprocessor,
+               return_raw_outputs, safe_mode, progress_bar_desc, return_explanations,
+               prompt_strategy, model, use_batch_processing, batch_size,
+               max_concurrent_batches, progress, on_error, error_col
+               ) -> Tuple[Optional[_Run], Callable[[Optional[_Run]], pd.DataFrame]]:
+        """Checks and set-up shared by the sync and async calls: (the run to drive, or None
+        for an empty frame; what turns the driven run into the result frame)."""
         df = self._df
         columns = _input_columns(df, input_cols)
         spec = OutputSpec(output_cols, extract_quotes)  # checks output_cols early
         _check_call(output_cols, prompt_strategy, batch_size, on_error, max_concurrent_batches)
-        return spec, _FrameDocuments(df, columns)
+        documents = _FrameDocuments(df, columns)
 
-    def _start(self, spec, documents, model, output_cols, extract_quotes, postprocessor,
-               return_raw_outputs, safe_mode, progress_bar_desc, use_batch_processing,
-               batch_size, max_concurrent_batches, progress) -> _Run:
+        def finish(out: Optional[SemanticExtractOutput]) -> pd.DataFrame:
+            frame = _result_frame(df, spec, out, return_raw_outputs, return_explanations,
+                                  error_col)
+            if on_error == "raise" and out is not None and out.failed:
+                _raise_batch(frame, out.failed, next(e for e in out.errors if e is not None),
+                             out.errors)
+            return frame
+
+        def collect(run: Optional[_Run]) -> pd.DataFrame:
+            if run is None:
+                return finish(None)
+            sink = run.sink
+            if not isinstance(sink, _ColumnSink):
+                return finish(run.finish())
+            run.check_complete()
+            frame = sink.frame(df, spec, return_raw_outputs, return_explanations, error_col)
+            failed = run.state.failed
+            if failed:
+                first = sink.errors[min(sink.errors)]
+                run.log_failures(failed, first)
+                if on_error == "raise":
+                    _raise_batch(frame, failed, first,
+                                 [sink.errors.get(i) for i in range(len(frame))])
+            return frame
+
+        if not documents.n:
+            return None, collect
         # A postprocessor sees every raw answer at the end, so its rows go to a list.
         sink = _ListSink() if postprocessor is not None else \
             _ColumnSink(spec, keep_raw=return_raw_outputs)
-        return _Run(documents, sink, model, output_cols, extract_quotes, batch_size,
-                    use_batch_processing, max_concurrent_batches, progress,
-                    progress_bar_desc, safe_mode, "return", postprocessor)
-
-    def _finish(self, spec, out, return_raw_outputs, return_explanations, error_col,
-                on_error):
-        frame = _result_frame(self._df, spec, out, return_raw_outputs, return_explanations,
-                              error_col)
-        if on_error == "raise" and out is not None and out.failed:
-            first = next(e for e in out.errors if e is not None)
-            raise E.BatchError(f"{out.failed} of {len(frame)} rows failed; first: {first}. "
-                               "The exception's .results is the full DataFrame.",
-                               results=frame, errors=out.errors)
-        return frame
-
-    def _collect(self, run: _Run, spec, return_raw_outputs, return_explanations, error_col,
-                 on_error) -> pd.DataFrame:
-        sink = run.sink
-        if not isinstance(sink, _ColumnSink):
-            return self._finish(spec, run.finish(), return_raw_outputs, return_explanations,
-                                error_col, on_error)
-        run.check_complete()
-        frame = sink.frame(self._df, spec, return_raw_outputs, return_explanations, error_col)
-        failed = run.state.failed
-        if failed:
-            first = sink.errors[min(sink.errors)]
-            run.log_failures(failed, first)
-            if on_error == "raise":
-                raise E.BatchError(f"{failed} of {len(frame)} rows failed; first: {first}. "
-                                   "The exception's .results is the full DataFrame.",
-                                   results=frame,
-                                   errors=[sink.errors.get(i) for i in range(len(frame))])
-        return frame
+        run = _Run(documents, sink, model, output_cols, extract_quotes, batch_size,
+                   use_batch_processing, max_concurrent_batches, progress,
+                   progress_bar_desc, safe_mode, "return", postprocessor)
+        return run, collect
 
     def __call__(self, input_cols: Union[str, Sequence[str]], output_cols: Any,
                  extract_quotes: bool = False, postprocessor: Optional[Callable] = None,
@@ -311,17 +316,14 @@ class SemExtractAccessor:
                  max_concurrent_batches: Optional[int] = None, progress: bool = True,
                  on_error: str = "return", error_col: Optional[str] = "extract_error"
                  ) -> pd.DataFrame:
-        spec, documents = self._prepare(input_cols, output_cols, extract_quotes, on_error,
-                                        prompt_strategy, batch_size, max_concurrent_batches)
-        if not documents.n:
-            return self._finish(spec, None, return_raw_outputs, return_explanations,
-                                error_col, on_error)
-        run = self._start(spec, documents, model, output_cols, extract_quotes, postprocessor,
-                          return_raw_outputs, safe_mode, progress_bar_desc,
-                          use_batch_processing, batch_size, max_concurrent_batches, progress)
-        _drive(run)
-        return self._collect(run, spec, return_raw_outputs, return_explanations, error_col,
-                             on_error)
+        run, collect = self._begin(
+            input_cols, output_cols, extract_quotes, postprocessor, return_raw_outputs,
+            safe_mode, progress_bar_desc, return_explanations, prompt_strategy, model,
+            use_batch_processing, batch_size, max_concurrent_batches, progress, on_error,
+            error_col)
+        if run is not None:
+            _drive(run)
+        return collect(run)
 
     async def async_extract(self, input_cols: Union[str, Sequence[str]], output_cols: Any,
                             extract_quotes: bool = False,
@@ -334,14 +336,11 @@ class SemExtractAccessor:
                             progress: bool = True, on_error: str = "return",
                             error_col: Optional[str] = "extract_error") -> pd.DataFrame:
         """Awaitable twin of ``df.sem_extract(...)`` for any running loop."""
-        spec, documents = self._prepare(input_cols, output_cols, extract_quotes, on_error,
-                                        prompt_strategy, batch_size, max_concurrent_batches)
-        if not documents.n:
-            return self._finish(spec, None, return_raw_outputs, return_explanations,
-                                error_col, on_error)
-        run = self._start(spec, documents, model, output_cols, extract_quotes, postprocessor,
-                          return_raw_outputs, safe_mode, progress_bar_desc,
-                          use_batch_processing, batch_size, max_concurrent_batches, progress)
-        await _drive_async(run)
-        return self._collect(run, spec, return_raw_outputs, return_explanations, error_col,
-                             on_error)
+        run, collect = self._begin(
+            input_cols, output_cols, extract_quotes, postprocessor, return_raw_outputs,
+            safe_mode, progress_bar_desc, return_explanations, prompt_strategy, model,
+            use_batch_processing, batch_size, max_concurrent_batches, progress, on_error,
+            error_col)
+        if run is not None:
+            await _drive_async(run)
+        return collect(run)

@@ -144,10 +144,10 @@ class _ListDocuments:
 
     def render(self, start: int, end: int) -> List[str]:
         docs = self.docs
-        return [render_pairs(docs[i].items()) for i in range(start, end)]
+        return [render_document(docs[i]) for i in range(start, end)]
 
     def render_row(self, i: int) -> str:
-        return render_pairs(self.docs[i].items())
+        return render_document(self.docs[i])
 
 
 class _ListSink:
@@ -566,11 +566,11 @@ class _Run:
         self.postprocessor = postprocessor
         self.sink = sink
         size = batch_size if use_batch_processing else 1
-        self.cap = _concurrency(self.runner)
+        own = self.runner.model.max_concurrency if self.runner.is_lm else None
+        self.cap = _concurrency(self.runner.max_concurrent, own)
         # Two async steps may overlap only where one limit covers both: the engine's own
         # window (max_concurrency) bounds every call of an LM, but a max_concurrent_batches
         # below it, a worker-thread semaphore or a user's async_call bounds one call only.
-        own = self.runner.model.max_concurrency if self.runner.is_lm else None
         self.overlap = own is not None and self.cap >= own
         chunk_rows = _CHUNK_ROWS or size * max(_CHUNK_CALLS_MIN,
                                                _CHUNK_CALLS_PER_SLOT * self.cap)
@@ -708,10 +708,9 @@ class _Run:
             result.outputs[i] = row
 
 
-def _concurrency(runner: ModelRunner) -> int:
-    """Prompts the model has in flight at once (sizes chunks; the runner enforces it)."""
-    cap = runner.max_concurrent
-    own = getattr(runner.model, "max_concurrency", None) if runner.is_lm else None
+def _concurrency(cap: Optional[int], own: Optional[int]) -> int:
+    """Prompts the model has in flight at once (sizes chunks; the runner enforces it): the
+    call's cap and the LM's own max_concurrency (None for other models)."""
     if own:
         cap = min(cap, own) if cap else own
     return cap or 4
