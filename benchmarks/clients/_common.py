@@ -88,6 +88,30 @@ def doc_index(raw: str):
     return int(found[-1]) if found else None
 
 
+def run_timed(coro_factory, use_uvloop: bool):
+    """Run coro_factory() to completion on a fresh event loop (uvloop's if asked), timed by a
+    Meter that excludes the loop's creation. Returns (result, meter)."""
+    import asyncio
+
+    if use_uvloop:
+        import uvloop
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    else:
+        runner = asyncio.Runner()
+    with runner, Meter() as meter:
+        result = runner.run(coro_factory())
+    return result, meter
+
+
+def tally(results):
+    """(ok, errors, mismatches) of a client's per-row results: the answer text, None for a
+    row never answered, or the exception it ended with."""
+    errs = [r for r in results if not isinstance(r, str) and r is not None]
+    ok = sum(isinstance(r, str) for r in results)
+    mismatches = sum(isinstance(r, str) and r != expected(i) for i, r in enumerate(results))
+    return ok, errs, mismatches
+
+
 class Meter:
     """Wall time and getrusage around the timed part of a run."""
 

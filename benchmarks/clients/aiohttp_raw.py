@@ -13,7 +13,6 @@ retries).
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 
@@ -33,13 +32,7 @@ def main(argv=None) -> int:
         ["--url", args.url.rstrip("/") + "/chat/completions", "-n", str(args.n), "-c",
          str(args.c), "--model", args.model, "--timeout", str(args.timeout)]
         + (["--uvloop"] if args.uvloop else []))
-    if args.uvloop:
-        import uvloop
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    else:
-        runner = asyncio.Runner()
-    with runner, cm.Meter() as m:
-        errors, mismatches = runner.run(bench_aiohttp.run(inner))
+    (errors, mismatches), m = cm.run_timed(lambda: bench_aiohttp.run(inner), args.uvloop)
     import aiohttp
     # bench_aiohttp's workers take every row exactly once and count each failure, so a row
     # is either ok (possibly mismatched) or an error.

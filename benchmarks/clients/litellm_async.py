@@ -56,16 +56,8 @@ def main(argv=None) -> int:
     litellm.telemetry = False
     from importlib.metadata import version
 
-    if args.uvloop:
-        import uvloop
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    else:
-        runner = asyncio.Runner()
-    with runner, cm.Meter() as m:
-        results = runner.run(run(args, litellm))
-    errs = [r for r in results if not isinstance(r, str) and r is not None]
-    ok = sum(isinstance(r, str) for r in results)
-    mismatches = sum(isinstance(r, str) and r != cm.expected(i) for i, r in enumerate(results))
+    results, m = cm.run_timed(lambda: run(args, litellm), args.uvloop)
+    ok, errs, mismatches = cm.tally(results)
     return cm.emit("LiteLLM acompletion", args, m, ok=ok, errors=len(errs),
                    mismatches=mismatches, retried=None, got_429=None,
                    error_kinds=cm.count_kinds(errs),

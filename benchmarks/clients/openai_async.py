@@ -92,16 +92,8 @@ def main(argv=None) -> int:
                               "(DefaultAioHttpClient / openai[aiohttp])"}), flush=True)
             return 4
     counters = {"attempts": 0, "got_429": 0}
-    if args.uvloop:
-        import uvloop
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    else:
-        runner = asyncio.Runner()
-    with runner, cm.Meter() as m:
-        results = runner.run(run(args, openai, counters))
-    errs = [r for r in results if not isinstance(r, str) and r is not None]
-    ok = sum(isinstance(r, str) for r in results)
-    mismatches = sum(isinstance(r, str) and r != cm.expected(i) for i, r in enumerate(results))
+    results, m = cm.run_timed(lambda: run(args, openai, counters), args.uvloop)
+    ok, errs, mismatches = cm.tally(results)
     return cm.emit(name + (" uvloop" if args.uvloop else ""), args, m, ok=ok,
                    errors=len(errs), mismatches=mismatches,
                    retried=counters["attempts"] - args.n, got_429=counters["got_429"],
