@@ -7,14 +7,30 @@ import semex
 from semex import errors as E
 
 
-def test_llm_batch_returns_answers_in_order_and_typed_errors(server, make_lm):
+def test_llm_batch_returns_answers_in_order_and_failures_as_error_text(server, make_lm):
     lm = make_lm(max_retries=1)
     prompts = ["a", "b [[fail=404]]", "c", "d [[fail=500]]", "e"]
     result = semex.llm_batch(prompts, model=lm, max_concurrent=3)
     assert result[0] == "echo: a" and result[2] == "echo: c" and result[4] == "echo: e"
-    assert isinstance(result[1], E.APIStatusError) and result[1].status == 404
-    assert isinstance(result[3], E.ServerError) and result[3].status == 500
-    assert not isinstance(result[1], str)
+    for i, cls, status in ((1, E.APIStatusError, 404), (3, E.ServerError, 500)):
+        assert isinstance(result[i], semex.ErrorText) and result[i].startswith("Error: ")
+        assert isinstance(result[i].error, cls) and result[i].error.status == status
+        assert result[i].error.index == i and result.errors[i] is result[i].error
+    assert not isinstance(result[0], semex.ErrorText) and result.errors[0] is None
+
+
+def test_llm_batch_errors_objects_and_raise(server, make_lm):
+    lm = make_lm(max_retries=0)
+    prompts = ["a", "b [[fail=404]]"]
+    objects = semex.llm_batch(prompts, model=lm, errors="objects")
+    assert objects[0] == "echo: a"
+    assert isinstance(objects[1], E.APIStatusError) and not isinstance(objects[1], str)
+    with pytest.raises(E.BatchError) as caught:
+        semex.llm_batch(prompts, model=lm, errors="raise")
+    assert caught.value.results[0] == "echo: a"  # nothing computed is lost
+    assert isinstance(caught.value.errors[1], E.APIStatusError)
+    with pytest.raises(E.ConfigurationError, match="errors must be"):
+        semex.llm_batch(prompts, model=lm, errors="strings")
 
 
 def test_llm_batch_async_matches_sync(server, make_lm):

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
                   temperature=None, rpm=args.rpm, tpm=args.tpm)
     rows = cm.prompts(args.n)
     with cm.Meter() as m:
-        answers = semex.llm_batch(rows, model=lm, max_concurrent=args.c)
+        answers = semex.llm_batch(rows, model=lm, max_concurrent=args.c, errors="objects")
     ok = sum(isinstance(a, str) for a in answers)
     errs = [a for a in answers if not isinstance(a, str)]
     mismatches = sum(isinstance(a, str) and a != cm.expected(i) for i, a in enumerate(answers))

@@ -7,8 +7,10 @@ answers into rows.
 import logging as _logging
 
 from . import errors
-from .batch import llm_batch, llm_batch_async, parallel_query, parallel_query_async
-from .errors import RequestError, SemexError
+from . import pricing
+from .batch import (Results, llm_batch, llm_batch_async, llm_query, llm_query_async,
+                    map_reduce, map_reduce_async, parallel_query, parallel_query_async)
+from .errors import ErrorText, RequestError, SemexError
 from .extract import SemanticExtractOutput, sem_extract, sem_extract_async
 from .lm import LM, LMOutput, Usage
 from .settings import settings
@@ -22,14 +24,21 @@ __all__ = [
     "LM",
     "LMOutput",
     "Usage",
+    "ErrorText",
     "RequestError",
+    "Results",
     "SemanticExtractOutput",
     "SemexError",
     "errors",
     "llm_batch",
     "llm_batch_async",
+    "llm_query",
+    "llm_query_async",
+    "map_reduce",
+    "map_reduce_async",
     "parallel_query",
     "parallel_query_async",
+    "pricing",
     "sem_extract",
     "sem_extract_async",
     "settings",

@@ -1,7 +1,17 @@
-"""Exceptions raised by semex, and the typed error objects that failed items carry.
+"""Exceptions raised by semex, the typed error objects that failed items carry, and the one
+place that decides how a failed item looks to the caller.
 
-A failed item never comes back as a string that could pass for an answer: it is an instance
-of one of these classes, with the item's index, the HTTP status and the number of attempts.
+Every failure is one of the ``RequestError`` classes below, with the item's index, the HTTP
+status and the number of attempts. How it is handed back is the caller's choice
+(``errors=``), decided by :func:`shape_results` for every list-returning entry point:
+
+- ``"text"`` (default for ``llm_batch``/``parallel_query`` and the query helpers): an
+  :class:`ErrorText`, a ``str`` whose text is ``"Error: <message>"`` and whose ``.error`` is
+  the typed exception, so code written against ``List[str]`` (``"\n".join(results)``,
+  ``if "Error:" in r``) keeps working and ``isinstance(r, ErrorText)`` tells failures apart;
+- ``"objects"``: the exception instance itself in the item's place;
+- ``"raise"``: one :class:`BatchError` after the run, carrying every result computed.
+
 Messages never contain API keys or request headers.
 """
 from __future__ import annotations
@@ -25,6 +35,8 @@ __all__ = [
     "TransportError",
     "ResponseFormatError",
     "BatchError",
+    "ErrorText",
+    "shape_results",
 ]
 
 
@@ -120,3 +132,68 @@ class BatchError(SemexError):
         super().__init__(message)
         self.results = results
         self.errors = errors
+
+
+class ErrorText(str):
+    """A failed item in a list of answers: the text ``"Error: <message>"`` with the typed
+    exception in ``.error`` (also ``.index``, ``.status``).
+
+    It is a ``str``, so joins, ``"Error:" in r`` and a later stage's input checks accept it;
+    ``isinstance(r, semex.ErrorText)`` (or ``r.error``) tells it from an answer. A later
+    ``llm_batch``/``parallel_query`` given one passes it through unsent by default."""
+
+    error: "RequestError"
+
+    def __new__(cls, error: "RequestError") -> "ErrorText":
+        text = super().__new__(cls, f"Error: {error}")
+        text.error = error
+        return text
+
+    @property
+    def index(self) -> int:
+        return getattr(self.error, "index", -1)
+
+    @property
+    def status(self) -> int:
+        return getattr(self.error, "status", 0)
+
+    def __reduce__(self) -> Any:
+        return (ErrorText, (self.error,))
+
+
+ERROR_SHAPES = ("text", "objects", "raise")
+
+
+def check_error_shape(errors: Any) -> None:
+    if errors not in ERROR_SHAPES:
+        raise ConfigurationError(
+            f"errors must be 'text' (failed items as ErrorText \"Error: ...\" strings), "
+            f"'objects' (the exception instances) or 'raise' (one BatchError after the run), "
+            f"got {errors!r}")
+
+
+def shape_results(outputs: Any, failures: Any, errors: str, results: Any = None) -> Any:
+    """The one place that turns (answers, per-item errors) into what the caller asked for.
+
+    ``outputs[i]`` is the answer or None, ``failures[i]`` None or the item's typed error.
+    Returns ``results`` (a list, created when None) filled in place: answers, and failed
+    items as ``ErrorText`` ("text") or the exception ("objects"); with "raise" it raises
+    ``BatchError`` when anything failed, its ``.results`` holding the "text"-shaped list."""
+    if results is None:
+        results = []
+    text = errors != "objects"
+    first = None
+    failed = 0
+    for answer, error in zip(outputs, failures):
+        if error is None:
+            results.append(answer)
+            continue
+        failed += 1
+        if first is None:
+            first = error
+        results.append(ErrorText(error) if text else error)
+    if errors == "raise" and failed:
+        raise BatchError(f"{failed} of {len(results)} items failed; first: {first}. "
+                         "The exception's .results holds every answer computed.",
+                         results=results, errors=list(failures))
+    return results

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from . import _engine
 from . import errors as E
 from ._runtime import EngineHolder, Windows, wait_async, wait_sync
+from .progress import progress_reporter
 
 logger = logging.getLogger("semex")
 
@@ -28,6 +29,49 @@ Messages = Sequence[Mapping[str, Any]]
 ProgressCallback = Callable[[int, int], None]
 
 _DEFAULT_BASE = "https://api.openai.com/v1"
+
+# LiteLLM/LOTUS-style "provider/model" prefixes of OpenAI-compatible APIs: the prefix picks
+# the default base URL and key variable and is not sent (a real provider rejects
+# "openai/gpt-4o-mini"). Names with any other slash ("meta-llama/Llama-3-8B" on vLLM) are
+# sent as they are. base None: OPENAI_BASE_URL or OpenAI's; key None: no key variable.
+_PREFIXES: Dict[str, tuple] = {
+    "openai": (None, "OPENAI_API_KEY"),
+    "hosted_vllm": (None, "HOSTED_VLLM_API_KEY"),
+    "ollama": ("http://localhost:11434/v1", None),
+    "ollama_chat": ("http://localhost:11434/v1", None),
+    "lm_studio": ("http://localhost:1234/v1", None),
+    "groq": ("https://api.groq.com/openai/v1", "GROQ_API_KEY"),
+    "deepseek": ("https://api.deepseek.com/v1", "DEEPSEEK_API_KEY"),
+    "mistral": ("https://api.mistral.ai/v1", "MISTRAL_API_KEY"),
+    "openrouter": ("https://openrouter.ai/api/v1", "OPENROUTER_API_KEY"),
+    "together_ai": ("https://api.together.xyz/v1", "TOGETHERAI_API_KEY"),
+    "xai": ("https://api.x.ai/v1", "XAI_API_KEY"),
+    # the OpenAI-compatible endpoints of Anthropic and Google
+    "anthropic": ("https://api.anthropic.com/v1", "ANTHROPIC_API_KEY"),
+    "gemini": ("https://generativelanguage.googleapis.com/v1beta/openai", "GEMINI_API_KEY"),
+}
+
+
+def _split_provider(model: str) -> tuple:
+    """(provider or None, the model name to send)."""
+    prefix, sep, rest = model.partition("/")
+    if sep and rest and prefix in _PREFIXES:
+        return prefix, rest
+    if sep and prefix in ("azure", "azure_ai", "bedrock", "vertex_ai"):
+        raise E.ConfigurationError(
+            f"model {model!r}: the {prefix!r} provider is not supported yet; use an "
+            "OpenAI-compatible endpoint of it with api_base=... and the model name alone")
+    return None, model
+
+
+# LM parameters, for the "did you mean" check on unknown keywords (which are otherwise sent
+# in the request body, as LOTUS passes them on to the provider).
+_LM_PARAMETERS = (
+    "model", "api_base", "api_key", "max_concurrency", "rpm", "tpm", "max_retries", "timeout",
+    "connect_timeout", "temperature", "max_tokens", "extra_body", "extra_headers",
+    "structured_output", "workers", "adaptive_concurrency", "max_response_bytes",
+    "verify_tls", "backoff_base", "backoff_cap", "input_price_per_million",
+    "output_price_per_million", "max_batch_size", "rate_limit", "tpm_limit", "max_ctx_len")
 
 
 @dataclass
@@ -170,7 +214,20 @@ class LM:
     verify_tls:
         Verify the server's TLS certificate (keep True unless you know why not).
     input_price_per_million, output_price_per_million:
-        Prices per million prompt/completion tokens, to report ``usage.cost``.
+        Prices per million prompt/completion tokens, to report ``usage.cost``. Default:
+        the built-in table for common OpenAI, Anthropic and Gemini models
+        (:mod:`semex.pricing`); unknown models have no cost.
+    rate_limit, tpm_limit, max_ctx_len:
+        LOTUS's names: ``rate_limit`` is ``rpm``, ``tpm_limit`` is ``tpm``; ``max_ctx_len``
+        (tokens) bounds what ``map_reduce`` puts in one prompt.
+    **kwargs:
+        Other request body fields (``top_p=...``, ``reasoning_effort=...``), as LOTUS passes
+        them on; merged like ``extra_body``. A near-miss of a parameter name above is an
+        error, not a body field.
+
+    A LiteLLM-style ``"provider/model"`` name (``openai/``, ``anthropic/``, ``gemini/``,
+    ``groq/``, ``ollama/``, ``openrouter/``, ``hosted_vllm/``...) selects that provider's
+    OpenAI-compatible base URL and key variable; the prefix itself is not sent.
     """
 
     def __init__(
@@ -199,17 +256,36 @@ class LM:
         input_price_per_million: Optional[float] = None,
         output_price_per_million: Optional[float] = None,
         max_batch_size: Optional[int] = None,
+        rate_limit: Optional[float] = None,
+        tpm_limit: Optional[float] = None,
+        max_ctx_len: Optional[int] = None,
+        **kwargs: Any,
     ):
-        self.model = model or os.environ.get("SEMEX_MODEL") or "gpt-4o-mini"
-        if not isinstance(self.model, str):
+        name = model or os.environ.get("SEMEX_MODEL") or "gpt-4o-mini"
+        if not isinstance(name, str):
             raise E.ConfigurationError(f"model must be a str, got {type(model).__name__}")
-        base = api_base or os.environ.get("OPENAI_BASE_URL") or _DEFAULT_BASE
+        self.provider, self.model = _split_provider(name)
+        base_default, key_variable = _PREFIXES.get(self.provider, (None, "OPENAI_API_KEY"))
+        if api_base:
+            base = api_base
+        elif base_default is None:
+            base = (os.environ.get("HOSTED_VLLM_API_BASE") if self.provider == "hosted_vllm"
+                    else None) or os.environ.get("OPENAI_BASE_URL") or _DEFAULT_BASE
+        else:
+            base = base_default
         if not isinstance(base, str) or not base.startswith(("http://", "https://")):
             raise E.ConfigurationError(
                 f"api_base must be an http:// or https:// URL, got {base!r}")
         self.api_base = base.rstrip("/")
-        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        key = api_key if api_key is not None else (
+            os.environ.get(key_variable) if key_variable else None)
         self.__api_key = key or None
+        rpm = _alias("rpm", rpm, "rate_limit", rate_limit)
+        tpm = _alias("tpm", tpm, "tpm_limit", tpm_limit)
+        if max_ctx_len is not None:
+            _check_int("max_ctx_len", max_ctx_len, 1)
+        self.max_ctx_len = max_ctx_len
+        _check_body_kwargs(kwargs)
         if max_concurrency is None:
             max_concurrency = max_batch_size if max_batch_size is not None else 64
         _check_int("max_concurrency", max_concurrency, 1)
@@ -240,6 +316,12 @@ class LM:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.extra_body = dict(extra_body or {})
+        self.extra_body.update(kwargs)
+        try:
+            json.dumps(self.extra_body)
+        except (TypeError, ValueError) as exc:
+            raise E.ConfigurationError(
+                f"extra_body / request keywords are not JSON-serializable: {exc}") from None
         self.extra_headers = dict(extra_headers or {})
         self.structured_output = structured_output
         self.workers = workers
@@ -248,6 +330,12 @@ class LM:
         self.verify_tls = verify_tls
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        if input_price_per_million is None and output_price_per_million is None:
+            from .pricing import price_for
+
+            known = price_for(self.model)
+            if known is not None:
+                input_price_per_million, output_price_per_million = known
         self.input_price_per_million = input_price_per_million
         self.output_price_per_million = output_price_per_million
         self.total_usage = Usage()
@@ -304,18 +392,22 @@ class LM:
         return self._engine.stats()
 
     # -- calls ------------------------------------------------------------------------------
-    def __call__(self, messages_batch: Sequence[Messages], *,
-                 progress: Optional[ProgressCallback] = None,
+    def __call__(self, messages_batch: Sequence[Messages], show_progress_bar: bool = False,
+                 progress_bar_desc: str = "Requests", *, progress: Any = None,
                  max_concurrent: Optional[int] = None, **request_fields) -> LMOutput:
         """Send every conversation of ``messages_batch``; block until all are answered.
 
         Works inside a running event loop (e.g. a notebook cell): no event loop is used.
         Ctrl-C cancels the outstanding requests and raises KeyboardInterrupt.
         ``request_fields`` (e.g. ``response_format=...``) are added to every request body.
-        ``progress(done, total)`` is called as requests finish. ``max_concurrent`` caps this
-        call's own concurrency below ``max_concurrency``.
+        ``progress``: True for a progress bar, or a callable ``progress(done, total)``
+        called as requests finish (``show_progress_bar``/``progress_bar_desc``: LOTUS's
+        names). ``max_concurrent`` caps this call's own concurrency below
+        ``max_concurrency``.
         """
-        job = _Job(self, messages_batch, request_fields, progress, max_concurrent)
+        job = _Job(self, messages_batch, request_fields,
+                   show_progress_bar if progress is None else progress, max_concurrent,
+                   desc=progress_bar_desc)
         return _drive_sync(job)
 
     def _run_prompts(self, prompts: Sequence[Any], system_prompt: Optional[str],
@@ -334,14 +426,59 @@ class LM:
                    prompts=True, system_prompt=system_prompt)
         return await _drive_async(job)
 
-    async def async_call(self, messages_batch: Sequence[Messages], *,
-                         progress: Optional[ProgressCallback] = None,
+    async def async_call(self, messages_batch: Sequence[Messages],
+                         show_progress_bar: bool = False,
+                         progress_bar_desc: str = "Requests", *, progress: Any = None,
                          max_concurrent: Optional[int] = None,
                          **request_fields) -> LMOutput:
         """Awaitable twin of ``lm(messages_batch)``; works on any running asyncio loop.
         Cancelling the awaiting task cancels the in-flight requests."""
-        job = _Job(self, messages_batch, request_fields, progress, max_concurrent)
+        job = _Job(self, messages_batch, request_fields,
+                   show_progress_bar if progress is None else progress, max_concurrent,
+                   desc=progress_bar_desc)
         return await _drive_async(job)
+
+    # -- single prompts and the batch helpers of RLM-style programs ----------------------------
+    def query(self, prompt: Any, *, system_prompt: Optional[str] = None,
+              errors: str = "text", **request_fields: Any) -> str:
+        """One prompt (a str, a message dict or a conversation) -> its answer text. A
+        failure is an ``ErrorText`` ("Error: ...") unless ``errors="raise"`` (the typed
+        exception is raised). Works inside a running event loop."""
+        from .batch import llm_query
+
+        return llm_query(prompt, self, system_prompt=system_prompt, errors=errors,
+                         **request_fields)
+
+    async def query_async(self, prompt: Any, *, system_prompt: Optional[str] = None,
+                          errors: str = "text", **request_fields: Any) -> str:
+        """Awaitable twin of :meth:`query`."""
+        from .batch import llm_query_async
+
+        return await llm_query_async(prompt, self, system_prompt=system_prompt,
+                                     errors=errors, **request_fields)
+
+    async def batch_completion(self, messages_list: Sequence[Any],
+                               max_tokens: Optional[int] = None, max_concurrent: int = 10,
+                               *, errors: str = "text", **request_fields: Any) -> list:
+        """Every prompt (str, message dict or conversation) answered concurrently, in input
+        order; failed items are ``ErrorText`` ("Error: ...") by default."""
+        from .batch import llm_batch_async
+
+        if max_tokens is not None:
+            request_fields["max_tokens"] = max_tokens
+        return await llm_batch_async(_as_prompts(messages_list), self, max_concurrent,
+                                     errors=errors, **request_fields)
+
+    def batch_completion_sync(self, messages_list: Sequence[Any],
+                              max_tokens: Optional[int] = None, max_concurrent: int = 10,
+                              *, errors: str = "text", **request_fields: Any) -> list:
+        """:meth:`batch_completion` without an event loop (works inside a running one)."""
+        from .batch import llm_batch
+
+        if max_tokens is not None:
+            request_fields["max_tokens"] = max_tokens
+        return llm_batch(_as_prompts(messages_list), self, max_concurrent, errors=errors,
+                         **request_fields)
 
     def _record_usage(self, usage: Usage) -> None:
         with self._usage_lock:
@@ -357,6 +494,15 @@ class LM:
 _ENCODE = json.JSONEncoder(ensure_ascii=False).encode
 
 
+def _as_prompts(items: Sequence[Any]) -> List[Any]:
+    """batch_completion's inputs: a single message dict counts as a one-message
+    conversation (strings and conversations pass as they are)."""
+    if isinstance(items, (str, bytes, Mapping)):
+        raise E.ConfigurationError("messages_list must be a list of prompts, not a single "
+                                   f"{type(items).__name__}")
+    return [[item] if isinstance(item, Mapping) else item for item in items]
+
+
 def _drive_sync(job: "_Job") -> LMOutput:
     """Run a job's windows in order; while waiting on the oldest, keep the engine fed."""
     windows = Windows(job.submit, job.n, job.window_size)
@@ -366,6 +512,7 @@ def _drive_sync(job: "_Job") -> LMOutput:
             job.collect(start, batch)
     finally:
         windows.close()
+        job.close_progress()
     return job.finish()
 
 
@@ -377,6 +524,7 @@ async def _drive_async(job: "_Job") -> LMOutput:
             job.collect(start, batch)
     finally:
         windows.close()
+        job.close_progress()
     return job.finish()
 
 
@@ -394,6 +542,27 @@ def _token_count(value: Any) -> int:
     return 0
 
 
+def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    if alias_value is None:
+        return value
+    if value is not None and value != alias_value:
+        raise E.ConfigurationError(f"{name}={value!r} and {alias}={alias_value!r} disagree; "
+                                   f"{alias} is LOTUS's name for {name}: pass one of them")
+    return alias_value
+
+
+def _check_body_kwargs(kwargs: Dict[str, Any]) -> None:
+    import difflib
+
+    for key in kwargs:
+        close = difflib.get_close_matches(key, _LM_PARAMETERS, n=1, cutoff=0.8)
+        if close:
+            raise E.ConfigurationError(
+                f"LM got an unknown keyword {key!r}; did you mean {close[0]!r}? (unknown "
+                "keywords are sent as request body fields; pass extra_body={...} to send "
+                "this one on purpose)")
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise E.ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -403,9 +572,9 @@ class _Job:
     """One LM call: validates input up front, builds bodies window by window, reads results."""
 
     def __init__(self, lm: LM, messages_batch: Sequence[Any],
-                 request_fields: Dict[str, Any], progress: Optional[ProgressCallback],
+                 request_fields: Dict[str, Any], progress: Any,
                  max_concurrent: Optional[int] = None, *, prompts: bool = False,
-                 system_prompt: Optional[str] = None):
+                 system_prompt: Optional[str] = None, desc: str = "Requests"):
         """prompts=True (llm_batch): items are plain strings (the user message) or
         conversations, and `system_prompt` goes first in each; a string's body is written
         around its JSON string directly, with no message dicts built for it."""
@@ -470,7 +639,8 @@ class _Job:
         # time Python spends building the next window, without holding 4x as many bodies
         # and answers (at 10,000 in flight that was 80,000 requests resident).
         self.window_size = max(1024, 2 * lm.max_concurrency)
-        self.progress = progress
+        self.progress, self.close_progress = progress_reporter(
+            progress, self.n, desc, unit="request")
         self.outputs: List[Optional[str]] = [None] * self.n
         self.errors: List[Optional[E.RequestError]] = [None] * self.n
         self.finish_reasons: List[Optional[str]] = [None] * self.n

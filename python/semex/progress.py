@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 
 class ProgressBar:
-    def __init__(self, total: int, desc: str, enabled: bool = True):
+    def __init__(self, total: int, desc: str, enabled: bool = True, unit: str = "doc"):
         self.n = 0
         self.total = total
         self._bar: Any = None
@@ -15,7 +15,7 @@ class ProgressBar:
         if enabled and total:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit="doc", dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
     def advance(self, k: int) -> None:
         if k:
@@ -42,3 +42,32 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def progress_reporter(progress: Any, total: int, desc: str, *, default: bool = False,
+                      unit: str = "item") -> "tuple[Optional[Callable[[int, int], None]], Callable[[], None]]":
+    """One meaning of ``progress=`` everywhere: True shows a tqdm bar, False (or None, when
+    ``default`` is False) shows nothing, a callable is called as ``progress(done, total)``.
+
+    Returns (callback or None, close); close() ends the bar and is safe to call twice."""
+    from .errors import ConfigurationError
+
+    if progress is None:
+        progress = default
+    if callable(progress) and not isinstance(progress, bool):
+        return progress, _nothing
+    if progress is True:
+        bar = ProgressBar(total, desc, unit=unit)
+
+        def advance(done: int, _total: int) -> None:
+            bar.update_to(done)
+        return advance, bar.close
+    if progress is False:
+        return None, _nothing
+    raise ConfigurationError(
+        "progress must be True (a progress bar), False (none) or a callable "
+        f"progress(done, total); got {type(progress).__name__}")
+
+
+def _nothing() -> None:
+    pass

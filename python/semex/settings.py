@@ -1,38 +1,85 @@
-"""Process-wide defaults: ``semex.settings.configure(lm=semex.LM(...))`` (as in LOTUS)."""
+"""Process-wide defaults: ``semex.settings.configure(lm=semex.LM(...))`` (as in LOTUS).
+
+``settings.context(lm=...)`` overrides them for one thread or asyncio task only (a
+ContextVar overlay, as LOTUS's ``settings.context`` does).
+"""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
 import os
 import threading
-from typing import Any, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from .errors import ConfigurationError
 
 __all__ = ["Settings", "settings"]
 
 
+_overlay: "contextvars.ContextVar[Optional[Dict[str, Any]]]" = contextvars.ContextVar(
+    "semex_settings", default=None)
+
+
 class Settings:
     """Defaults used when a call does not name them.
 
-    lm: the default model for llm_batch, parallel_query and sem_extract.
+    lm: the default model for llm_batch, parallel_query, llm_query, map_reduce and
+        sem_extract.
+    helper_lm: LOTUS's second model setting; kept for programs that set it.
+    enable_cache: LOTUS's cache switch; semex has no persistent cache yet, so True is
+        accepted with a warning and changes nothing.
     """
 
-    _fields = ("lm",)
+    _fields = ("lm", "helper_lm", "enable_cache")
 
     def __init__(self) -> None:
         self.lm: Any = None
+        self.helper_lm: Any = None
+        self.enable_cache: bool = False
         self._env_lm: Any = None
         self._guard = threading.Lock()
 
-    def configure(self, **options: Any) -> None:
-        """Set defaults, e.g. ``configure(lm=LM("gpt-4o-mini"))``."""
+    def __getattribute__(self, name: str) -> Any:
+        if name in Settings._fields:
+            overlay = _overlay.get()
+            if overlay is not None and name in overlay:
+                return overlay[name]
+        return object.__getattribute__(self, name)
+
+    def _check(self, options: Dict[str, Any]) -> None:
         for name, value in options.items():
             if name not in self._fields:
                 raise ConfigurationError(
                     f"unknown setting {name!r}; known settings: {', '.join(self._fields)}")
+            if name == "enable_cache":
+                if not isinstance(value, bool):
+                    raise ConfigurationError(
+                        f"enable_cache must be True or False, got {value!r}")
+                if value:
+                    logging.getLogger("semex").warning(
+                        "settings.enable_cache=True: semex has no persistent cache yet; "
+                        "answers are not cached (identical documents in one sem_extract "
+                        "call are still sent once)")
+
+    def configure(self, **options: Any) -> None:
+        """Set defaults, e.g. ``configure(lm=LM("gpt-4o-mini"))``."""
+        self._check(options)
+        for name, value in options.items():
             setattr(self, name, value)
 
+    @contextlib.contextmanager
+    def context(self, **options: Any) -> Iterator["Settings"]:
+        """Override settings in this thread or asyncio task only, until the block ends."""
+        self._check(options)
+        token = _overlay.set({**(_overlay.get() or {}), **options})
+        try:
+            yield self
+        finally:
+            _overlay.reset(token)
+
     def __repr__(self) -> str:
-        return f"Settings(lm={self.lm!r})"
+        return f"Settings(lm={self.lm!r}, enable_cache={self.enable_cache!r})"
 
     def resolve_lm(self, model: Optional[Any]) -> Any:
         """The model a call should use: the one given, else the configured default, else an
