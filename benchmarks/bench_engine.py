@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         th.start()
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
-        answers = semex.llm_batch(prompts, model=lm, max_concurrent=args.c)
+        answers = semex.llm_batch(prompts, model=lm, max_concurrent=args.c, errors="objects")
         wall = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         errors = sum(not isinstance(a, str) for a in answers)
