@@ -15,7 +15,11 @@ the key (``[[name]]`` / ``[[name=value]]``, ``*N`` = only attempts 1..N):
     [[retry_after_date=S]]  [[retry_after_ms=MS]]  [[reset_requests=V]]
     [[reset_tokens=V]]  [[quota]]  [[drop*N]]  [[truncate*N]]  [[stall*N]]
     [[big=N]]  [[badjson]]  [[rawb64=BASE64]] (answer 200 with exactly these body bytes,
-    base64 in the URL-safe alphabet)
+    base64 in the URL-safe alphabet)  [[refuse]] (400 content_filter, as a provider's
+    content filter answers; in extraction mode it refuses every prompt holding that
+    document, batch or single)  [[maxlen=N]] (400 context_length_exceeded when the
+    last message is longer than N characters)  [[ids=PREFIX]] (answer with the distinct
+    words starting with PREFIX in the last message, in order: a summarizer that shrinks)
 
 Extraction mode: if the first message is a system message containing "You
 extract structured information", the request is a sem_extract prompt
@@ -98,6 +102,9 @@ AUTH_BODY = _dumps({"error": {
     "message": "Incorrect API key provided.", "type": "invalid_request_error",
     "code": "invalid_api_key"}}).encode()
 OK_BODY = b'{"ok":true}'
+REFUSAL_BODY = _dumps({"error": {
+    "message": "This prompt was refused: the content filter flagged it.",
+    "type": "invalid_request_error", "param": "prompt", "code": "content_filter"}}).encode()
 
 
 def error_body(status: int, message: str | None = None) -> bytes:
@@ -670,7 +677,8 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) 
     t_start = _monotonic()
     auth = headers.get("authorization")
     rec = {"t_start": t_start, "t_end": None, "key": None, "attempt": 0,
-           "outcome": None, "auth": auth is not None, "ndocs": 0, "doc_ids": []}
+           "outcome": None, "auth": auth is not None, "ndocs": 0, "doc_ids": [],
+           "model": None}
     st.log.append(rec)
     st.requests += 1
 
@@ -707,6 +715,7 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) 
     st.attempts[key] = attempt
     rec["key"] = key
     rec["attempt"] = attempt
+    rec["model"] = req.get("model")
     ex = None
     if is_extraction(messages):
         ex = parse_extraction(req, texts)
@@ -757,6 +766,17 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) 
             finish("drop")
             return False
 
+        if "refuse" in d:
+            return await reply(400, REFUSAL_BODY)
+
+        if "maxlen" in d:
+            try:
+                limit = int(d["maxlen"][0])
+            except (TypeError, ValueError):
+                limit = 0
+            if len(key) > limit:
+                return await reply(400, OVERFLOW_BODY)
+
         if applies(d, "fail", attempt):
             try:
                 code = int(d["fail"][0])
@@ -775,6 +795,11 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) 
         except (TypeError, ValueError):
             n = 0
         content = "x" * max(0, n)
+    elif "ids" in d:
+        prefix = d["ids"][0] or ""
+        words = [w for w in re.findall(r"[\w-]+", _DIRECTIVE_RE.sub("", key))
+                 if prefix and w.startswith(prefix)]
+        content = " ".join(dict.fromkeys(words))
     elif ex is not None and "badjson" not in d:
         content = build_extraction(st, ex)
         if content is None:

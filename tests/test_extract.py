@@ -430,10 +430,10 @@ def test_an_async_step_that_raises_cancels_the_step_in_flight(server, make_lm, s
     runner_calls = []
     acall = semex._models.ModelRunner.acall
 
-    def failing_absorb(self, task, content, error):
+    def failing_absorb(self, task, content, error, *args):
         if task.docs[0].text.endswith("boom"):
             raise _Stop()
-        return absorb(self, task, content, error)
+        return absorb(self, task, content, error, *args)
 
     async def counting_acall(self, conversations, response_format, progress):
         runner_calls.append(len(conversations))

@@ -21,7 +21,7 @@ import pandas as pd
 from . import errors as E
 from ._schema import OutputSpec
 from .extract import (SemanticExtractOutput, _check_call, _drive, _drive_async, _ListSink,
-                      _missing, _Run, render_pairs)
+                      _missing, _Run, _strategy, render_pairs)
 
 __all__ = ["SemExtractAccessor"]
 
@@ -246,8 +246,8 @@ class SemExtractAccessor:
     input_cols: the columns the model reads (a name or a list of names).
     output_cols: ``{"name": "description or None"}`` or a pydantic model class.
     extract_quotes: add ``{name}_quote`` columns with the verbatim supporting span.
-    postprocessor, safe_mode, progress_bar_desc, return_explanations, prompt_strategy:
-        as in :func:`semex.sem_extract`.
+    postprocessor, safe_mode, progress_bar_desc, return_explanations, strategy:
+        as in :func:`semex.sem_extract` (``prompt_strategy``: strategy's older name).
     return_raw_outputs: add a ``raw_output`` column with each row's raw answer.
     model: a ``semex.LM`` or any model object; default ``settings.lm``.
     use_batch_processing, batch_size, max_concurrent_batches, progress: as in sem_extract.
@@ -269,7 +269,8 @@ class SemExtractAccessor:
         df = self._df
         columns = _input_columns(df, input_cols)
         spec = OutputSpec(output_cols, extract_quotes)  # checks output_cols early
-        _check_call(output_cols, prompt_strategy, batch_size, on_error, max_concurrent_batches)
+        _check_call(output_cols, prompt_strategy, batch_size, on_error, max_concurrent_batches,
+                    progress)
         documents = _FrameDocuments(df, columns)
 
         def finish(out: Optional[SemanticExtractOutput]) -> pd.DataFrame:
@@ -311,14 +312,15 @@ class SemExtractAccessor:
                  extract_quotes: bool = False, postprocessor: Optional[Callable] = None,
                  return_raw_outputs: bool = False, safe_mode: bool = False,
                  progress_bar_desc: str = "Extracting", return_explanations: bool = False,
-                 prompt_strategy: Any = None, *, model: Any = None,
+                 strategy: Any = None, *, prompt_strategy: Any = None, model: Any = None,
                  use_batch_processing: bool = True, batch_size: int = 10,
-                 max_concurrent_batches: Optional[int] = None, progress: bool = True,
+                 max_concurrent_batches: Optional[int] = None, progress: Any = True,
                  on_error: str = "return", error_col: Optional[str] = "extract_error"
                  ) -> pd.DataFrame:
         run, collect = self._begin(
             input_cols, output_cols, extract_quotes, postprocessor, return_raw_outputs,
-            safe_mode, progress_bar_desc, return_explanations, prompt_strategy, model,
+            safe_mode, progress_bar_desc, return_explanations,
+            _strategy(strategy, prompt_strategy), model,
             use_batch_processing, batch_size, max_concurrent_batches, progress, on_error,
             error_col)
         if run is not None:
@@ -330,15 +332,17 @@ class SemExtractAccessor:
                             postprocessor: Optional[Callable] = None,
                             return_raw_outputs: bool = False, safe_mode: bool = False,
                             progress_bar_desc: str = "Extracting",
-                            return_explanations: bool = False, prompt_strategy: Any = None,
-                            *, model: Any = None, use_batch_processing: bool = True,
+                            return_explanations: bool = False, strategy: Any = None,
+                            *, prompt_strategy: Any = None, model: Any = None,
+                            use_batch_processing: bool = True,
                             batch_size: int = 10, max_concurrent_batches: Optional[int] = 3,
-                            progress: bool = True, on_error: str = "return",
+                            progress: Any = True, on_error: str = "return",
                             error_col: Optional[str] = "extract_error") -> pd.DataFrame:
         """Awaitable twin of ``df.sem_extract(...)`` for any running loop."""
         run, collect = self._begin(
             input_cols, output_cols, extract_quotes, postprocessor, return_raw_outputs,
-            safe_mode, progress_bar_desc, return_explanations, prompt_strategy, model,
+            safe_mode, progress_bar_desc, return_explanations,
+            _strategy(strategy, prompt_strategy), model,
             use_batch_processing, batch_size, max_concurrent_batches, progress, on_error,
             error_col)
         if run is not None:

@@ -99,11 +99,43 @@ _CONTEXT_MARKERS = ("context length", "context_length", "maximum context", "too 
                     "too long", "reduce the length", "context window")
 
 
+# What providers say when they refuse a prompt for its content (OpenAI/Azure content
+# filters, moderation, safety systems).
+_REFUSAL_MARKERS = ("content_filter", "content filter", "content_policy", "content policy",
+                    "content management policy", "responsibleaipolicyviolation", "safety",
+                    "moderation", "flagged", "invalid_prompt")
+
+
+def _mentions(err: E.RequestError, markers: Tuple[str, ...]) -> bool:
+    text = f"{err} {err.body or ''}".lower()
+    return any(marker in text for marker in markers)
+
+
 def _is_context_overflow(err: E.RequestError) -> bool:
     if not isinstance(err, E.APIStatusError) or err.status not in (400, 413, 422):
         return False
-    text = f"{err} {err.body or ''}".lower()
-    return any(marker in text for marker in _CONTEXT_MARKERS)
+    return _mentions(err, _CONTEXT_MARKERS)
+
+
+def _worth_splitting(err: E.RequestError, others_ok: bool) -> bool:
+    """Whether a failed multi-document prompt is halved (down to single documents) rather
+    than failing every document in it: when the failure can be one document's fault.
+
+    Always for an unreadable or oversized answer, a context overflow and a content refusal
+    (the provider's 400 says so). For other 400/413/422s, and for 5xx or timeouts that
+    outlasted the retries, only when other prompts of the call were answered: then the
+    request shape and the server are fine and the batch's content is the suspect; when
+    nothing was answered, splitting would only multiply failing requests. Never for
+    401/403/404/429, quota, cancellation or local transport errors."""
+    if isinstance(err, (E.ResponseFormatError, E.ResponseTooLargeError)):
+        return True
+    if isinstance(err, E.ServerError):  # 408/409/5xx after every retry
+        return others_ok
+    if isinstance(err, E.RequestTimeoutError):
+        return others_ok
+    if type(err) is E.APIStatusError and err.status in (400, 413, 422):
+        return _is_context_overflow(err) or _mentions(err, _REFUSAL_MARKERS) or others_ok
+    return False
 
 
 def _missing(value: Any) -> bool:
@@ -416,12 +448,14 @@ class _Extraction:
             self._write(i, row, raw, _row_error(error, i) if error is not None else None)
 
     def absorb(self, task: _Task, content: Optional[str],
-               error: Optional[E.RequestError]) -> List[_Task]:
-        """Take one prompt's outcome; return the tasks it leaves for the next step."""
+               error: Optional[E.RequestError], others_ok: bool = False) -> List[_Task]:
+        """Take one prompt's outcome; return the tasks it leaves for the next step.
+        ``others_ok``: some prompt of this run was answered (see _worth_splitting)."""
         docs = task.docs
         if error is not None:
-            if len(docs) > 1 and (_is_context_overflow(error)
-                                  or isinstance(error, E.ResponseFormatError)):
+            if len(docs) > 1 and _worth_splitting(error, others_ok):
+                logger.debug("prompt of %d documents failed (%s); splitting", len(docs),
+                             type(error).__name__)
                 return _halves(docs)
             for doc in docs:
                 self._finish(doc, None, content, error)
@@ -515,7 +549,12 @@ def _check_docs(docs: Any) -> List[Mapping[str, Any]]:
     return docs
 
 
-def _check_common(batch_size: Any, on_error: str, max_concurrent_batches: Any) -> None:
+def _check_common(batch_size: Any, on_error: str, max_concurrent_batches: Any,
+                  progress: Any = True) -> None:
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise E.ConfigurationError(
+            "progress must be True (a progress bar), False (none) or a callable "
+            f"progress(done, total); got {type(progress).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise E.ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if on_error not in ("return", "raise"):
@@ -527,13 +566,27 @@ def _check_common(batch_size: Any, on_error: str, max_concurrent_batches: Any) -
             f"max_concurrent_batches must be an integer >= 1, got {max_concurrent_batches!r}")
 
 
+def _strategy(strategy: Any, prompt_strategy: Any) -> Any:
+    """LOTUS's ``strategy`` (a ReasoningStrategy) or semex's older name ``prompt_strategy``:
+    None and DEFAULT are the plain prompt; chain-of-thought strategies are not built yet."""
+    if strategy is not None and prompt_strategy is not None and strategy != prompt_strategy:
+        raise E.ConfigurationError("strategy and prompt_strategy disagree; pass strategy "
+                                   "(prompt_strategy is its older name)")
+    value = strategy if strategy is not None else prompt_strategy
+    name = getattr(value, "name", value)
+    if value is None or (isinstance(name, str) and name.upper() == "DEFAULT"):
+        return None
+    raise E.ConfigurationError(
+        f"strategy={value!r} is not supported by semex yet (only None / DEFAULT); "
+        "prompt_strategy is its older name")
+
+
 def _check_call(output_cols: Any, prompt_strategy: Any, batch_size: Any, on_error: str,
-                max_concurrent_batches: Any) -> None:
+                max_concurrent_batches: Any, progress: Any = True) -> None:
     if output_cols is None:
         raise E.ConfigurationError("output_cols is required")
-    if prompt_strategy is not None:
-        raise E.ConfigurationError("prompt_strategy is not supported by semex yet; pass None")
-    _check_common(batch_size, on_error, max_concurrent_batches)
+    _strategy(prompt_strategy, None)
+    _check_common(batch_size, on_error, max_concurrent_batches, progress)
 
 
 class _Call:
@@ -579,7 +632,11 @@ class _Run:
         self.n = documents.n
         self._stats0 = self._engine_stats()
         self.in_flight: List[_Call] = []
-        self.bar = ProgressBar(self.n, progress_bar_desc, enabled=progress)
+        self.answered = False  # some prompt of this run came back without an error
+        self.callback = progress if callable(progress) else None
+        self.reported = -1
+        self.bar = ProgressBar(self.n, progress_bar_desc,
+                               enabled=progress is True and self.callback is None)
         if safe_mode:
             self.safe_mode_report()
 
@@ -638,6 +695,12 @@ class _Run:
         return progress
 
     def _show(self) -> None:
+        if self.callback is not None:
+            done = self.state.done  # rows with their outcome, no estimate
+            if done != self.reported:
+                self.reported = done
+                self.callback(done, self.n)
+            return
         guess = sum(c.rows * c.done // max(1, len(c.tasks)) for c in self.in_flight)
         self.bar.update_to(self.state.done + guess, self.stats())
 
@@ -659,8 +722,10 @@ class _Run:
         self.in_flight.remove(call)
         call.conversations = None
         state.usage.add(out.usage)
-        for task, content, error in zip(call.tasks, out.outputs, out.errors):
-            state.followups += state.absorb(task, content, error)
+        errors = out.errors or [None] * len(call.tasks)
+        self.answered = self.answered or any(e is None for e in errors)
+        for task, content, error in zip(call.tasks, out.outputs, errors):
+            state.followups += state.absorb(task, content, error, self.answered)
         self._show()
 
     def check_complete(self) -> None:
@@ -812,15 +877,15 @@ async def _drive_async(run: _Run) -> None:
 
 def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
                 output_cols: Any = None, extract_quotes: bool = False,
-                postprocessor: Optional[Callable] = None, return_raw_outputs: bool = False,
-                safe_mode: bool = False, progress_bar_desc: str = "Extracting",
+                postprocessor: Optional[Callable] = None, safe_mode: bool = False,
+                progress_bar_desc: str = "Extracting", return_explanations: bool = False,
+                strategy: Any = None, *, return_raw_outputs: bool = False,
                 use_batch_processing: bool = True, batch_size: int = 10,
-                return_explanations: bool = False, prompt_strategy: Any = None, *,
-                max_concurrent_batches: Optional[int] = None, progress: bool = True,
-                on_error: str = "return") -> SemanticExtractOutput:
+                prompt_strategy: Any = None, max_concurrent_batches: Optional[int] = None,
+                progress: Any = True, on_error: str = "return") -> SemanticExtractOutput:
     """Extract ``output_cols`` from every document; rows come back in input order.
 
-    Parameters (LOTUS's names and order)
+    Parameters (LOTUS 1.2.4's names and positional order, then keyword-only extras)
     ----------
     docs: list of dicts, column -> value; each becomes "[column]: value" lines.
     model: a ``semex.LM``, an object with ``async_call``, a plain callable (the synchronous
@@ -835,15 +900,18 @@ def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
     progress_bar_desc: the progress bar's label.
     use_batch_processing, batch_size: put ``batch_size`` documents in one prompt (split
         automatically when an answer is malformed or overflows the context).
-    return_explanations, prompt_strategy: LOTUS compatibility (no chain-of-thought yet).
+    return_explanations, strategy: LOTUS compatibility (no chain-of-thought yet: strategy
+        must be None or DEFAULT; ``prompt_strategy`` is its older name).
     max_concurrent_batches: most prompts in flight at once (default: the model's own cap).
-    progress: show a tqdm progress bar (a widget in notebooks).
+    progress: True shows a tqdm progress bar (a widget in notebooks), False nothing, a
+        callable is called as ``progress(done_rows, total_rows)`` as rows finish.
     on_error: "return" (failed rows carry typed errors in ``errors``) or "raise" (one
         ``BatchError`` after the run, carrying every partial result).
 
     Works inside a running event loop (a notebook cell): no event loop is used.
     """
-    _check_call(output_cols, prompt_strategy, batch_size, on_error, max_concurrent_batches)
+    _check_call(output_cols, _strategy(strategy, prompt_strategy), batch_size, on_error,
+                max_concurrent_batches, progress)
     run = _Run(_ListDocuments(_check_docs(docs)), _ListSink(), model, output_cols,
                extract_quotes, batch_size, use_batch_processing, max_concurrent_batches,
                progress, progress_bar_desc, safe_mode, on_error, postprocessor)
@@ -853,18 +921,20 @@ def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
 
 async def sem_extract_async(docs: Sequence[Mapping[str, Any]], model: Any = None,
                             output_cols: Any = None, extract_quotes: bool = False,
-                            postprocessor: Optional[Callable] = None,
-                            return_raw_outputs: bool = False, safe_mode: bool = False,
+                            postprocessor: Optional[Callable] = None, safe_mode: bool = False,
                             progress_bar_desc: str = "Extracting",
+                            return_explanations: bool = False, strategy: Any = None, *,
+                            return_raw_outputs: bool = False,
                             use_batch_processing: bool = True, batch_size: int = 10,
-                            return_explanations: bool = False, prompt_strategy: Any = None,
-                            *, max_concurrent_batches: Optional[int] = 3,
-                            progress: bool = True,
+                            prompt_strategy: Any = None,
+                            max_concurrent_batches: Optional[int] = 3,
+                            progress: Any = True,
                             on_error: str = "return") -> SemanticExtractOutput:
     """Awaitable twin of :func:`sem_extract` for any running asyncio loop (Jupyter
     included). ``max_concurrent_batches`` (default 3) limits prompts in flight;
     a plain callable model runs in worker threads so the loop never blocks."""
-    _check_call(output_cols, prompt_strategy, batch_size, on_error, max_concurrent_batches)
+    _check_call(output_cols, _strategy(strategy, prompt_strategy), batch_size, on_error,
+                max_concurrent_batches, progress)
     run = _Run(_ListDocuments(_check_docs(docs)), _ListSink(), model, output_cols,
                extract_quotes, batch_size, use_batch_processing, max_concurrent_batches,
                progress, progress_bar_desc, safe_mode, on_error, postprocessor)
