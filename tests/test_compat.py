@@ -255,6 +255,8 @@ def test_lm_accepts_lotus_keywords_and_rejects_near_misses(server):
     assert lm.max_concurrency == 8 and lm.max_ctx_len == 4096 and lm.extra_body["top_p"] == 0.5
     with pytest.raises(E.ConfigurationError, match="did you mean 'max_retries'"):
         semex.LM("m", api_base=server.base_url, max_retrys=3)
+    with pytest.raises(E.ConfigurationError, match="LOTUS-only"):
+        semex.LM("m", api_base=server.base_url, tokenizer=object())
     with pytest.raises(E.ConfigurationError, match="disagree"):
         semex.LM("m", api_base=server.base_url, rpm=10, rate_limit=20)
     # LOTUS's call keywords are not sent to the provider
@@ -304,7 +306,7 @@ def test_strategy_keyword_and_enable_cache(server, make_lm, caplog):
                          ReasoningStrategy(), model=lm, progress=False)
     assert out.loc[0, "product"] == "product:p"
     with pytest.raises(E.ConfigurationError, match="strategy"):
-        df.sem_extract(["text"], FIELDS, strategy="cot", model=lm, progress=False)
+        df.sem_extract(["text"], FIELDS, strategy="tree_of_thought", model=lm, progress=False)
     with caplog.at_level(logging.WARNING, logger="semex"):
         semex.settings.configure(enable_cache=True)
     try:
@@ -374,3 +376,26 @@ def test_progress_true_false_and_callbacks_on_the_batch_apis(server, make_lm, ca
     with pytest.raises(E.ConfigurationError, match="progress"):
         semex.llm_batch(["a"], model=lm, progress="bar")
     assert chat_requests(server) == []
+
+
+def test_chain_of_thought_strategy_returns_explanations(server, make_lm):
+    class ReasoningStrategy:  # lotus.types.ReasoningStrategy.COT's shape
+        name = "COT"
+
+    texts = ["alpha", "beta", "alpha"]
+    for structured in (True, False):
+        lm = make_lm(structured_output=structured)
+        for size in (1, 3):
+            out = semex.sem_extract(docs_of(texts), lm, FIELDS, False, None, False, "x", True,
+                                    ReasoningStrategy(), batch_size=size, progress=False)
+            assert out.explanations == ["reasoning:alpha", "reasoning:beta", "reasoning:alpha"]
+            assert out.outputs[1] == {"sentiment": "sentiment:beta", "product": "product:beta"}
+    df = pd.DataFrame({"text": texts})
+    frame = df.sem_extract(["text"], FIELDS, return_explanations=True, strategy="zs_cot",
+                           model=lm, progress=False)
+    assert frame["explanation"].tolist() == out.explanations
+    assert "reasoning" not in frame.columns
+    with pytest.raises(E.ConfigurationError, match="collides"):
+        semex.sem_extract(docs_of(["x"]), lm, {"reasoning": None}, strategy="cot")
+    with pytest.raises(E.ConfigurationError, match="FEW_SHOT"):
+        semex.sem_extract(docs_of(["x"]), lm, FIELDS, strategy="few_shot")

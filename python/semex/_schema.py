@@ -20,8 +20,17 @@ class RowInvalid(ValueError):
     """A parsed row does not satisfy the output spec (the message says why)."""
 
 
+REASONING_KEY = "reasoning"  # what the model fills first under a chain-of-thought strategy
+
+
 class OutputSpec:
-    def __init__(self, output_cols: Any, extract_quotes: bool):
+    """``reasoning=True`` (LOTUS's COT / ZS_COT strategies): every answer object starts with
+    a "reasoning" string, the model's brief step-by-step thinking, before the fields (in
+    structured output too: the key comes first in the schema, so it is generated first).
+    It is returned as the row's explanation (``row[REASONING_KEY]`` from ``validate``), not
+    as an output column."""
+
+    def __init__(self, output_cols: Any, extract_quotes: bool, reasoning: bool = False):
         self.model = None
         if isinstance(output_cols, type) and hasattr(output_cols, "model_fields") and \
                 hasattr(output_cols, "model_validate"):
@@ -57,6 +66,13 @@ class OutputSpec:
                 raise ConfigurationError(f"output column {q!r} collides with the quote column "
                                          "extract_quotes adds")
         self.all_columns = self.columns + self.quote_columns
+        self.reasoning = reasoning
+        if reasoning and REASONING_KEY in self.all_columns:
+            raise ConfigurationError(
+                f"output column {REASONING_KEY!r} collides with the reasoning a "
+                "chain-of-thought strategy adds; rename it or drop the strategy")
+        # the keys of one answer object, in the order the model should write them
+        self.answer_keys = ([REASONING_KEY] if reasoning else []) + self.all_columns
 
     # -- prompts ------------------------------------------------------------------------
     def field_lines(self) -> str:
@@ -95,13 +111,18 @@ class OutputSpec:
             props[q] = {"type": ["string", "null"],
                         "description": "verbatim span of the document supporting "
                                        + q[:-len("_quote")]}
+        if self.reasoning:
+            props = {REASONING_KEY: {"type": "string",
+                                     "description": "brief step-by-step reasoning that "
+                                                    "leads to the values"}, **props}
         if with_id:
             props = {"id": {"type": "integer"}, **props}
         schema["properties"] = props
         if strict:
             required = list(props)
         else:
-            wanted = set(schema.get("required", [])) | set(self.quote_columns) | {"id"}
+            wanted = set(schema.get("required", [])) | set(self.quote_columns) | {
+                "id", REASONING_KEY}
             required = [p for p in props if p in wanted]
         schema["required"] = required
         schema["additionalProperties"] = False
@@ -146,6 +167,10 @@ class OutputSpec:
         for q in self.quote_columns:
             value = obj.get(q)
             row[q] = value if value is None or isinstance(value, str) else str(value)
+        if self.reasoning:
+            value = obj.get(REASONING_KEY)
+            row[REASONING_KEY] = value if value is None or isinstance(value, str) \
+                else json.dumps(value, ensure_ascii=False)
         return row
 
 

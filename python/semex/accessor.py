@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import errors as E
-from ._schema import OutputSpec
+from ._schema import REASONING_KEY, OutputSpec
 from .extract import (SemanticExtractOutput, _check_call, _drive, _drive_async, _ListSink,
                       _missing, _Run, _strategy, render_pairs)
 
@@ -146,6 +146,8 @@ class _ColumnSink:
 
     def __init__(self, spec: OutputSpec, keep_raw: bool):
         self.columns = {name: _Column() for name in spec.all_columns}
+        if spec.reasoning:  # kept as a column of its own, shown as "explanation"
+            self.columns[REASONING_KEY] = _Column()
         self.raw = _Column() if keep_raw else None
         self.errors: Dict[int, E.RequestError] = {}
         dtype = pd.Series(["text", None]).dtype  # what this pandas makes of text with gaps
@@ -191,7 +193,9 @@ class _ColumnSink:
         if return_raw_outputs:
             _set_column(frame, "raw_output", self.raw.values(self.text_dtype))
         if return_explanations:
-            _set_column(frame, "explanation", np.full(n, None, dtype=object))
+            _set_column(frame, "explanation",
+                        self.columns.pop(REASONING_KEY).values(self.text_dtype)
+                        if spec.reasoning else np.full(n, None, dtype=object))
         if error_col is not None or self.errors:
             texts = np.full(n, None, dtype=object)
             for i, error in self.errors.items():
@@ -261,15 +265,16 @@ class SemExtractAccessor:
 
     def _begin(self, input_cols, output_cols, extract_quotes, postprocessor,
                return_raw_outputs, safe_mode, progress_bar_desc, return_explanations,
-               prompt_strategy, model, use_batch_processing, batch_size,
+               strategy, model, use_batch_processing, batch_size,
                max_concurrent_batches, progress, on_error, error_col
                ) -> Tuple[Optional[_Run], Callable[[Optional[_Run]], pd.DataFrame]]:
         """Checks and set-up shared by the sync and async calls: (the run to drive, or None
         for an empty frame; what turns the driven run into the result frame)."""
         df = self._df
         columns = _input_columns(df, input_cols)
-        spec = OutputSpec(output_cols, extract_quotes)  # checks output_cols early
-        _check_call(output_cols, prompt_strategy, batch_size, on_error, max_concurrent_batches,
+        # checks output_cols early
+        spec = OutputSpec(output_cols, extract_quotes, reasoning=strategy == "cot")
+        _check_call(output_cols, strategy, batch_size, on_error, max_concurrent_batches,
                     progress)
         documents = _FrameDocuments(df, columns)
 
@@ -305,7 +310,7 @@ class SemExtractAccessor:
             _ColumnSink(spec, keep_raw=return_raw_outputs)
         run = _Run(documents, sink, model, output_cols, extract_quotes, batch_size,
                    use_batch_processing, max_concurrent_batches, progress,
-                   progress_bar_desc, safe_mode, "return", postprocessor)
+                   progress_bar_desc, safe_mode, "return", postprocessor, strategy)
         return run, collect
 
     def __call__(self, input_cols: Union[str, Sequence[str]], output_cols: Any,

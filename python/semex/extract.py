@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import errors as E
 from ._models import ModelRunner
-from ._schema import OutputSpec, RowInvalid, parse_json_answer
+from ._schema import REASONING_KEY, OutputSpec, RowInvalid, parse_json_answer
 from .lm import LMOutput, Usage
 from .progress import ProgressBar
 from .settings import settings
@@ -194,6 +194,7 @@ class _ListSink:
         self.rows: List[Optional[Dict[str, Any]]] = [None] * n
         self.raw: List[Optional[str]] = [None] * n
         self.errors: List[Optional[E.RequestError]] = [None] * n
+        self.explanations: List[Optional[str]] = [None] * n
 
     def open_chunk(self, chunk: int, start: int, end: int) -> None:
         pass
@@ -204,20 +205,26 @@ class _ListSink:
     def write(self, i: int, row: Optional[Dict[str, Any]], raw: Optional[str],
               error: Optional[E.RequestError]) -> None:
         if error is None:
-            self.rows[i] = dict(row) if row is not None else None
+            if row is not None:
+                row = dict(row)
+                self.explanations[i] = row.pop(REASONING_KEY, None)
+            self.rows[i] = row
         else:
             self.errors[i] = error
         self.raw[i] = raw
 
     def read(self, i: int) -> Tuple[Optional[Dict[str, Any]], Optional[str],
                                     Optional[E.RequestError]]:
-        return self.rows[i], self.raw[i], self.errors[i]
+        row = self.rows[i]
+        if row is not None and self.explanations[i] is not None:
+            row = {**row, REASONING_KEY: self.explanations[i]}
+        return row, self.raw[i], self.errors[i]
 
     def output(self, spec: OutputSpec) -> SemanticExtractOutput:
         empty = {c: None for c in spec.all_columns}
         outputs = [row if row is not None else dict(empty) for row in self.rows]
         return SemanticExtractOutput(outputs=outputs, raw_outputs=self.raw, errors=self.errors,
-                                     explanations=[None] * len(outputs))
+                                     explanations=self.explanations)
 
 
 class _Seen:
@@ -312,7 +319,10 @@ class _Extraction:
         if spec.extract_quotes:
             common += (' For every field X also return "X_quote": the exact words from the '
                        "document that support the value, copied verbatim (null if none).")
-        keys = ", ".join(json.dumps(c) for c in spec.all_columns)
+        if spec.reasoning:
+            common += (f' Think first: start each answer object with "{REASONING_KEY}", your '
+                       "brief step-by-step reasoning, then give the fields.")
+        keys = ", ".join(json.dumps(c) for c in spec.answer_keys)
         self.system_single = (common + f"\nAnswer with one JSON object with the keys {keys}. "
                               "JSON only: no prose, no code fences.")
         self.system_batch = (common + "\nYou receive several numbered documents. Answer with "
@@ -566,26 +576,31 @@ def _check_common(batch_size: Any, on_error: str, max_concurrent_batches: Any,
             f"max_concurrent_batches must be an integer >= 1, got {max_concurrent_batches!r}")
 
 
-def _strategy(strategy: Any, prompt_strategy: Any) -> Any:
-    """LOTUS's ``strategy`` (a ReasoningStrategy) or semex's older name ``prompt_strategy``:
-    None and DEFAULT are the plain prompt; chain-of-thought strategies are not built yet."""
+def _strategy(strategy: Any, prompt_strategy: Any = None) -> Optional[str]:
+    """LOTUS's ``strategy`` (a ``ReasoningStrategy`` member, or its name as a string) or
+    semex's older name ``prompt_strategy`` -> None (the plain prompt: None, DEFAULT) or
+    "cot" (COT, ZS_COT: the model reasons first; see OutputSpec)."""
     if strategy is not None and prompt_strategy is not None and strategy != prompt_strategy:
         raise E.ConfigurationError("strategy and prompt_strategy disagree; pass strategy "
                                    "(prompt_strategy is its older name)")
     value = strategy if strategy is not None else prompt_strategy
     name = getattr(value, "name", value)
-    if value is None or (isinstance(name, str) and name.upper() == "DEFAULT"):
+    key = name.upper() if isinstance(name, str) else None
+    if value is None or key == "DEFAULT":
         return None
+    if key in ("COT", "ZS_COT"):
+        return "cot"
     raise E.ConfigurationError(
-        f"strategy={value!r} is not supported by semex yet (only None / DEFAULT); "
-        "prompt_strategy is its older name")
+        f"strategy={value!r} is not supported by semex (None, DEFAULT, COT and ZS_COT are; "
+        "FEW_SHOT needs examples semex does not take yet); prompt_strategy is its older "
+        "name")
 
 
-def _check_call(output_cols: Any, prompt_strategy: Any, batch_size: Any, on_error: str,
+def _check_call(output_cols: Any, strategy: Any, batch_size: Any, on_error: str,
                 max_concurrent_batches: Any, progress: Any = True) -> None:
+    """``strategy``: already read by _strategy."""
     if output_cols is None:
         raise E.ConfigurationError("output_cols is required")
-    _strategy(prompt_strategy, None)
     _check_common(batch_size, on_error, max_concurrent_batches, progress)
 
 
@@ -610,8 +625,8 @@ class _Run:
 
     def __init__(self, documents, sink, model, output_cols, extract_quotes, batch_size,
                  use_batch_processing, max_concurrent_batches, progress, progress_bar_desc,
-                 safe_mode, on_error, postprocessor):
-        self.spec = OutputSpec(output_cols, extract_quotes)
+                 safe_mode, on_error, postprocessor, strategy=None):
+        self.spec = OutputSpec(output_cols, extract_quotes, reasoning=strategy == "cot")
         model = settings.resolve_lm(model)
         self.runner = ModelRunner(model, max_concurrent_batches)
         self.model = model
@@ -900,8 +915,11 @@ def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
     progress_bar_desc: the progress bar's label.
     use_batch_processing, batch_size: put ``batch_size`` documents in one prompt (split
         automatically when an answer is malformed or overflows the context).
-    return_explanations, strategy: LOTUS compatibility (no chain-of-thought yet: strategy
-        must be None or DEFAULT; ``prompt_strategy`` is its older name).
+    return_explanations: kept for LOTUS compatibility (``explanations`` is always filled
+        when the strategy gives one).
+    strategy: None/DEFAULT, or LOTUS's ``ReasoningStrategy.COT``/``ZS_COT`` (or "cot"):
+        the model writes its brief reasoning first, returned in ``explanations``.
+        ``prompt_strategy`` is its older name.
     max_concurrent_batches: most prompts in flight at once (default: the model's own cap).
     progress: True shows a tqdm progress bar (a widget in notebooks), False nothing, a
         callable is called as ``progress(done_rows, total_rows)`` as rows finish.
@@ -910,11 +928,11 @@ def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
 
     Works inside a running event loop (a notebook cell): no event loop is used.
     """
-    _check_call(output_cols, _strategy(strategy, prompt_strategy), batch_size, on_error,
-                max_concurrent_batches, progress)
+    strategy = _strategy(strategy, prompt_strategy)
+    _check_call(output_cols, strategy, batch_size, on_error, max_concurrent_batches, progress)
     run = _Run(_ListDocuments(_check_docs(docs)), _ListSink(), model, output_cols,
                extract_quotes, batch_size, use_batch_processing, max_concurrent_batches,
-               progress, progress_bar_desc, safe_mode, on_error, postprocessor)
+               progress, progress_bar_desc, safe_mode, on_error, postprocessor, strategy)
     _drive(run)
     return run.finish()
 
@@ -933,10 +951,10 @@ async def sem_extract_async(docs: Sequence[Mapping[str, Any]], model: Any = None
     """Awaitable twin of :func:`sem_extract` for any running asyncio loop (Jupyter
     included). ``max_concurrent_batches`` (default 3) limits prompts in flight;
     a plain callable model runs in worker threads so the loop never blocks."""
-    _check_call(output_cols, _strategy(strategy, prompt_strategy), batch_size, on_error,
-                max_concurrent_batches, progress)
+    strategy = _strategy(strategy, prompt_strategy)
+    _check_call(output_cols, strategy, batch_size, on_error, max_concurrent_batches, progress)
     run = _Run(_ListDocuments(_check_docs(docs)), _ListSink(), model, output_cols,
                extract_quotes, batch_size, use_batch_processing, max_concurrent_batches,
-               progress, progress_bar_desc, safe_mode, on_error, postprocessor)
+               progress, progress_bar_desc, safe_mode, on_error, postprocessor, strategy)
     await _drive_async(run)
     return run.finish()

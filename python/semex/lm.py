@@ -551,10 +551,20 @@ def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
     return alias_value
 
 
+# LOTUS LM parameters with no semex counterpart: refused by name rather than sent.
+_LOTUS_ONLY = {
+    "tokenizer": "semex counts tokens from the provider's usage, not with a local tokenizer",
+    "physical_usage_limit": "usage limits are not enforced by semex; set rpm/tpm instead",
+    "virtual_usage_limit": "usage limits are not enforced by semex; set rpm/tpm instead",
+}
+
+
 def _check_body_kwargs(kwargs: Dict[str, Any]) -> None:
     import difflib
 
     for key in kwargs:
+        if key in _LOTUS_ONLY:
+            raise E.ConfigurationError(f"LM({key}=...) is LOTUS-only: {_LOTUS_ONLY[key]}")
         close = difflib.get_close_matches(key, _LM_PARAMETERS, n=1, cutoff=0.8)
         if close:
             raise E.ConfigurationError(
