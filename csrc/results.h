@@ -63,6 +63,8 @@ typedef struct sx_request_opts {
     int notify_each;         /* 1: wake the eventfd on every completion (progress bars) */
     int max_in_flight;       /* this batch's own concurrency cap; 0: only the engine's */
     int parse_chat;          /* 1: workers read successful answers as chat completions */
+    double total_timeout;    /* seconds for all attempts of one request, backoffs included
+                              * (waits ordered by a 429 excepted); 0: no such bound */
 } sx_request_opts;
 
 typedef struct sx_batch sx_batch;
@@ -97,6 +99,8 @@ typedef struct sx_slot {
     int http_status;         /* last HTTP status seen, 0 if none */
     int attempts;
     double first_sent;       /* when the first attempt was admitted */
+    double deadline;         /* first_sent + total_timeout, moved later by 429 waits; no
+                              * attempt runs or is scheduled past it. 0: none */
     double latency;          /* first admission to final outcome, seconds */
     char *response;          /* final response body (ok, or the failing response) */
     size_t response_len;

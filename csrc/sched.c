@@ -227,8 +227,11 @@ size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double 
             heap_remove(s, heap_index);
         }
         slot->where = SX_AT_WORKER;
-        if (slot->attempts == 0)
+        if (slot->attempts == 0) {
             slot->first_sent = now;
+            double budget = slot->batch->opts.total_timeout;
+            slot->deadline = budget > 0 ? now + budget : 0.0;
+        }
         slot->attempts++;
         slot->admit_seq = ++s->stats.admitted;
         s->in_flight++;
@@ -241,6 +244,12 @@ size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double 
 }
 
 /* ---- outcomes ---- */
+
+/* Attempts for a request whose connection was refused or whose host did not resolve: a
+ * server that is down or a mistyped host answers the same way on every retry, and seven
+ * retries cost a user 16-25 silent seconds before the error. Three attempts still ride out
+ * a server that is restarting. */
+#define SX_CONNECT_ATTEMPTS 3
 
 static int curl_code_retryable(int code)
 {
@@ -284,6 +293,7 @@ void sx_classify(sx_attempt *a, int curl_code, const char *curl_error, int statu
     a->http_status = status;
     a->congestion = 0;
     a->rate_limited = 0;
+    a->attempt_limit = 0;
     a->reason[0] = '\0';
     memset(&a->chat, 0, sizeof a->chat);
 
@@ -304,6 +314,9 @@ void sx_classify(sx_attempt *a, int curl_code, const char *curl_error, int statu
         } else if (curl_code_retryable(curl_code)) {
             a->verdict = SX_V_RETRY;
             a->kind = SX_ERR_CONNECTION;
+            if (curl_code == CURLE_COULDNT_CONNECT || curl_code == CURLE_COULDNT_RESOLVE_HOST ||
+                curl_code == CURLE_COULDNT_RESOLVE_PROXY)
+                a->attempt_limit = SX_CONNECT_ATTEMPTS;
             snprintf(a->reason, sizeof a->reason, "connection error (%s): %s",
                      curl_easy_strerror((CURLcode)curl_code), detail);
         } else {
@@ -398,7 +411,8 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
         }
         extend_cooldown(s, now + pause);
     }
-    if (slot->attempts > b->opts.max_retries) {
+    if (slot->attempts > b->opts.max_retries ||
+        (a->attempt_limit > 0 && slot->attempts >= a->attempt_limit)) {
         size_t len = strlen(a->reason);
         snprintf(a->reason + len, sizeof a->reason - len, " (gave up after %d attempts)",
                  slot->attempts);
@@ -408,6 +422,18 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
                               hint);
     if (now + delay < s->cooldown_until)
         delay = s->cooldown_until - now;
+    if (slot->deadline > 0) {
+        if (a->rate_limited) {
+            /* The provider is pacing us, not stalling: its wait is not the row's fault. */
+            slot->deadline += delay;
+        } else if (now + delay >= slot->deadline) {
+            size_t len = strlen(a->reason);
+            snprintf(a->reason + len, sizeof a->reason - len,
+                     " (gave up after %d attempts: total_timeout of %g s spent)",
+                     slot->attempts, b->opts.total_timeout);
+            return SX_V_FAIL;
+        }
+    }
     slot->due = now + delay;
     if (heap_push(s, slot) != 0) {
         snprintf(a->reason, sizeof a->reason, "out of memory while scheduling a retry");

@@ -79,6 +79,8 @@ typedef struct sx_attempt {
     int rate_limited;       /* 429: global cool-down */
     sx_hints hints;
     sx_chat chat;           /* a success read as a chat completion (parsed = 0 if not) */
+    int attempt_limit;      /* > 0: give up after this many attempts whatever max_retries
+                             * says (refused connections, unknown hosts: fail fast) */
     char reason[256];       /* human-readable, never contains headers */
 } sx_attempt;
 

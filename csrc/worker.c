@@ -477,7 +477,10 @@ static void xfer_start(sx_worker *w, sx_slot *slot)
         curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
     }
     /* libcurl reads 0 as "no timeout": never let a sub-millisecond timeout round to it. */
-    long timeout_ms = (long)ceil(o->timeout * 1000.0);
+    double timeout = o->timeout;
+    if (slot->deadline > 0 && slot->deadline - sx_now() < timeout)
+        timeout = slot->deadline - sx_now();  /* the last attempt ends with the budget */
+    long timeout_ms = (long)ceil(timeout * 1000.0);
     long connect_ms = (long)ceil(o->connect_timeout * 1000.0);
     curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout_ms > 0 ? timeout_ms : 1L);
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, connect_ms > 0 ? connect_ms : 1L);

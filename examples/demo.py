@@ -19,7 +19,6 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 import semex
-from semex._local import LocalServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,13 +52,16 @@ def main() -> int:
             print(f"provider: {lm.api_base}, model {lm.model}")
         else:
             started = time.monotonic()
-            server = stack.enter_context(LocalServer())
+            # a 135M-parameter model: one ticket per prompt, JSON constrained by the schema
+            lm = stack.enter_context(semex.LM.local(max_tokens=96, timeout=120))
+            server = lm.local_server
             print(f"local model: {os.path.basename(server.model_path)} on {server.base_url} "
                   f"(started in {time.monotonic() - started:.1f} s)")
-            # a 135M-parameter model: one ticket per prompt, JSON constrained by the schema
-            lm = semex.LM("smollm2-135m", api_base=server.base_url, api_key="",
-                          structured_output="json_object", max_concurrency=2,
-                          max_tokens=96, timeout=120)
+            print("This is SmolLM2-135M, a tiny model that runs on any CPU: the demo shows "
+                  "semex's mechanics\n(typed rows, order, usage), and many of its answers "
+                  "will be wrong. For real answers run it\nagainst a provider: "
+                  "OPENAI_API_KEY=sk-... make demo (optionally OPENAI_BASE_URL, "
+                  "SEMEX_MODEL).\n")
             batch = False
         started = time.monotonic()
         result = df.sem_extract(["ticket"], Ticket, model=lm, use_batch_processing=batch,

@@ -203,9 +203,10 @@ def test_a_request_level_400_is_not_multiplied_by_splitting(server, make_lm):
 
 def test_auth_failure_in_a_batch_is_not_split(server, make_lm):
     lm = make_lm(api_key="sk-wrong")
-    out = semex.sem_extract(docs_of([f"d{i}" for i in range(10)]), lm, FIELDS,
-                            batch_size=10, progress=False)
-    assert all(isinstance(e, E.AuthenticationError) for e in out.errors)
+    with pytest.raises(E.AuthenticationError) as caught:
+        semex.sem_extract(docs_of([f"d{i}" for i in range(10)]), lm, FIELDS,
+                          batch_size=10, progress=False)
+    assert all(isinstance(e, E.AuthenticationError) for e in caught.value.errors)
     assert len(chat_requests(server)) == 1
 
 

@@ -1,6 +1,6 @@
 """sem_extract against a real local LLM: SmolLM2-135M-Instruct on llama.cpp's server.
 
-Needs `.ci/setup-llm.sh` (make demo runs it). Skipped when the local model is not installed,
+Needs the local model, which `make demo` installs. Skipped when the local model is not installed,
 except where SEMEX_REQUIRE_LLM=1 (CI) makes that a failure.
 """
 import enum
@@ -27,8 +27,8 @@ def _local_llm_available() -> bool:
 if not _local_llm_available():
     if os.environ.get("SEMEX_REQUIRE_LLM") == "1":
         raise RuntimeError("SEMEX_REQUIRE_LLM=1 but the local LLM is not installed "
-                           "(run .ci/setup-llm.sh)")
-    pytestmark = pytest.mark.skip(reason="local LLM not installed (run .ci/setup-llm.sh)")
+                           "(run make demo once to install it)")
+    pytestmark = pytest.mark.skip(reason="local LLM not installed (run make demo once to install it)")
 
 
 class Tone(str, enum.Enum):
@@ -79,3 +79,14 @@ def test_real_llm_returns_schema_shaped_rows():
         assert row["tone"] in {t.value for t in Tone}
         assert isinstance(row["asks_for_action"], bool)
     assert out.usage.completion_tokens > 0
+
+
+@pytest.mark.timeout(300)
+def test_lm_local_answers_and_stops_its_server():
+    with semex.LM.local(max_tokens=16, timeout=120) as lm:
+        process = lm.local_server.process
+        assert process is not None and process.poll() is None
+        answer = semex.llm_query("Say hello.", model=lm)
+        assert isinstance(answer, str) and answer.strip()
+        assert not isinstance(answer, semex.ErrorText), answer
+    assert process.poll() is not None  # leaving the block stopped the server

@@ -13,7 +13,7 @@ nbclient = pytest.importorskip("nbclient") if os.environ.get("SEMEX_REQUIRE_LLM"
 import nbformat  # noqa: E402  (installed with nbclient)
 
 if not _local_llm_available() and os.environ.get("SEMEX_REQUIRE_LLM") != "1":
-    pytestmark = pytest.mark.skip(reason="local LLM not installed (run .ci/setup-llm.sh)")
+    pytestmark = pytest.mark.skip(reason="local LLM not installed (run make demo once to install it)")
 
 
 @pytest.mark.timeout(900)

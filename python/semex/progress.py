@@ -28,18 +28,29 @@ class ProgressBar:
                 self._bar.update(n - self.n)
             now = time.monotonic()
             if stats and now - self._last_postfix >= 0.5:
-                self._last_postfix = now
-                elapsed = max(1e-9, now - self._started)
-                postfix = {"req/s": f"{stats.get('admitted', 0) / elapsed:.0f}"}
-                if stats.get("tokens"):  # known once a window of answers has been read
-                    postfix["tokens"] = stats["tokens"]
-                postfix.update(retries=stats.get("retries", 0), **{"429s": stats.get("http_429", 0)},
-                               errors=stats.get("errors", 0))
-                self._bar.set_postfix(postfix, refresh=False)
+                self._postfix(stats, now)
         self.n = n
 
-    def close(self) -> None:
+    def _postfix(self, stats: Dict[str, Any], now: float) -> None:
+        self._last_postfix = now
+        elapsed = max(1e-9, now - self._started)
+        rate = stats.get("admitted", 0) / elapsed
+        postfix = {"req/s": f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"}
+        if stats.get("tokens"):  # known once a window of answers has been read
+            postfix["tokens"] = stats["tokens"]
+        postfix.update(retries=stats.get("retries", 0), **{"429s": stats.get("http_429", 0)},
+                       errors=stats.get("errors", 0))
+        if stats.get("timeouts"):
+            postfix["timeouts"] = stats["timeouts"]
+        self._bar.set_postfix(postfix, refresh=False)
+
+    def close(self, stats: Optional[Dict[str, Any]] = None) -> None:
+        """End the bar; with ``stats``, its last figures first (a run shorter than the
+        refresh interval would otherwise end showing none: errors=0, req/s=0)."""
         if self._bar is not None:
+            if stats:
+                self._postfix(stats, time.monotonic())
+                self._bar.refresh()
             self._bar.close()
             self._bar = None
 

@@ -2044,6 +2044,19 @@ static void test_engine_retry_503(void)
     sx_engine_unlock(e);
     sx_engine_release_batch(e, c);
 
+    /* However many retries are allowed, a refused connection is tried 3 times at most. */
+    o.max_retries = 6;
+    c = sx_batch_new(dead, NULL, 0, fb, fl, NULL, 1, &o);
+    REQUIRE(c != NULL);
+    CHECK(sx_engine_submit(e, c) == 0);
+    CHECK(sx_engine_wait(e, c, 10.0) == 1);
+    sx_engine_lock(e);
+    CHECK(c->slots[0].state == SX_FAILED && c->slots[0].error_kind == SX_ERR_CONNECTION);
+    CHECK(c->slots[0].attempts == 3);
+    CHECK(c->slots[0].error && strstr(c->slots[0].error, "gave up after 3 attempts") != NULL);
+    sx_engine_unlock(e);
+    sx_engine_release_batch(e, c);
+
     sx_engine_free(e);
 }
 
