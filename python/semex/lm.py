@@ -268,9 +268,14 @@ class LM:
         max_ctx_len: Optional[int] = None,
         **kwargs: Any,
     ):
+        # What another process needs to build the same LM (semex.dask), key left out.
+        self._args = {k: v for k, v in locals().items()
+                      if k not in ("self", "kwargs", "api_key", "api_base", "model")}
+        self._args.update(kwargs)
         name = model or os.environ.get("SEMEX_MODEL") or "gpt-4o-mini"
         if not isinstance(name, str):
             raise E.ConfigurationError(f"model must be a str, got {type(model).__name__}")
+        self._args["model"] = name
         self.provider, self.model = _split_provider(name)
         base_default, key_variable = _PREFIXES.get(self.provider, (None, "OPENAI_API_KEY"))
         if api_base:
@@ -284,6 +289,7 @@ class LM:
             raise E.ConfigurationError(
                 f"api_base must be an http:// or https:// URL, got {base!r}")
         self.api_base = base.rstrip("/")
+        self._args["api_base"] = self.api_base
         key = api_key if api_key is not None else (
             os.environ.get(key_variable) if key_variable else None)
         self.__api_key = key or None
