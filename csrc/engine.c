@@ -55,6 +55,22 @@ err:
     return NULL;
 }
 
+void sx_engine_grant(sx_engine *e, double requests, double tokens)
+{
+    pthread_mutex_lock(&e->lock);
+    sx_sched_grant(&e->sched, requests, tokens);
+    pthread_mutex_unlock(&e->lock);
+    wake_all(e);
+}
+
+sx_lease sx_engine_lease(sx_engine *e)
+{
+    pthread_mutex_lock(&e->lock);
+    sx_lease lease = e->sched.lease;
+    pthread_mutex_unlock(&e->lock);
+    return lease;
+}
+
 int sx_engine_owned(const sx_engine *e)
 {
     return e->pid == getpid();

@@ -76,6 +76,10 @@ void sx_engine_release_batch(sx_engine *e, sx_batch *b);
  * Call without any Python lock held. */
 int sx_engine_wait(sx_engine *e, sx_batch *b, double timeout);
 
+/* Grant budget to the engine's lease (sched.h, sx_lease) and wake the workers; snapshot it. */
+void sx_engine_grant(sx_engine *e, double requests, double tokens);
+sx_lease sx_engine_lease(sx_engine *e);
+
 void sx_engine_lock(sx_engine *e);
 void sx_engine_unlock(sx_engine *e);
 

@@ -72,14 +72,15 @@ PyDoc_STRVAR(Engine_doc,
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"workers", "max_in_flight", "rpm", "tpm", "adaptive",
-                             "queue_limit", "http2", "max_connections", NULL};
-    int workers = 1, max_in_flight = 64, adaptive = 1, http2 = 1;
+                             "queue_limit", "http2", "max_connections", "lease",
+                             "lease_tokens", NULL};
+    int workers = 1, max_in_flight = 64, adaptive = 1, http2 = 1, lease = 0, lease_tokens = 0;
     double rpm = 0.0, tpm = 0.0;
     Py_ssize_t queue_limit = 1000000;
     long max_connections = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$iiddpnpl:Engine", kwlist, &workers,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$iiddpnplpp:Engine", kwlist, &workers,
                                      &max_in_flight, &rpm, &tpm, &adaptive, &queue_limit,
-                                     &http2, &max_connections))
+                                     &http2, &max_connections, &lease, &lease_tokens))
         return NULL;
     if (workers < 1 || workers > 64) {
         PyErr_Format(PyExc_ValueError, "workers must be between 1 and 64, got %d", workers);
@@ -106,6 +107,8 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     opts.sched.tpm = tpm;
     opts.sched.adaptive = adaptive;
     opts.sched.queue_limit = (size_t)queue_limit;
+    opts.sched.lease = lease;
+    opts.sched.lease_tokens = lease && lease_tokens;
     opts.http2 = http2;
     opts.max_connections = max_connections;
     self->max_in_flight = max_in_flight;
@@ -392,13 +395,14 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
     double cooldown = e->sched.cooldown_until - sx_now();
     sx_engine_unlock(e);
     return Py_BuildValue(
-        "{s:n,s:i,s:n,s:n,s:d,s:K,s:K,s:K,s:K,s:K,s:K}", "in_flight", (Py_ssize_t)in_flight,
+        "{s:n,s:i,s:n,s:n,s:d,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "in_flight", (Py_ssize_t)in_flight,
         "window", window, "queued", (Py_ssize_t)queued, "retry_waiting", (Py_ssize_t)retrying,
         "cooldown_remaining", cooldown > 0 ? cooldown : 0.0, "admitted",
         (unsigned long long)st.admitted, "retries", (unsigned long long)st.retries,
         "http_429", (unsigned long long)st.http_429, "timeouts",
         (unsigned long long)st.timeouts, "cooldowns", (unsigned long long)st.cooldowns,
-        "window_cuts", (unsigned long long)st.window_cuts);
+        "window_cuts", (unsigned long long)st.window_cuts, "lease_waits",
+        (unsigned long long)st.lease_waits);
 }
 
 static PyObject *Engine_repr(EngineObject *self)
@@ -419,11 +423,50 @@ static PyObject *Engine_get_forked(EngineObject *self, void *Py_UNUSED(c))
     return PyBool_FromLong(self->engine != NULL && !sx_engine_owned(self->engine));
 }
 
+PyDoc_STRVAR(Engine_grant_doc,
+"grant($self, requests, tokens=0.0)\n--\n\n"
+"Add budget to the engine's lease (an Engine built with lease=True admits requests only\n"
+"while it lasts; each attempt spends one request and, with lease_tokens, its estimated\n"
+"tokens) and wake the workers.");
+
+static PyObject *Engine_grant(EngineObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"requests", "tokens", NULL};
+    double requests, tokens = 0.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "d|d:grant", kwlist, &requests, &tokens))
+        return NULL;
+    if (!(requests >= 0) || !(tokens >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "grant() takes budgets >= 0");
+        return NULL;
+    }
+    if (!engine_usable(self))
+        return NULL;
+    sx_engine_grant(self->engine, requests, tokens);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Engine_lease_doc,
+"lease($self)\n--\n\n"
+"(requests_left, tokens_left, requests_used, tokens_used) of the granted budget; left may\n"
+"be negative (a debt the next grant pays first).");
+
+static PyObject *Engine_lease(EngineObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!engine_usable(self))
+        return NULL;
+    sx_lease lease = sx_engine_lease(self->engine);
+    return Py_BuildValue("(dddd)", lease.requests, lease.tokens, lease.used_requests,
+                         lease.used_tokens);
+}
+
 static PyMethodDef Engine_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))Engine_submit, METH_VARARGS | METH_KEYWORDS,
      Engine_submit_doc},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, Engine_close_doc},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, Engine_stats_doc},
+    {"grant", (PyCFunction)(void (*)(void))Engine_grant, METH_VARARGS | METH_KEYWORDS,
+     Engine_grant_doc},
+    {"lease", (PyCFunction)Engine_lease, METH_NOARGS, Engine_lease_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -218,6 +218,20 @@ size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double 
             lower(wake_at, now + wait);
             break;
         }
+        if (s->opts.lease) {
+            if (s->lease.requests <= 0 || (s->opts.lease_tokens && s->lease.tokens <= 0)) {
+                sx_bucket_refund(&s->rpm, 1.0);
+                sx_bucket_refund(&s->tpm, slot->tokens);
+                s->stats.lease_waits++;
+                break;  /* no timer: the owner's next grant wakes the workers */
+            }
+            s->lease.requests -= 1.0;
+            s->lease.used_requests += 1.0;
+            if (s->opts.lease_tokens) {
+                s->lease.tokens -= slot->tokens;
+                s->lease.used_tokens += slot->tokens;
+            }
+        }
         if (from_queue) {
             from_queue->next_unsent++;
             s->queued--;
@@ -443,6 +457,14 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
     s->stats.retries++;
     b->retries++;
     return SX_V_RETRY;
+}
+
+void sx_sched_grant(sx_sched *s, double requests, double tokens)
+{
+    if (requests > 0)
+        s->lease.requests += requests;
+    if (tokens > 0)
+        s->lease.tokens += tokens;
 }
 
 void sx_sched_release(sx_sched *s, sx_slot *slot)

@@ -25,7 +25,21 @@ typedef struct sx_sched_opts {
     double tpm;              /* tokens per minute; <= 0 unlimited */
     int adaptive;            /* 1: AIMD window below the cap */
     size_t queue_limit;      /* most requests waiting (queued + retrying) */
+    int lease;               /* 1: also spend from a budget granted from outside (sx_lease) */
+    int lease_tokens;        /* with lease: the budget counts tokens too, not only requests */
 } sx_sched_opts;
+
+/* A budget granted from outside the process: a cluster-wide rpm/tpm shared by several
+ * engines (semex.dask leases it from the Dask scheduler in small chunks). With opts.lease,
+ * every attempt, retries included, spends one request and its estimated tokens from it on
+ * top of the local buckets, and nothing is admitted while it is spent: the owner refills it
+ * (sx_engine_grant), so there is no timer to wait for. A balance that is still positive
+ * admits a request whole and may go below zero (a debt the next grant pays first): a
+ * request costlier than any one grant is never starved. */
+typedef struct sx_lease {
+    double requests, tokens;            /* left to spend (may be negative: a debt) */
+    double used_requests, used_tokens;  /* spent since creation, for the owner's accounting */
+} sx_lease;
 
 typedef struct sx_sched_stats {
     uint64_t admitted;       /* attempts sent */
@@ -34,6 +48,7 @@ typedef struct sx_sched_stats {
     uint64_t timeouts;
     uint64_t cooldowns;      /* times a cool-down was started or extended */
     uint64_t window_cuts;
+    uint64_t lease_waits;    /* times admission stopped because the granted budget was spent */
 } sx_sched_stats;
 
 typedef struct sx_sched {
@@ -47,6 +62,7 @@ typedef struct sx_sched {
     sx_window window;
     double cooldown_until;
     int consecutive_429;
+    sx_lease lease;
     sx_sched_stats stats;
 } sx_sched;
 
@@ -101,6 +117,9 @@ void sx_sched_release(sx_sched *s, sx_slot *slot);
 
 /* Remove every waiting slot of batch b (queue and retry heap), calling fn on each. */
 void sx_sched_remove_batch(sx_sched *s, sx_batch *b, void (*fn)(sx_slot *, void *), void *arg);
+
+/* Add a grant to the lease (opts.lease), paying any debt first. */
+void sx_sched_grant(sx_sched *s, double requests, double tokens);
 
 /* Current window limit (for stats). */
 int sx_sched_window(const sx_sched *s);

@@ -129,3 +129,43 @@ def test_llm_batch_over_a_bag_and_a_series(client, server, make_lm):
     assert out.tolist()[:10] == answers[:10] and out.name == "q"
     with pytest.raises(E.ConfigurationError, match="Bag"):
         sdask.llm_batch(prompts, model=lm)
+
+
+def _extract_under_limit(server, make_lm, n, cluster_limit):
+    server.reset()
+    server.configure(rpm=600)  # 10 requests/s, a burst of 10: 429 + headers beyond that
+    try:
+        lm = make_lm(rpm=600, max_concurrency=16)
+        ddf = dd.from_pandas(frame(n), npartitions=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", E.PartialFailureWarning)
+            out = ddf.sem_extract(["text"], FIELDS, model=lm, batch_size=1,
+                                  cluster_limit=cluster_limit).compute()
+        return (sum(1 for r in server.log() if r["outcome"] == 429),
+                int(out["extract_error"].notna().sum()))
+    finally:
+        server.configure(rpm=None)
+
+
+def test_one_rate_limit_for_the_whole_cluster(client, server, make_lm):
+    # Two workers, each applying rpm=600 itself, send twice the server's limit; leasing
+    # from one budget on the scheduler keeps the cluster within it.
+    leased, lost = _extract_under_limit(server, make_lm, 50, True)
+    per_worker, _ = _extract_under_limit(server, make_lm, 50, False)
+    assert lost == 0
+    assert per_worker > 5, per_worker
+    assert leased <= 2 and leased < per_worker, (leased, per_worker)
+
+
+def test_the_budget_plugin_leases_and_takes_back_a_lost_workers_share():
+    from semex.dask import _BudgetPlugin
+
+    plugin = _BudgetPlugin()
+    first = plugin.lease(name="b", worker="w1", rpm=600, want_requests=8)
+    assert first["requests"] == 8  # a burst of one second's worth: 10
+    second = plugin.lease(name="b", worker="w2", rpm=600, want_requests=8)
+    assert 2 <= second["requests"] < 2.5 and second["retry_after"] > 0
+    plugin.remove_worker(worker="w1")  # w1 reported 8 unused: they come back
+    third = plugin.lease(name="b", worker="w2", rpm=600, want_requests=8,
+                         left_requests=second["requests"])
+    assert third["requests"] >= 8 - 0.5

@@ -374,6 +374,15 @@ class LM:
             tpm=float(tpm or 0),
             adaptive=adaptive_concurrency,
         )
+        self._tick_hook: Optional[Callable[[], None]] = None
+
+    def _lease_from(self, keeper: Any, tokens: bool) -> None:
+        """Admit requests only from a budget granted from outside (semex.dask's cluster-wide
+        limit): the engine is built with a lease, and ``keeper.tick()`` runs while calls
+        wait, to top it up. Only before the LM's first call."""
+        self._engine = EngineHolder(**dict(self._engine._options, lease=True,
+                                           lease_tokens=tokens))
+        self._tick_hook = keeper.tick
 
     # -- presentation: never the key --------------------------------------------------------
     def __repr__(self) -> str:
@@ -780,6 +789,13 @@ class _Job:
     def ticker(self, windows: Windows):
         """What a waiting call runs every _POLL_S: top up the engine's work, report progress."""
         top_up = windows.top_up
+        hook = self.lm._tick_hook
+        if hook is not None:
+            fill = windows.top_up
+
+            def top_up() -> None:
+                hook()
+                fill()
         if self.progress is None:
             return top_up
         progress, n = self.progress, self.n

@@ -996,6 +996,60 @@ static void test_sched_tpm(void)
     sx_batch_free(b);
 }
 
+static void test_sched_lease(void)
+{
+    /* A budget granted from outside: nothing goes out before a grant, each attempt spends
+     * one request (and its tokens with lease_tokens), a positive balance admits a request
+     * whole and runs into debt, and the next grant pays the debt first. */
+    sx_sched s;
+    sx_sched_opts so = sched_opts(100);
+    so.lease = 1;
+    so.lease_tokens = 1;
+    sx_sched_init(&s, &so, T0);
+    sx_request_opts ro = req_opts();
+    const double tokens[] = {10, 10, 50, 10, 10};
+    sx_batch *b = mk_batch("l", 5, tokens, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+
+    sx_slot *out[8];
+    double wake = -1;
+    size_t n = sx_sched_take(&s, out, 8, T0, &wake);
+    CHECK(n == 0 && wake == -1);       /* no timer: only a grant can release them */
+    CHECK(s.stats.lease_waits == 1);
+
+    sx_sched_grant(&s, 2, 1000);
+    n = sx_sched_take(&s, out, 8, T0, &wake);
+    CHECK(n == 2 && out[0] == &b->slots[0] && out[1] == &b->slots[1]);
+    CHECK(s.lease.requests == 0 && s.lease.tokens == 980);
+    CHECK(s.lease.used_requests == 2 && s.lease.used_tokens == 20);
+
+    sx_sched_grant(&s, 5, 0);          /* 5 requests for the 3 slots left; tokens suffice */
+    n = sx_sched_take(&s, out, 8, T0, &wake);
+    CHECK(n == 3);
+    CHECK(s.lease.tokens == 980 - 70 && s.lease.requests == 2);
+
+    /* a balance of 5 tokens still admits the next request whole: a debt of 5 */
+    sx_sched s2;
+    sx_sched_init(&s2, &so, T0);
+    sx_batch *c = mk_batch("m", 2, tokens + 2, &ro);   /* 50 and 10 tokens */
+    REQUIRE(c != NULL);
+    REQUIRE(sx_sched_push_batch(&s2, c) == 0);
+    sx_sched_grant(&s2, 10, 45);
+    n = sx_sched_take(&s2, out, 8, T0, &wake);
+    CHECK(n == 1 && s2.lease.tokens == -5);
+    sx_sched_grant(&s2, 0, 5);         /* pays the debt: still nothing to spend */
+    n = sx_sched_take(&s2, out, 8, T0, &wake);
+    CHECK(n == 0 && s2.lease.tokens == 0);
+    sx_sched_grant(&s2, 0, 1);
+    n = sx_sched_take(&s2, out, 8, T0, &wake);
+    CHECK(n == 1);
+    sx_sched_destroy(&s2);
+    sx_batch_free(c);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+}
+
 static void test_sched_429_retry_and_cooldown(void)
 {
     sx_sched s;
@@ -2853,6 +2907,7 @@ static const test_case tests[] = {
     TEST(test_sched_shared_cap),
     TEST(test_sched_rpm),
     TEST(test_sched_tpm),
+    TEST(test_sched_lease),
     TEST(test_sched_429_retry_and_cooldown),
     TEST(test_sched_retry_before_first_attempts),
     TEST(test_sched_retries_exhausted),
