@@ -18,6 +18,9 @@ typedef enum {
     ROLE_PROMPT_TOKENS,
     ROLE_COMPLETION_TOKENS,
     ROLE_TOTAL_TOKENS,
+    ROLE_INDEX,        /* chunks: choices[0].index, must be 0 */
+    ROLE_ERROR,        /* chunks: the top-level "error" value */
+    ROLE_ERROR_CODE,   /* chunks: error.code */
 } role_t;
 
 typedef struct {
@@ -28,8 +31,12 @@ typedef struct {
 
 typedef struct {
     const unsigned char *base, *p, *end;
+    int chunk;         /* reading a chat.completion.chunk (sx_chat_parse_chunk) */
     str_span content, finish;
     int64_t tokens[3];
+    int usage_found;   /* usage was an object */
+    int error_found;   /* "error" was present and not null */
+    int64_t error_code;
 } scanner;
 
 /* Any return of FALLBACK from a scanning function ends the whole parse. */
@@ -237,7 +244,7 @@ static int next_member(scanner *s, char close)
 }
 
 /* The role of key `k` (raw bytes) inside an object of role `parent`. */
-static role_t child_role(role_t parent, const unsigned char *k, size_t n)
+static role_t child_role(role_t parent, int chunk, const unsigned char *k, size_t n)
 {
 #define KEY_IS(lit) (n == sizeof(lit) - 1 && memcmp(k, lit, n) == 0)
     switch (parent) {
@@ -246,12 +253,20 @@ static role_t child_role(role_t parent, const unsigned char *k, size_t n)
             return ROLE_CHOICES;
         if (KEY_IS("usage"))
             return ROLE_USAGE;
+        if (chunk && KEY_IS("error"))
+            return ROLE_ERROR;
         break;
     case ROLE_CHOICE0:
-        if (KEY_IS("message"))
+        if (chunk ? KEY_IS("delta") : KEY_IS("message"))
             return ROLE_MESSAGE;
         if (KEY_IS("finish_reason"))
             return ROLE_FINISH;
+        if (chunk && KEY_IS("index"))
+            return ROLE_INDEX;
+        break;
+    case ROLE_ERROR:
+        if (KEY_IS("code"))
+            return ROLE_ERROR_CODE;
         break;
     case ROLE_MESSAGE:
         if (KEY_IS("content"))
@@ -291,7 +306,7 @@ static int scan_object(scanner *s, role_t role, int depth)
         if (role != ROLE_SKIP) {
             if (key.escaped)
                 return FALLBACK;  /* could spell a wanted key: not worth decoding */
-            child = child_role(role, s->base + key.off, key.len);
+            child = child_role(role, s->chunk, s->base + key.off, key.len);
             if (child != ROLE_SKIP) {
                 if (seen & (1u << child))
                     return FALLBACK;  /* json.loads keeps the last: leave that to it */
@@ -311,6 +326,8 @@ static int scan_object(scanner *s, role_t role, int depth)
         if (!more)
             break;
     }
+    if (s->chunk)
+        return OK;  /* a chunk may carry any subset of the fields */
     if (role == ROLE_MESSAGE && !(seen & (1u << ROLE_CONTENT)))
         return FALLBACK;  /* no content key: json.loads' KeyError path reports it */
     if (role == ROLE_CHOICE0 && !(seen & (1u << ROLE_MESSAGE)))
@@ -324,9 +341,13 @@ static int scan_array(scanner *s, role_t role, int depth)
     skip_ws(s);
     if (s->p < s->end && *s->p == ']') {
         s->p++;
-        return role == ROLE_CHOICES ? FALLBACK : OK;  /* no choices[0] */
+        /* no choices[0]: an answer without one is json.loads' to report; a chunk without
+         * one (the usage chunk) is normal */
+        return role == ROLE_CHOICES && !s->chunk ? FALLBACK : OK;
     }
     for (size_t i = 0;; i++) {
+        if (role == ROLE_CHOICES && i == 1 && s->chunk)
+            return FALLBACK;  /* n > 1: which choice is index 0 is json.loads' to sort out */
         role_t child = (role == ROLE_CHOICES && i == 0) ? ROLE_CHOICE0 : ROLE_SKIP;
         if (!scan_value(s, child, depth + 1))
             return FALLBACK;
@@ -368,11 +389,32 @@ static int scan_value(scanner *s, role_t role, int depth)
         return FALLBACK;
     }
     case ROLE_USAGE:
-        if (c == '{')
+        if (c == '{') {
+            s->usage_found = 1;
             return scan_object(s, role, depth);
+        }
         if (c == 'n')
             return scan_literal(s, "null", 4);
         return FALLBACK;
+    case ROLE_INDEX:
+        if (!scan_number(s, &number) || number != 0)
+            return FALLBACK;
+        return OK;
+    case ROLE_ERROR:
+        if (c == 'n')
+            return scan_literal(s, "null", 4);
+        s->error_found = 1;
+        if (c == '{')
+            return scan_object(s, role, depth);
+        break;  /* any other value: an error all the same */
+    case ROLE_ERROR_CODE:
+        if (c >= '0' && c <= '9') {
+            if (!scan_number(s, &number))
+                return FALLBACK;
+            s->error_code = number;
+            return OK;
+        }
+        break;
     case ROLE_PROMPT_TOKENS: case ROLE_COMPLETION_TOKENS: case ROLE_TOTAL_TOKENS:
         if (c == 'n')
             return scan_literal(s, "null", 4);
@@ -458,22 +500,30 @@ static size_t decode_in_place(unsigned char *buf, const str_span *span)
     return (size_t)(w - (buf + span->off));
 }
 
+/* Validates buf as one JSON value whose top level is an object; records the wanted spans. */
+static int scan_document(scanner *s, char *buf, size_t len, int chunk)
+{
+    memset(s, 0, sizeof *s);
+    if (!buf || len == 0 || len > UINT32_MAX)
+        return FALLBACK;
+    s->base = (const unsigned char *)buf;
+    s->p = s->base;
+    s->end = s->base + len;
+    s->chunk = chunk;
+    s->error_code = -1;
+    skip_ws(s);
+    if (!scan_value(s, ROLE_TOP, 0))
+        return FALLBACK;
+    skip_ws(s);
+    return s->p == s->end ? OK : FALLBACK;
+}
+
 int sx_chat_parse(char *buf, size_t len, sx_chat *out)
 {
     memset(out, 0, sizeof *out);
-    if (!buf || len == 0 || len > UINT32_MAX)
-        return SX_CHAT_FALLBACK;
     scanner s;
-    memset(&s, 0, sizeof s);
-    s.base = (const unsigned char *)buf;
-    s.p = s.base;
-    s.end = s.base + len;
-    skip_ws(&s);
-    if (!scan_value(&s, ROLE_TOP, 0))
-        return SX_CHAT_FALLBACK;
-    skip_ws(&s);
-    if (s.p != s.end || !s.content.found)  /* found only inside choices[0].message */
-        return SX_CHAT_FALLBACK;
+    if (!scan_document(&s, buf, len, 0) || !s.content.found)
+        return SX_CHAT_FALLBACK;  /* content is found only inside choices[0].message */
 
     unsigned char *ubuf = (unsigned char *)buf;
     if (s.content.found == 1) {
@@ -492,5 +542,36 @@ int sx_chat_parse(char *buf, size_t len, sx_chat *out)
     out->completion_tokens = s.tokens[1];
     out->total_tokens = s.tokens[2];
     out->parsed = SX_CHAT_PARSED;
+    return SX_CHAT_PARSED;
+}
+
+int sx_chat_parse_chunk(char *buf, size_t len, sx_chat_chunk *out)
+{
+    memset(out, 0, sizeof *out);
+    out->error_code = -1;
+    scanner s;
+    if (!scan_document(&s, buf, len, 1))
+        return SX_CHAT_FALLBACK;
+    if (s.error_found) {
+        /* Nothing is decoded: the caller keeps these bytes as the error's body. */
+        out->error = 1;
+        out->error_code = s.error_code;
+        return SX_CHAT_PARSED;
+    }
+    unsigned char *ubuf = (unsigned char *)buf;
+    if (s.content.found == 1) {
+        out->has_content = 1;
+        out->content_off = (uint32_t)s.content.off;
+        out->content_len = (uint32_t)decode_in_place(ubuf, &s.content);
+    }
+    if (s.finish.found == 1) {
+        out->has_finish = 1;
+        out->finish_off = (uint32_t)s.finish.off;
+        out->finish_len = (uint32_t)decode_in_place(ubuf, &s.finish);
+    }
+    out->has_usage = (uint8_t)s.usage_found;
+    out->prompt_tokens = s.tokens[0];
+    out->completion_tokens = s.tokens[1];
+    out->total_tokens = s.tokens[2];
     return SX_CHAT_PARSED;
 }

@@ -49,4 +49,26 @@ typedef struct sx_chat {
  * place) or SX_CHAT_FALLBACK (buf untouched, *out->parsed = 0). Thread-safe; no allocation. */
 int sx_chat_parse(char *buf, size_t len, sx_chat *out);
 
+/* One chat.completion.chunk of a streamed answer (the data of one server-sent event, see
+ * sse.h), read under the same rules. Every field is optional in a chunk; extracted:
+ *   choices[0].delta.content     a string, or null/absent (has_content = 0)
+ *   choices[0].finish_reason     a string, or null/absent (has_finish = 0)
+ *   usage.*_tokens               as above; has_usage when usage is an object
+ *   error                        present and not null: has error = 1 and error_code is
+ *                                error.code when that is a plain non-negative integer
+ *                                (else -1); nothing else is extracted or decoded then
+ * Also falls back when choices has more than one element or choices[0].index is not 0
+ * (n > 1 streams interleave choices: json.loads' reader sorts them out). */
+typedef struct sx_chat_chunk {
+    uint8_t has_content, has_finish, has_usage, error;
+    uint32_t content_off, content_len;  /* UTF-8, decoded in place */
+    uint32_t finish_off, finish_len;
+    int64_t prompt_tokens, completion_tokens, total_tokens;
+    int64_t error_code;
+} sx_chat_chunk;
+
+/* Returns SX_CHAT_PARSED (strings decoded in place unless error) or SX_CHAT_FALLBACK (buf
+ * untouched). Thread-safe; no allocation. */
+int sx_chat_parse_chunk(char *buf, size_t len, sx_chat_chunk *out);
+
 #endif

@@ -171,7 +171,7 @@ PyDoc_STRVAR(Engine_submit_doc,
 "submit($self, url, headers, bodies, tokens=None, *, timeout=60.0, connect_timeout=10.0,\n"
 "       max_retries=5, max_body=67108864, verify=True, backoff_base=0.5, backoff_cap=30.0,\n"
 "       notify_each=False, max_in_flight=0, parse_chat=False, share_cap_with=None,\n"
-"       total_timeout=0.0)\n"
+"       total_timeout=0.0, stream_deltas=False)\n"
 "--\n\n"
 "Submit one batch: a request per item of `bodies` (bytes to POST, or None to GET), all to\n"
 "`url` with `headers` (a list of 'Name: value' strings). `tokens` gives each request's\n"
@@ -181,25 +181,29 @@ PyDoc_STRVAR(Engine_submit_doc,
 "(see Batch.chat_results). share_cap_with=<Batch of this engine>: count this batch's\n"
 "requests against that batch's max_in_flight cap (one cap for a call split into windows).\n"
 "total_timeout > 0: seconds one request may take over all its attempts and backoffs (waits\n"
-"a 429 orders excepted); its last attempt's timeout is cut to what is left.");
+"a 429 orders excepted); its last attempt's timeout is cut to what is left.\n"
+"With parse_chat, event-stream answers are assembled by the workers into the same shape;\n"
+"stream_deltas=True also queues their text as it arrives (see Batch.take_deltas).");
 
 static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"url", "headers", "bodies", "tokens", "timeout",
                              "connect_timeout", "max_retries", "max_body", "verify",
                              "backoff_base", "backoff_cap", "notify_each", "max_in_flight",
-                             "parse_chat", "share_cap_with", "total_timeout", NULL};
+                             "parse_chat", "share_cap_with", "total_timeout", "stream_deltas",
+                             NULL};
     const char *url;
     PyObject *headers_obj, *bodies_obj, *tokens_obj = Py_None, *share_obj = Py_None;
     double timeout = 60.0, connect_timeout = 10.0, backoff_base = 0.5, backoff_cap = 30.0;
     double total_timeout = 0.0;
     int max_retries = 5, verify = 1, notify_each = 0, batch_cap = 0, parse_chat = 0;
+    int stream_deltas = 0;
     Py_ssize_t max_body = 64 * 1024 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpipOd:submit", kwlist, &url,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpipOdp:submit", kwlist, &url,
                                      &headers_obj, &bodies_obj, &tokens_obj, &timeout,
                                      &connect_timeout, &max_retries, &max_body, &verify,
                                      &backoff_base, &backoff_cap, &notify_each, &batch_cap,
-                                     &parse_chat, &share_obj, &total_timeout))
+                                     &parse_chat, &share_obj, &total_timeout, &stream_deltas))
         return NULL;
     sx_batch *share_with = NULL;
     if (share_obj != Py_None) {
@@ -324,6 +328,7 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
         .max_in_flight = batch_cap > 0 ? batch_cap : 0,
         .parse_chat = parse_chat,
         .total_timeout = total_timeout,
+        .stream_deltas = parse_chat && stream_deltas,
     };
     batch = sx_batch_new(url, header_ptrs, (size_t)nh, body_ptrs, lens, costs, (size_t)n,
                          &opts);
@@ -659,6 +664,43 @@ static PyObject *Batch_cancel(BatchObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(Batch_take_deltas_doc,
+"take_deltas($self)\n--\n\n"
+"The text streamed so far and not taken yet (a batch submitted with stream_deltas=True), as\n"
+"a list of (index, text) in arrival order; text None means the request's attempt that\n"
+"streamed the earlier text failed (it is being retried, or failed): discard that text.\n"
+"For one index the texts arrive in order and, after its last None, join to its answer.");
+
+static PyObject *Batch_take_deltas(BatchObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!batch_usable(self))
+        return NULL;
+    size_t len = 0;
+    batch_lock(self);
+    char *records = sx_batch_take_deltas(self->batch, &len);
+    batch_unlock(self);
+    PyObject *list = PyList_New(0);
+    for (size_t off = 0; list && off + sizeof(sx_delta_head) <= len;) {
+        sx_delta_head head;
+        memcpy(&head, records + off, sizeof head);
+        off += sizeof head;
+        PyObject *text;
+        if (head.len < 0) {
+            text = Py_NewRef(Py_None);
+        } else {
+            /* whole code points: workers queue text decoded from complete JSON strings */
+            text = PyUnicode_DecodeUTF8(records + off, head.len, "strict");
+            off += (size_t)head.len;
+        }
+        PyObject *item = text ? Py_BuildValue("(IN)", (unsigned)head.index, text) : NULL;
+        if (!item || PyList_Append(list, item) < 0)
+            Py_CLEAR(list);
+        Py_XDECREF(item);
+    }
+    free(records);
+    return list;
+}
+
 PyDoc_STRVAR(Batch_progress_doc,
 "progress($self)\n--\n\n(done, ok, failed, cancelled, retries, http_429) so far.");
 
@@ -832,6 +874,7 @@ static PyMethodDef Batch_methods[] = {
     {"clear_notify", (PyCFunction)Batch_clear_notify, METH_NOARGS, Batch_clear_notify_doc},
     {"cancel", (PyCFunction)Batch_cancel, METH_NOARGS, Batch_cancel_doc},
     {"progress", (PyCFunction)Batch_progress, METH_NOARGS, Batch_progress_doc},
+    {"take_deltas", (PyCFunction)Batch_take_deltas, METH_NOARGS, Batch_take_deltas_doc},
     {"results", (PyCFunction)Batch_results, METH_NOARGS, Batch_results_doc},
     {"chat_results", (PyCFunction)Batch_chat_results, METH_NOARGS, Batch_chat_results_doc},
     {NULL, NULL, 0, NULL},

@@ -115,6 +115,7 @@ void sx_batch_free(sx_batch *b)
     curl_slist_free_all(b->headers);
     free(b->url);
     free(b->stop_reason);
+    free(b->deltas);
     if (b->efd >= 0)
         close(b->efd);
     pthread_cond_destroy(&b->cond);
@@ -166,6 +167,41 @@ void sx_batch_notify(sx_batch *b)
     }
 }
 
+int sx_batch_push_delta(sx_batch *b, uint32_t index, const char *text, size_t len)
+{
+    if (len > INT32_MAX)
+        return -1;
+    size_t need = b->deltas_len + sizeof(sx_delta_head) + (text ? len : 0);
+    if (need > b->deltas_cap) {
+        size_t cap = b->deltas_cap ? b->deltas_cap : 4096;
+        while (cap < need)
+            cap *= 2;
+        char *grown = realloc(b->deltas, cap);
+        if (!grown)
+            return -1;
+        b->deltas = grown;
+        b->deltas_cap = cap;
+    }
+    sx_delta_head head = {index, text ? (int32_t)len : -1};
+    memcpy(b->deltas + b->deltas_len, &head, sizeof head);
+    b->deltas_len += sizeof head;
+    if (text && len) {
+        memcpy(b->deltas + b->deltas_len, text, len);
+        b->deltas_len += len;
+    }
+    efd_signal(b);
+    return 0;
+}
+
+char *sx_batch_take_deltas(sx_batch *b, size_t *len)
+{
+    char *records = b->deltas;
+    *len = b->deltas_len;
+    b->deltas = NULL;
+    b->deltas_len = b->deltas_cap = 0;
+    return records;
+}
+
 int sx_batch_fileno(sx_batch *b)
 {
     if (b->efd >= 0)
@@ -173,7 +209,7 @@ int sx_batch_fileno(sx_batch *b)
     b->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (b->efd < 0)
         return -1;
-    if (b->done == b->n || (b->opts.notify_each && b->done > 0))
+    if (b->done == b->n || (b->opts.notify_each && b->done > 0) || b->deltas_len)
         efd_signal(b);
     return b->efd;
 }

@@ -62,9 +62,12 @@ typedef struct sx_request_opts {
     double backoff_cap;      /* seconds; no single backoff waits longer */
     int notify_each;         /* 1: wake the eventfd on every completion (progress bars) */
     int max_in_flight;       /* this batch's own concurrency cap; 0: only the engine's */
-    int parse_chat;          /* 1: workers read successful answers as chat completions */
+    int parse_chat;          /* 1: workers read successful answers as chat completions, and
+                              * read event-stream answers as they arrive (sse.h) */
     double total_timeout;    /* seconds for all attempts of one request, backoffs included
                               * (waits ordered by a 429 excepted); 0: no such bound */
+    int stream_deltas;       /* 1: workers queue each streamed answer's new text for Python
+                              * as it arrives (sx_batch_push_delta) */
 } sx_request_opts;
 
 typedef struct sx_batch sx_batch;
@@ -132,6 +135,10 @@ struct sx_batch {
     uint8_t stop_state, stop_kind;
     char *stop_reason;
     pthread_cond_t cond;      /* signalled when done == n */
+    /* Streamed text not yet taken by Python (opts.stream_deltas): records of a
+     * sx_delta_head and then `len` bytes of UTF-8, in the order workers pushed them. */
+    char *deltas;
+    size_t deltas_len, deltas_cap;
     int efd;                  /* eventfd, -1 until Python asks for it */
     int notify_pending;       /* eventfd written and not yet cleared */
     struct sx_batch *prev, *next;  /* the engine's list of live batches */
@@ -158,6 +165,22 @@ int sx_batch_finish_slot(sx_slot *s, sx_state state, sx_error_kind kind, int htt
 /* Wake the batch's waiters: the condition variable when done, the eventfd (coalesced) when
  * done or when notify_each is set. [E held] */
 void sx_batch_notify(sx_batch *b);
+
+/* One record of a batch's delta queue. len < 0 marks a restart: the slot's attempt that
+ * streamed the earlier text failed, and what was queued for it before no longer counts. */
+typedef struct sx_delta_head {
+    uint32_t index;
+    int32_t len;
+} sx_delta_head;
+
+/* Queue `len` bytes of text streamed for slot `index`, or (text NULL) a restart marker, and
+ * wake the eventfd (coalesced). [E held] Returns 0, or -1 when out of memory (the text is
+ * lost to the callback; the slot's final answer is not affected). */
+int sx_batch_push_delta(sx_batch *b, uint32_t index, const char *text, size_t len);
+
+/* Hand the queued records to the caller (a malloc'd buffer, *len bytes; NULL when empty) and
+ * empty the queue. [E held] */
+char *sx_batch_take_deltas(sx_batch *b, size_t *len);
 
 /* Create the eventfd on first use. If the batch already has news, the fd starts readable.
  * [E held] Returns the fd or -1 with errno set. */

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -14,6 +15,7 @@
 #include <curl/curl.h>
 
 #include "hints.h"
+#include "sse.h"
 #include "sx_clock.h"
 
 /* Requests taken from the scheduler per locked pass, and events handled per epoll_wait. */
@@ -82,6 +84,15 @@ typedef struct sx_xfer {
     long recv_buffer;           /* CURLOPT_BUFFERSIZE currently set on the handle */
     int result;                 /* CURLcode of the finished transfer */
     sx_hints hints;
+    /* Streamed answers (sse.h): the raw body still accumulates in buf (Python reads it if
+     * the reader falls back); the reader assembles the answer beside it. */
+    uint8_t event_stream;       /* the response's Content-Type is text/event-stream */
+    uint8_t body_started;       /* on_body ran for this response */
+    uint8_t sse_on;             /* ... and decided to read it as a stream (2xx, parse_chat) */
+    uint8_t dirty;              /* on the worker's list of transfers with new text */
+    sx_sse sse;
+    size_t delivered;           /* bytes of sse.content already queued for Python */
+    struct sx_xfer *dirty_next;
     char errbuf[CURL_ERROR_SIZE];
     struct sx_xfer *next, *prev;   /* active list, or free list (next only) */
 } sx_xfer;
@@ -112,6 +123,8 @@ struct sx_worker {
     sx_xfer *active;             /* transfers on the multi handles */
     size_t nactive;
     sx_xfer *pool;               /* idle transfers with their easy handles (worker only) */
+    sx_xfer *dirty;              /* transfers whose stream has text not yet queued; filled
+                                  * inside socket_action, emptied by the same round's reap */
     sx_rng rng;
     long recv_buffer;            /* receive buffer size for new transfers (worker only) */
     long recv_window_max;        /* largest size wanted in the current window */
@@ -129,10 +142,35 @@ typedef struct sx_fdinfo {
 
 /* ---- libcurl callbacks (run on this worker's thread, inside socket_action) ---- */
 
+/* The first body bytes of a response: read it as an event stream if it is one. */
+static void body_start(sx_xfer *x)
+{
+    x->body_started = 1;
+    if (!x->event_stream || !x->slot->batch->opts.parse_chat)
+        return;
+    long status = 0;
+    curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
+    x->sse_on = status >= 200 && status < 300;
+}
+
+/* Read what arrived of a stream; queue its new text for this round's reap. */
+static void stream_more(sx_xfer *x)
+{
+    sx_sse_feed(&x->sse, x->buf, x->len);
+    if (!x->dirty && x->sse.content_len > x->delivered && x->slot->batch->opts.stream_deltas) {
+        sx_worker *w = x->worker;
+        x->dirty = 1;
+        x->dirty_next = w->dirty;
+        w->dirty = x;
+    }
+}
+
 static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata)
 {
     sx_xfer *x = userdata;
     size_t n = size * nmemb;
+    if (!x->body_started)
+        body_start(x);
     if (x->len + n > x->max_body) {
         x->overflow = 1;
         return 0;  /* any short count makes libcurl abort the transfer */
@@ -156,6 +194,8 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata)
     }
     memcpy(x->buf + x->len, ptr, n);
     x->len += n;
+    if (x->sse_on)
+        stream_more(x);
     return n;
 }
 
@@ -165,6 +205,16 @@ static size_t on_header(char *ptr, size_t size, size_t nmemb, void *userdata)
     size_t n = size * nmemb;
     x->header_bytes += n;
     sx_hints_feed(&x->hints, ptr, n, -1.0);
+    /* Only the final response's headers count: a status line starts them again. */
+    if (n >= 5 && memcmp(ptr, "HTTP/", 5) == 0) {
+        x->event_stream = 0;
+    } else if (n > 13 && (ptr[0] == 'c' || ptr[0] == 'C') &&
+               strncasecmp(ptr, "content-type:", 13) == 0) {
+        size_t i = 13;
+        while (i < n && (ptr[i] == ' ' || ptr[i] == '\t'))
+            i++;
+        x->event_stream = n - i >= 17 && strncasecmp(ptr + i, "text/event-stream", 17) == 0;
+    }
     return n;
 }
 
@@ -366,6 +416,7 @@ static sx_xfer *xfer_get(sx_worker *w)
     if (!x)
         return NULL;
     x->worker = w;
+    sx_sse_init(&x->sse);
     x->easy = curl_easy_init();
     if (!x->easy) {
         free(x);
@@ -406,6 +457,7 @@ static void xfer_destroy(sx_xfer *x)
 {
     curl_easy_cleanup(x->easy);
     free(x->buf);
+    sx_sse_reset(&x->sse);
     free(x);
 }
 
@@ -418,6 +470,7 @@ static void xfer_put(sx_worker *w, sx_xfer *x)
     x->buf = NULL;
     x->cap = 0;
     x->len = 0;
+    sx_sse_reset(&x->sse);
     x->next = w->pool;
     w->pool = x;
 }
@@ -457,6 +510,8 @@ static void xfer_start(sx_worker *w, sx_slot *slot)
     x->overflow = 0;
     x->max_body = o->max_body;
     x->header_bytes = 0;
+    x->event_stream = x->body_started = x->sse_on = x->dirty = 0;
+    x->delivered = 0;
     x->errbuf[0] = '\0';
     sx_hints_reset(&x->hints);
     CURL *h = x->easy;
@@ -606,6 +661,136 @@ static void recv_buffer_observe(sx_worker *w, const sx_xfer *x)
     }
 }
 
+/* Queue the new text of every stream that grew this round, in one locked pass. Runs before
+ * the round's completions are reported, so a slot's text is queued before its result. */
+static void flush_deltas(sx_worker *w)
+{
+    if (!w->dirty)
+        return;
+    sx_engine *e = w->engine;
+    sx_engine_lock(e);
+    while (w->dirty) {
+        sx_xfer *x = w->dirty;
+        w->dirty = x->dirty_next;
+        x->dirty = 0;
+        sx_batch *b = x->slot->batch;
+        size_t len = x->sse.content_len - x->delivered;
+        if (!b->stopped)
+            sx_batch_push_delta(b, x->slot->index, x->sse.content + x->delivered, len);
+        x->delivered = x->sse.content_len;
+    }
+    sx_engine_unlock(e);
+}
+
+/* A finished attempt, classified without the lock; reported under it. */
+typedef struct {
+    sx_xfer *x;
+    sx_attempt a;
+    char *response;
+    size_t response_len;
+    size_t tail;        /* streamed text of response[delivered..tail) still to queue */
+    int restart;        /* text was queued for this attempt, which failed: queue a restart */
+} sx_done;
+
+/* The body of a streamed answer ended with the transfer (a->verdict OK so far): decide what
+ * the stream was and what the slot gets. */
+static void stream_conclude(sx_xfer *x, sx_done *d)
+{
+    sx_attempt *a = &d->a;
+    switch (sx_sse_finish(&x->sse, x->buf, x->len)) {
+    case SX_SSE_COMPLETE: {
+        size_t len;
+        char *answer = sx_sse_take_answer(&x->sse, &a->chat, &len);
+        if (!answer)
+            break;  /* out of memory: the raw body goes to Python as a fallback */
+        d->response = answer;
+        d->response_len = len;
+        d->tail = a->chat.content_len;
+        return;
+    }
+    case SX_SSE_FALLBACK:
+        break;
+    case SX_SSE_CUT:
+        a->verdict = SX_V_RETRY;
+        a->kind = SX_ERR_CONNECTION;
+        snprintf(a->reason, sizeof a->reason,
+                 "connection error: the event stream ended before [DONE] (%zu bytes)", x->len);
+        return;
+    case SX_SSE_ERROR: {
+        int status = sx_sse_error_status(&x->sse);
+        size_t len;
+        char *body = sx_sse_take_error(&x->sse, &len);
+        sx_classify(a, CURLE_OK, NULL, status, body, len, 0);
+        a->http_status = status;
+        snprintf(a->reason, sizeof a->reason,
+                 "the server reported an error inside the event stream (status %d)", status);
+        /* Kept even when retryable: the engine frees it on a retry and keeps it if the
+         * retries run out, so the final error carries the provider's message. */
+        d->response = body;
+        d->response_len = body ? len : 0;
+        return;
+    }
+    }
+    /* Fallback: the raw body, as for any answer chatjson cannot read. */
+    d->response = x->buf;
+    d->response_len = x->len;
+    x->buf = NULL;
+    x->cap = 0;
+}
+
+/* Classify one finished transfer and take its body. No lock. */
+static void conclude(sx_worker *w, sx_xfer *x, sx_done *d)
+{
+    long status = 0;
+    curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
+    int code = x->result;
+    if (code == CURLE_OK)
+        recv_buffer_observe(w, x);
+    d->x = x;
+    sx_classify(&d->a, code, x->errbuf, (int)status, x->buf, x->len, x->overflow);
+    d->a.hints = x->hints;
+    d->response = NULL;
+    d->response_len = 0;
+    d->tail = 0;
+    if (x->sse_on && code == CURLE_OK && d->a.verdict == SX_V_OK) {
+        stream_conclude(x, d);
+    } else if (code == CURLE_OK && x->len && d->a.verdict != SX_V_RETRY) {
+        /* Keep the body of successes and of final HTTP errors (it explains them): the
+         * buffer itself passes to the slot, trimmed if growth left much slack. */
+        char *body = x->buf;
+        if (x->cap - x->len > 256 + x->len / 8) {
+            char *trimmed = realloc(body, x->len);
+            if (trimmed)
+                body = trimmed;
+        }
+        d->response = body;
+        d->response_len = x->len;
+        x->buf = NULL;
+        x->cap = 0;
+        /* Read the answer here, off the GIL and beside the Python thread. */
+        if (d->a.verdict == SX_V_OK && x->slot->batch->opts.parse_chat)
+            sx_chat_parse(body, x->len, &d->a.chat);
+    }
+    d->restart = x->delivered > 0 && d->a.verdict != SX_V_OK;
+}
+
+/* Report one concluded attempt. [E held] */
+static void report_locked(sx_worker *w, sx_done *d, double now)
+{
+    sx_xfer *x = d->x;
+    sx_slot *slot = x->slot;
+    sx_batch *b = slot->batch;
+    if (b->opts.stream_deltas && !b->stopped) {
+        if (d->tail > x->delivered)  /* the last line, read only at the end of the body */
+            sx_batch_push_delta(b, slot->index, d->response + x->delivered,
+                                d->tail - x->delivered);
+        else if (d->restart)
+            sx_batch_push_delta(b, slot->index, NULL, 0);
+    }
+    sx_engine_attempt_done_locked(w->engine, slot, &d->a, &w->rng, d->response,
+                                  d->response_len, now);
+}
+
 /* Report every finished transfer in one locked pass. */
 static void reap(sx_worker *w)
 {
@@ -613,6 +798,7 @@ static void reap(sx_worker *w)
     CURLMsg *msg;
     int left;
     sx_xfer *finished = NULL;
+    flush_deltas(w);
     for (uint32_t t = 0; t < w->ntouched; t++) {
         sx_shard *sh = w->shards[w->touched[t]];
         sh->touched = 0;
@@ -632,65 +818,28 @@ static void reap(sx_worker *w)
     if (!finished)
         return;
 
-    /* Classify and copy bodies without the lock; only the bookkeeping needs it. */
-    typedef struct {
-        sx_xfer *x;
-        sx_attempt a;
-        char *response;
-    } done_t;
+    /* Classify and take bodies without the lock; only the bookkeeping needs it. */
     size_t count = 0;
     for (sx_xfer *x = finished; x; x = x->next)
         count++;
-    done_t stack_done[64];
-    done_t *done = count <= 64 ? stack_done : malloc(count * sizeof *done);
+    sx_done stack_done[64];
+    sx_done *done = count <= 64 ? stack_done : malloc(count * sizeof *done);
+    double now = sx_now();
     if (!done) {
         /* Out of memory: report one at a time with the stack array. */
-        done = stack_done;
-        count = 0;
-    }
-    size_t i = 0;
-    double now = sx_now();
-    for (sx_xfer *x = finished; x; x = x->next) {
-        long status = 0;
-        curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
-        int code = x->result;
-        if (code == CURLE_OK)
-            recv_buffer_observe(w, x);
-        done_t *d = count ? &done[i++] : &stack_done[0];
-        d->x = x;
-        sx_classify(&d->a, code, x->errbuf, (int)status, x->buf, x->len, x->overflow);
-        d->a.hints = x->hints;
-        d->response = NULL;
-        /* Keep the body of successes and of final HTTP errors (it explains them): the
-         * buffer itself passes to the slot, trimmed if growth left much slack. */
-        if (code == CURLE_OK && x->len && d->a.verdict != SX_V_RETRY) {
-            char *body = x->buf;
-            if (x->cap - x->len > 256 + x->len / 8) {
-                char *trimmed = realloc(body, x->len);
-                if (trimmed)
-                    body = trimmed;
-            }
-            d->response = body;
-            x->buf = NULL;
-            x->cap = 0;
-            /* Read the answer here, off the GIL and beside the Python thread. */
-            if (d->a.verdict == SX_V_OK && x->slot->batch->opts.parse_chat)
-                sx_chat_parse(body, x->len, &d->a.chat);
-        }
-        if (!count) {
+        for (sx_xfer *x = finished; x; x = x->next) {
+            conclude(w, x, &stack_done[0]);
             sx_engine_lock(e);
-            sx_engine_attempt_done_locked(e, x->slot, &d->a, &w->rng, d->response,
-                                          d->response ? x->len : 0, now);
+            report_locked(w, &stack_done[0], now);
             sx_engine_unlock(e);
         }
-    }
-    if (count) {
+    } else {
+        size_t i = 0;
+        for (sx_xfer *x = finished; x; x = x->next)
+            conclude(w, x, &done[i++]);
         sx_engine_lock(e);
-        for (i = 0; i < count; i++) {
-            done_t *d = &done[i];
-            sx_engine_attempt_done_locked(e, d->x->slot, &d->a, &w->rng, d->response,
-                                          d->response ? d->x->len : 0, now);
-        }
+        for (i = 0; i < count; i++)
+            report_locked(w, &done[i], now);
         int more = e->nworkers > 1 && (e->sched.queued || e->sched.heap_len);
         sx_engine_unlock(e);
         if (more) {
@@ -699,9 +848,9 @@ static void reap(sx_worker *w)
                 if (e->workers[k] != w)
                     sx_worker_wake(e->workers[k]);
         }
+        if (done != stack_done)
+            free(done);
     }
-    if (done != stack_done)
-        free(done);
     while (finished) {
         sx_xfer *next = finished->next;
         xfer_put(w, finished);

@@ -15,11 +15,25 @@ the key (``[[name]]`` / ``[[name=value]]``, ``*N`` = only attempts 1..N):
     [[retry_after_date=S]]  [[retry_after_ms=MS]]  [[reset_requests=V]]
     [[reset_tokens=V]]  [[quota]]  [[drop*N]]  [[truncate*N]]  [[stall*N]]
     [[big=N]]  [[badjson]]  [[rawb64=BASE64]] (answer 200 with exactly these body bytes,
-    base64 in the URL-safe alphabet)  [[refuse]] (400 content_filter, as a provider's
-    content filter answers; in extraction mode it refuses every prompt holding that
+    base64 in the URL-safe alphabet; with [[sse]] as Content-Type text/event-stream)
+    [[refuse]] (400 content_filter, as a provider's content filter answers; in extraction mode it refuses every prompt holding that
     document, batch or single)  [[maxlen=N]] (400 context_length_exceeded when the
     last message is longer than N characters)  [[ids=PREFIX]] (answer with the distinct
     words starting with PREFIX in the last message, in order: a summarizer that shrinks)
+
+Streaming: a request with "stream": true (or the directive [[sse]]) is answered with
+server-sent events (Content-Type: text/event-stream, chunked): the content in
+chat.completion.chunk deltas of 3 characters, a finish_reason chunk, a usage chunk when
+stream_options.include_usage is true, then "data: [DONE]". Directives (``*N`` as above):
+    [[stream_cut*N]]    end the response cleanly half-way (no finish_reason, no [DONE])
+    [[stream_close*N]]  close the connection half-way (an incomplete chunked body)
+    [[stream_error*N]] / [[stream_error=CODE*N]]  an error object half-way (with "code":
+                        CODE when given), then end
+    [[stream_stall*N]]  stop half-way and wait (like [[stall]])
+    [[stream_nodone]]   no [DONE] after the finish_reason chunk
+    [[stream_ascii]]    chunks with JSON escapes for non-ASCII (surrogate pairs)
+    [[stream_odd]]      CRLF line breaks, ": ping" comments, event:/id: fields, data split
+                        over two data: lines, every event written in two pieces
 
 Extraction mode: if the first message is a system message containing "You
 extract structured information", the request is a sem_extract prompt
@@ -360,7 +374,8 @@ def parse_directives(key: str) -> dict:
             name, _, c = name.partition("*")
             name = name.strip()
             count = c.strip()
-        elif value is not None and name in ("fail", "drop", "truncate", "stall") and "*" in value:
+        elif value is not None and name in ("fail", "drop", "truncate", "stall",
+                                            "stream_error") and "*" in value:
             value, _, c = value.rpartition("*")
             value = value.strip()
             count = c.strip()
@@ -688,9 +703,10 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) 
         if outcome == "client_closed":
             st.client_closed += 1
 
-    async def reply(status: int, rbody: bytes, extra=None) -> bool:
+    async def reply(status: int, rbody: bytes, extra=None,
+                    ctype: str = "application/json") -> bool:
         finish(status)
-        await conn.send(build_response(status, rbody, keep_alive, extra=extra))
+        await conn.send(build_response(status, rbody, keep_alive, ctype, extra=extra))
         return keep_alive
 
     authorized = st.expected_auth is None or auth == st.expected_auth
@@ -825,13 +841,112 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) 
             "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
         }).encode()
 
+    if (req.get("stream") is True or "sse" in d) and "rawb64" not in d and "badjson" not in d:
+        texts_words = sum(len(t.split()) for t in texts) + 1
+        usage = None
+        opts = req.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") is True:
+            c = len(content.split()) + 1
+            usage = {"prompt_tokens": texts_words, "completion_tokens": c,
+                     "total_tokens": texts_words + c}
+        return await stream_chat(conn, rec, finish, d, attempt, keep_alive, model, content,
+                                 usage)
+
     if applies(d, "truncate", attempt):
         finish("truncate")
         data = build_response(200, b"", False, content_length=len(rbody))
         await conn.send(data + rbody[:len(rbody) // 2])
         return False
 
+    if "rawb64" in d and "sse" in d:  # these exact bytes as an event stream
+        return await reply(200, rbody, ctype="text/event-stream")
     return await reply(200, rbody)
+
+
+async def stream_chat(conn: Conn, rec: dict, finish, d: dict, attempt: int, keep_alive: bool,
+                      model, content: str, usage: dict | None) -> bool:
+    """Answer with server-sent events (see the module doc's directives)."""
+    st = STATE
+    odd = "stream_odd" in d
+    eol = "\r\n" if odd else "\n"
+    encode = (json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+              if "stream_ascii" in d else _dumps)
+    cid = "chatcmpl-%d" % st.chat_counter
+    created = int(time.time())
+
+    def chunk(delta: dict, finish_reason=None, choices=True, extra=None) -> dict:
+        obj = {"id": cid, "object": "chat.completion.chunk", "created": created,
+               "model": model}
+        obj["choices"] = [{"index": 0, "delta": delta, "logprobs": None,
+                           "finish_reason": finish_reason}] if choices else []
+        if extra:
+            obj.update(extra)
+        return obj
+
+    def event(obj) -> str:
+        data = obj if isinstance(obj, str) else encode(obj)
+        if odd and data.startswith("{") and "," in data:
+            cut = data.index(",") + 1  # a second data: line; they join with a line break
+            return "event: message%sid: %d%sdata: %s%sdata: %s%s%s" % (
+                eol, st.chat_counter, eol, data[:cut], eol, data[cut:], eol, eol)
+        return "data: %s%s%s" % (data, eol, eol)
+
+    events = [event(chunk({"role": "assistant", "content": ""}))]
+    pieces = [content[k:k + 3] for k in range(0, len(content), 3)]
+    for k, piece in enumerate(pieces):
+        if odd and k % 2:
+            events.append(": ping" + eol + eol)
+        events.append(event(chunk({"content": piece})))
+    half = 1 + len(pieces) // 2
+    events.append(event(chunk({}, "stop")))
+    if usage is not None:
+        events.append(event(chunk({}, choices=False, extra={"usage": usage})))
+    if "stream_nodone" not in d:
+        events.append(event("[DONE]"))
+
+    head = ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+            "Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n%s\r\n"
+            % ("Connection: keep-alive\r\n" if keep_alive else "Connection: close\r\n"))
+    await conn.send(head.encode("latin-1"))
+
+    async def send_event(text: str) -> None:
+        data = text.encode("utf-8")
+        parts = [data[:len(data) // 2], data[len(data) // 2:]] if odd else [data]
+        for part in parts:
+            if part:
+                await conn.send(b"%x\r\n%s\r\n" % (len(part), part))
+                if odd:
+                    await asyncio.sleep(0.001)
+
+    cut = None
+    for name in ("stream_cut", "stream_close", "stream_error", "stream_stall"):
+        if applies(d, name, attempt):
+            cut = name
+            break
+    for k, text in enumerate(events):
+        if cut is not None and k == half:
+            break
+        await send_event(text)
+    if cut is None:
+        await conn.send(b"0\r\n\r\n")
+        finish(200)
+        return keep_alive
+    if cut == "stream_close":
+        finish("stream_close")
+        return False
+    if cut == "stream_stall":
+        finish("client_closed" if await conn.wait(STALL_SECONDS) else "stall")
+        return False
+    if cut == "stream_error":
+        err = {"message": "The server had an error while streaming your answer.",
+               "type": "server_error", "param": None, "code": None}
+        code = d["stream_error"][0]
+        if code:
+            err["code"] = int(code)
+        await send_event(event({"error": err}))
+    await conn.send(b"0\r\n\r\n")
+    finish(cut)
+    return keep_alive
 
 
 async def handle_control(conn: Conn, method: str, path: str, body: bytes,

@@ -16,10 +16,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from . import _engine
+from . import _engine, _stream
 from . import errors as E
 from ._runtime import EngineHolder, Windows, wait_async, wait_sync
 from .progress import progress_reporter
+from ._stream import ChunkCallback
 
 logger = logging.getLogger("semex")
 
@@ -470,7 +471,8 @@ class LM:
     # -- calls ------------------------------------------------------------------------------
     def __call__(self, messages_batch: Sequence[Messages], show_progress_bar: bool = False,
                  progress_bar_desc: str = "Requests", *, progress: Any = None,
-                 max_concurrent: Optional[int] = None, **request_fields) -> LMOutput:
+                 max_concurrent: Optional[int] = None,
+                 on_chunk: Optional[ChunkCallback] = None, **request_fields) -> LMOutput:
         """Send every conversation of ``messages_batch``; block until all are answered.
 
         Works inside a running event loop (e.g. a notebook cell): no event loop is used.
@@ -480,10 +482,17 @@ class LM:
         called as requests finish (``show_progress_bar``/``progress_bar_desc``: LOTUS's
         names). ``max_concurrent`` caps this call's own concurrency below
         ``max_concurrency``.
+
+        ``stream=True`` asks for streamed answers (read in C; the result is the same, usage
+        included: ``stream_options.include_usage`` is sent unless given).
+        ``on_chunk(index, text)`` (alias ``on_token``; implies ``stream=True``) is called on
+        this thread with each item's text as it arrives: in order per item, joining to its
+        output; ``text`` None means that item's attempt failed after streaming some text
+        (it is retried, or fails): drop what was shown for it.
         """
         job = _Job(self, messages_batch, request_fields,
                    show_progress_bar if progress is None else progress, max_concurrent,
-                   desc=progress_bar_desc)
+                   desc=progress_bar_desc, on_chunk=on_chunk)
         return _drive_sync(job)
 
     def _run_prompts(self, prompts: Sequence[Any], system_prompt: Optional[str],
@@ -506,12 +515,14 @@ class LM:
                          show_progress_bar: bool = False,
                          progress_bar_desc: str = "Requests", *, progress: Any = None,
                          max_concurrent: Optional[int] = None,
+                         on_chunk: Optional[ChunkCallback] = None,
                          **request_fields) -> LMOutput:
         """Awaitable twin of ``lm(messages_batch)``; works on any running asyncio loop.
-        Cancelling the awaiting task cancels the in-flight requests."""
+        Cancelling the awaiting task cancels the in-flight requests. ``on_chunk`` is called
+        on the loop's thread."""
         job = _Job(self, messages_batch, request_fields,
                    show_progress_bar if progress is None else progress, max_concurrent,
-                   desc=progress_bar_desc)
+                   desc=progress_bar_desc, on_chunk=on_chunk)
         return await _drive_async(job)
 
     # -- single prompts and the batch helpers of RLM-style programs ----------------------------
@@ -671,6 +682,26 @@ def _check_body_kwargs(kwargs: Dict[str, Any]) -> None:
                 "this one on purpose)")
 
 
+def _chunk_callback(on_chunk: Optional[ChunkCallback],
+                    request_fields: Dict[str, Any]) -> Optional[ChunkCallback]:
+    """The call's on_chunk, given as itself or (llm_batch passes its keywords on as request
+    fields) among request_fields, where on_token is accepted as its alias."""
+    given = [(name, request_fields.pop(name)) for name in ("on_chunk", "on_token")
+             if name in request_fields]
+    if on_chunk is not None:
+        given.insert(0, ("on_chunk", on_chunk))
+    given = [(name, cb) for name, cb in given if cb is not None]
+    if len(given) > 1:
+        raise E.ConfigurationError("give one of on_chunk and on_token (they are the same)")
+    if not given:
+        return None
+    name, callback = given[0]
+    if not callable(callback):
+        raise E.ConfigurationError(f"{name} must be callable(index, text), got "
+                                   f"{type(callback).__name__}")
+    return callback
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise E.ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -682,7 +713,8 @@ class _Job:
     def __init__(self, lm: LM, messages_batch: Sequence[Any],
                  request_fields: Dict[str, Any], progress: Any,
                  max_concurrent: Optional[int] = None, *, prompts: bool = False,
-                 system_prompt: Optional[str] = None, desc: str = "Requests"):
+                 system_prompt: Optional[str] = None, desc: str = "Requests",
+                 on_chunk: Optional[ChunkCallback] = None):
         """prompts=True (llm_batch): items are plain strings (the user message) or
         conversations, and `system_prompt` goes first in each; a string's body is written
         around its JSON string directly, with no message dicts built for it."""
@@ -730,8 +762,24 @@ class _Job:
         if lm.max_tokens is not None:
             fields["max_tokens"] = lm.max_tokens
         fields.update(lm.extra_body)
+        request_fields = dict(request_fields)
+        on_chunk = _chunk_callback(on_chunk, request_fields)  # llm_batch passes it here
         fields.update(request_fields)
         fields.pop("messages", None)
+        self.pump = _stream.DeltaPump(on_chunk) if on_chunk is not None else None
+        self.headers = lm._headers
+        if on_chunk is not None:
+            if fields.get("stream") is False:
+                raise E.ConfigurationError("on_chunk needs streamed answers; drop stream=False")
+            fields["stream"] = True
+        if fields.get("stream") not in (None, True, False):
+            raise E.ConfigurationError(f"stream must be True or False, got {fields['stream']!r}")
+        if fields.get("stream"):
+            # Without it OpenAI-style servers send no usage in a stream: tokens and cost
+            # would read 0.
+            fields.setdefault("stream_options", {"include_usage": True})
+            self.headers = [h for h in lm._headers if not h.startswith("Accept:")]
+            self.headers.append("Accept: text/event-stream")
         try:
             encoded = json.dumps(fields, ensure_ascii=False)
         except (TypeError, ValueError) as exc:
@@ -775,19 +823,21 @@ class _Job:
         if lm.tpm:
             tokens = [len(b) / 4.0 + self.token_extra for b in bodies]
         batch = lm._engine.get().submit(
-            lm.url, lm._headers, bodies, tokens,
+            lm.url, self.headers, bodies, tokens,
             timeout=lm.timeout, connect_timeout=lm.connect_timeout,
             max_retries=lm.max_retries, max_body=lm.max_response_bytes,
             verify=lm.verify_tls, backoff_base=lm.backoff_base, backoff_cap=lm.backoff_cap,
             notify_each=self.progress is not None, max_in_flight=self.max_concurrent,
             parse_chat=True, share_cap_with=self.cap_holder,
-            total_timeout=lm.total_timeout or 0.0)
+            total_timeout=lm.total_timeout or 0.0,
+            stream_deltas=self.pump is not None)
         if self.max_concurrent and self.cap_holder is None:
             self.cap_holder = batch  # every later window counts against the same cap
         return batch
 
     def ticker(self, windows: Windows):
-        """What a waiting call runs every _POLL_S: top up the engine's work, report progress."""
+        """What a waiting call runs every _POLL_S (and, asynchronously, on each wake-up): top
+        up the engine's work, hand streamed text to on_chunk, report progress."""
         top_up = windows.top_up
         hook = self.lm._tick_hook
         if hook is not None:
@@ -796,16 +846,31 @@ class _Job:
             def top_up() -> None:
                 hook()
                 fill()
-        if self.progress is None:
+        if self.progress is None and self.pump is None:
             return top_up
-        progress, n = self.progress, self.n
+        progress, n, pump = self.progress, self.n, self.pump
 
         def tick() -> None:
             top_up()
-            progress(windows.completed(), n)
+            if pump is not None:
+                for start, batch in windows.pending:
+                    pump.drain(start, batch)
+            if progress is not None:
+                progress(windows.completed(), n)
         return tick
 
     def collect(self, start: int, batch: _engine.Batch) -> None:
+        pump = self.pump
+        if pump is not None:
+            pump.drain(start, batch)
+            self._collect(start, batch)
+            outputs = self.outputs
+            for i in range(start, start + len(batch)):
+                pump.settle(i, outputs[i])
+        else:
+            self._collect(start, batch)
+
+    def _collect(self, start: int, batch: _engine.Batch) -> None:
         usage = self.usage
         ok_state = _engine.OK
         outputs, finish_reasons = self.outputs, self.finish_reasons
@@ -851,6 +916,8 @@ class _Job:
         """An answer the fast reader left to json.loads, as chat_results() gives a parsed one:
         (content, finish_reason, prompt, completion, total tokens). None (and the row's
         error set) if it cannot be read."""
+        if _stream.is_event_stream(body):
+            return self.read_stream(i, body, status, attempts)
         try:
             answer = json.loads(body)
             choice = answer["choices"][0]
@@ -866,6 +933,23 @@ class _Job:
             u = {}
         return (content, choice.get("finish_reason"), _token_count(u.get("prompt_tokens")),
                 _token_count(u.get("completion_tokens")), _token_count(u.get("total_tokens")))
+
+    def read_stream(self, i: int, body: bytes, status: int, attempts: int) -> Optional[tuple]:
+        """read_answer for an event stream the engine's reader left to Python."""
+        try:
+            return _stream.read_event_stream(body)
+        except _stream.StreamErrorEvent as exc:
+            self.errors[i] = self.error_for(i, _engine.FAILED, _engine.ERR_HTTP, exc.status,
+                                            exc.body, str(exc), attempts)
+        except _stream.StreamCut as exc:
+            self.errors[i] = E.APIConnectionError(f"item {i}: connection error: {exc}",
+                                                  index=i, status=status, attempts=attempts)
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            self.errors[i] = E.ResponseFormatError(
+                f"item {i}: the provider's streamed answer could not be read "
+                f"({type(exc).__name__}: {exc})", index=i, status=status, attempts=attempts,
+                body=self.lm._redact(body[:500].decode("utf-8", "replace")))
+        return None
 
     def error_for(self, i, state, kind, status, body, error, attempts) -> E.RequestError:
         if state == _engine.CANCELLED:

@@ -34,6 +34,7 @@
 #include "ratelimit.h"
 #include "results.h"
 #include "sched.h"
+#include "sse.h"
 #include "sx_clock.h"
 
 /* ------------------------------------------------------------------ assertions */
@@ -1654,6 +1655,24 @@ static int respond(int fd, int status, const char *reason, const char *body, siz
     return respond_with(fd, status, reason, NULL, body, len);
 }
 
+/* 200 text/event-stream with `body` as the stream, sent in 7-byte pieces with a pause
+ * between them, so the client reads events split across many reads. */
+static int respond_stream(int fd, const char *body, size_t len)
+{
+    char head[256];
+    int h = snprintf(head, sizeof head,
+                     "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+                     "Content-Length: %zu\r\n\r\n", len);
+    if (send_all(fd, head, (size_t)h) != 0)
+        return -1;
+    for (size_t off = 0; off < len; off += 7) {
+        if (send_all(fd, body + off, len - off < 7 ? len - off : 7) != 0)
+            return -1;
+        sleep_s(0.0005);
+    }
+    return 0;
+}
+
 /* 1 the first time this FAIL body is seen, 0 after. */
 static int srv_first_failure(srv *s, const char *body, size_t len)
 {
@@ -1759,6 +1778,8 @@ static void *srv_conn_main(void *arg)
             rc = respond_with(c->fd, 429, "Too Many Requests",
                               "x-ratelimit-remaining-requests: 3\r\nRetry-After-Ms: 300\r\n",
                               "slow down", 9);
+        } else if (blen >= 3 && memcmp(body, "SSE", 3) == 0) {
+            rc = respond_stream(c->fd, body + 3, blen - 3);
         } else if (blen >= 4 && memcmp(body, "AUTH", 4) == 0) {
             rc = respond(c->fd, 401, "Unauthorized", AUTH_BODY, strlen(AUTH_BODY));
         } else {
@@ -2886,10 +2907,370 @@ static void test_chat_reader(void)
     }
 }
 
+
+/* ------------------------------------------------------------------ event streams (sse.h) */
+
+typedef struct {
+    sx_sse_verdict verdict;
+    char content[512];
+    size_t content_len;
+    int content_null, finish_null;
+    char finish[64];
+    int64_t tokens[3];
+    int error_status;
+    char error[256];
+} sse_result;
+
+/* Feed `text` to a fresh reader in pieces of `step` bytes (0: one piece), through a buffer
+ * that grows like a transfer's, check the raw bytes are never modified, and read the
+ * outcome. */
+static void sse_run(const char *text, size_t step, sse_result *out)
+{
+    size_t n = strlen(text);
+    memset(out, 0, sizeof *out);
+    sx_sse r;
+    sx_sse_init(&r);
+    char *raw = NULL;
+    size_t len = 0;
+    if (!step)
+        step = n ? n : 1;
+    while (len < n) {
+        size_t more = n - len < step ? n - len : step;
+        /* exactly as long as what arrived, so ASan sees a read past the end */
+        char *grown = realloc(raw, len + more);
+        if (!grown)
+            break;
+        raw = grown;
+        memcpy(raw + len, text + len, more);
+        len += more;
+        sx_sse_feed(&r, raw, len);
+    }
+    out->verdict = sx_sse_finish(&r, raw, len);
+    CHECK(len == 0 || memcmp(raw, text, len) == 0);
+    if (out->verdict == SX_SSE_COMPLETE) {
+        sx_chat chat;
+        size_t alen = 0;
+        char *answer = sx_sse_take_answer(&r, &chat, &alen);
+        CHECK(answer != NULL && chat.parsed);
+        if (answer && chat.content_len < sizeof out->content &&
+            chat.finish_len < sizeof out->finish) {
+            memcpy(out->content, answer + chat.content_off, chat.content_len);
+            out->content_len = chat.content_len;
+            memcpy(out->finish, answer + chat.finish_off, chat.finish_len);
+            out->content_null = chat.content_null;
+            out->finish_null = chat.finish_null;
+            out->tokens[0] = chat.prompt_tokens;
+            out->tokens[1] = chat.completion_tokens;
+            out->tokens[2] = chat.total_tokens;
+        }
+        free(answer);
+    } else if (out->verdict == SX_SSE_ERROR) {
+        out->error_status = sx_sse_error_status(&r);
+        size_t elen = 0;
+        char *body = sx_sse_take_error(&r, &elen);
+        if (body && elen < sizeof out->error)
+            memcpy(out->error, body, elen);
+        free(body);
+    }
+    sx_sse_reset(&r);
+    free(raw);
+}
+
+#define CHUNK(content) "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":" \
+                       "[{\"index\":0,\"delta\":{\"content\":" content "},\"finish_reason\":null}]}"
+
+static const char SSE_GOOD[] =
+    ": ping\n\n"
+    "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\","
+    "\"content\":\"\"},\"finish_reason\":null}]}\n\n"
+    CHUNK("\"Hel\"") "\n\n"
+    CHUNK("\"lo \\u00e9\\ud83d\\ude00\"") "\n\n"
+    CHUNK("null") "\n\n"
+    "event: message\nid: 7\nretry: 100\n"
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\\n\\\"x\\\"\"},\n"
+    "data:  \"finish_reason\":\"stop\"}]}\n\n"
+    "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":4,"
+    "\"total_tokens\":13}}\n\n"
+    "data: [DONE]\n\n"
+    "data: {\"choices\":[{\"delta\":{\"content\":\"after done\"}}]}\n\n";
+static const char SSE_GOOD_CONTENT[] = "Hello \xc3\xa9\xf0\x9f\x98\x80\n\"x\"";
+
+/* Rewrite SSE_GOOD's line breaks as `eol` (and optionally a leading BOM). */
+static char *sse_with_eol(const char *eol, int bom)
+{
+    size_t n = strlen(SSE_GOOD), el = strlen(eol);
+    char *out = malloc(3 + n * el + 1);
+    if (!out)
+        return NULL;
+    size_t k = 0;
+    if (bom) {
+        memcpy(out, "\xEF\xBB\xBF", 3);
+        k = 3;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (SSE_GOOD[i] == '\n') {
+            memcpy(out + k, eol, el);
+            k += el;
+        } else {
+            out[k++] = SSE_GOOD[i];
+        }
+    }
+    out[k] = '\0';
+    return out;
+}
+
+static void check_good(const sse_result *res)
+{
+    CHECK(res->verdict == SX_SSE_COMPLETE);
+    CHECK(res->content_len == strlen(SSE_GOOD_CONTENT) &&
+          memcmp(res->content, SSE_GOOD_CONTENT, res->content_len) == 0);
+    CHECK(strcmp(res->finish, "stop") == 0 && !res->finish_null && !res->content_null);
+    CHECK(res->tokens[0] == 9 && res->tokens[1] == 4 && res->tokens[2] == 13);
+}
+
+static void test_sse_reader_any_split_any_line_ending(void)
+{
+    const char *eols[] = {"\n", "\r\n", "\r"};
+    for (int bom = 0; bom < 2; bom++) {
+        for (size_t e = 0; e < 3; e++) {
+            char *text = sse_with_eol(eols[e], bom);
+            REQUIRE(text != NULL);
+            size_t n = strlen(text);
+            sse_result res;
+            /* whole, then every piece size: each event split across reads somewhere */
+            for (size_t step = 0; step <= n; step += step < 16 ? 1 : 37) {
+                sse_run(text, step, &res);
+                check_good(&res);
+                if (res.verdict != SX_SSE_COMPLETE) {
+                    fprintf(stderr, "    eol %zu bom %d step %zu: verdict %d\n", e, bom, step,
+                            (int)res.verdict);
+                    break;
+                }
+            }
+            free(text);
+        }
+    }
+}
+
+static void test_sse_reader_outcomes(void)
+{
+    sse_result res;
+    /* cut: no [DONE], no finish_reason */
+    sse_run(CHUNK("\"Hel\"") "\n\n" CHUNK("\"lo\"") "\n\n", 5, &res);
+    CHECK(res.verdict == SX_SSE_CUT);
+    /* ... even mid-event */
+    sse_run(CHUNK("\"Hel\"") "\n\ndata: {\"choi", 0, &res);
+    CHECK(res.verdict == SX_SSE_CUT);
+    /* a server that ends after the finish_reason without [DONE]; last line unterminated */
+    sse_run(CHUNK("\"a\"") "\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}",
+            3, &res);
+    CHECK(res.verdict == SX_SSE_COMPLETE && res.content_len == 1 && res.content[0] == 'a');
+    CHECK(strcmp(res.finish, "length") == 0 && res.tokens[2] == 0);
+    /* [DONE] without its line break at the very end */
+    sse_run(CHUNK("\"a\"") "\n\ndata: [DONE]", 1, &res);
+    CHECK(res.verdict == SX_SSE_COMPLETE && res.finish_null);
+    /* only null contents (a tool call): content is null, as in a whole answer */
+    sse_run(CHUNK("null") "\n\ndata: [DONE]\n\n", 0, &res);
+    CHECK(res.verdict == SX_SSE_COMPLETE && res.content_null && res.content_len == 0);
+    /* an error object inside the stream: its code is the status, its bytes the body */
+    const char *err = "{\"error\":{\"message\":\"bad \\ud800 thing\",\"type\":\"invalid\","
+                      "\"code\":400}}";
+    char text[512];
+    snprintf(text, sizeof text, "%s\n\ndata: %s\n\n%s\n\n", CHUNK("\"a\""), err, CHUNK("\"b\""));
+    sse_run(text, 2, &res);
+    CHECK(res.verdict == SX_SSE_ERROR && res.error_status == 400);
+    CHECK(strcmp(res.error, err) == 0);
+    /* ... an error with no usable code stands for 500 */
+    sse_run("data: {\"error\":{\"message\":\"overloaded\",\"code\":\"x\"}}\n\n", 0, &res);
+    CHECK(res.verdict == SX_SSE_ERROR && res.error_status == 500);
+    /* an `error` event, whatever its data */
+    sse_run(CHUNK("\"a\"") "\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":"
+            "\"overloaded_error\",\"code\":529}}\n\n", 4, &res);
+    CHECK(res.verdict == SX_SSE_ERROR && res.error_status == 529);
+    sse_run("event: error\ndata: not json\n\n", 0, &res);
+    CHECK(res.verdict == SX_SSE_ERROR && res.error_status == 500 &&
+          strcmp(res.error, "not json") == 0);
+    /* left to Python: chunks chatjson does not read exactly, and bodies with no event */
+    const char *fallbacks[] = {
+        CHUNK("\"\\ud83d\"") "\n\n" CHUNK("\"\\ude00\"") "\n\ndata: [DONE]\n\n",
+        "data: not json\n\ndata: [DONE]\n\n",
+        "data: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\"x\"}}]}\n\ndata: [DONE]\n\n",
+        "data: {\"choices\":[{\"delta\":{\"content\":\"x\"}},{\"delta\":{}}]}\n\ndata: [DONE]\n\n",
+        "data: {\"choices\":[{\"delta\":{\"content\":\"x\",\"content\":\"y\"}}]}\n\n",
+        "{\"choices\":[{\"message\":{\"content\":\"plain json\"}}]}",
+        ": only a comment\n\n",
+        "",
+    };
+    for (size_t i = 0; i < sizeof fallbacks / sizeof *fallbacks; i++) {
+        sse_run(fallbacks[i], 3, &res);
+        CHECK(res.verdict == SX_SSE_FALLBACK);
+        if (res.verdict != SX_SSE_FALLBACK)
+            fprintf(stderr, "    fallback %zu: verdict %d\n", i, (int)res.verdict);
+    }
+    /* empty and whitespace-only data, unknown fields, lines without a colon: ignored */
+    sse_run("data:\n\ndata:   \n\nfoo: bar\nnocolon\n\n" CHUNK("\"z\"") "\n\ndata: [DONE]\n\n",
+            1, &res);
+    CHECK(res.verdict == SX_SSE_COMPLETE && res.content_len == 1 && res.content[0] == 'z');
+}
+
+/* Random pieces and random bytes: never a crash or a read out of bounds, and an answer's
+ * spans stay inside it. */
+static void test_sse_reader_mutations(void)
+{
+    size_t n = strlen(SSE_GOOD);
+    sx_rng rng;
+    sx_rng_seed(&rng, 11);
+    char *text = malloc(n + 1);
+    REQUIRE(text != NULL);
+    for (int round = 0; round < 3000; round++) {
+        memcpy(text, SSE_GOOD, n + 1);
+        int edits = (int)(sx_rng_uniform(&rng) * 5);
+        for (int e = 0; e < edits; e++) {
+            char c = (char)(1 + (int)(sx_rng_uniform(&rng) * 255));
+            text[(size_t)(sx_rng_uniform(&rng) * (double)n)] = c;
+        }
+        size_t step = 1 + (size_t)(sx_rng_uniform(&rng) * 40);
+        sse_result res;
+        sse_run(text, step, &res);
+        CHECK(res.verdict <= SX_SSE_ERROR);
+    }
+    free(text);
+}
+
+/* Through the workers: streamed answers become parsed chat results, and with stream_deltas
+ * their text is queued in order, joining to the answer. */
+static void test_engine_stream_deltas(void)
+{
+    REQUIRE(g_srv_ok);
+    sx_engine *e = mk_engine(2, 8);
+    REQUIRE(e != NULL);
+    enum { N = 12 };
+    char *bodies[N];
+    size_t lens[N];
+    for (size_t i = 0; i < N; i++) {
+        char text[2048];
+        size_t k = (size_t)snprintf(text, sizeof text, "SSE: keep-alive\r\n\r\n");
+        for (int part = 0; part < 6; part++)
+            k += (size_t)snprintf(text + k, sizeof text - k,
+                                  "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":"
+                                  "\"r%zu-p%d \"},\"finish_reason\":null}]}\r\n\r\n", i, part);
+        k += (size_t)snprintf(text + k, sizeof text - k,
+                              "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":"
+                              "\"stop\"}]}\r\n\r\ndata: {\"choices\":[],\"usage\":{"
+                              "\"prompt_tokens\":%zu,\"completion_tokens\":6,"
+                              "\"total_tokens\":%zu}}\r\n\r\n", i, i + 6);
+        if (i % 3 != 2)  /* some streams end without [DONE] */
+            k += (size_t)snprintf(text + k, sizeof text - k, "data: [DONE]\r\n\r\n");
+        bodies[i] = strdup(text);
+        lens[i] = k;
+    }
+    const char *hdrs[] = {"Content-Type: text/plain"};
+    sx_request_opts o = e2e_opts();
+    o.parse_chat = 1;
+    o.stream_deltas = 1;
+    sx_batch *b = sx_batch_new(g_url, hdrs, 1, (const char *const *)bodies, lens, NULL, N, &o);
+    REQUIRE(b != NULL);
+    CHECK(sx_engine_submit(e, b) == 0);
+    /* drain the queue while the batch runs, as Python's tick does */
+    char joined[N][256];
+    size_t jlen[N];
+    memset(jlen, 0, sizeof jlen);
+    int ordered = 1;
+    for (int done = 0; !done;) {
+        done = sx_engine_wait(e, b, 0.002);
+        size_t len;
+        sx_engine_lock(e);
+        char *records = sx_batch_take_deltas(b, &len);
+        sx_engine_unlock(e);
+        for (size_t off = 0; off + sizeof(sx_delta_head) <= len;) {
+            sx_delta_head head;
+            memcpy(&head, records + off, sizeof head);
+            off += sizeof head;
+            CHECK(head.index < N && head.len >= 0);  /* no restart: nothing failed */
+            if (head.index < N && head.len > 0 && jlen[head.index] + (size_t)head.len < 256) {
+                memcpy(joined[head.index] + jlen[head.index], records + off, (size_t)head.len);
+                jlen[head.index] += (size_t)head.len;
+            }
+            off += head.len > 0 ? (size_t)head.len : 0;
+        }
+        free(records);
+    }
+    for (size_t i = 0; i < N; i++) {
+        sx_slot *s = &b->slots[i];
+        char want[256];
+        size_t wl = 0;
+        for (int part = 0; part < 6; part++)
+            wl += (size_t)snprintf(want + wl, sizeof want - wl, "r%zu-p%d ", i, part);
+        CHECK(s->state == SX_OK && s->chat.parsed);
+        CHECK(s->chat.content_len == wl &&
+              memcmp(s->response + s->chat.content_off, want, wl) == 0);
+        CHECK(s->chat.finish_len == 4 &&
+              memcmp(s->response + s->chat.finish_off, "stop", 4) == 0);
+        CHECK(s->chat.prompt_tokens == (int64_t)i && s->chat.total_tokens == (int64_t)(i + 6));
+        if (jlen[i] != wl || memcmp(joined[i], want, wl) != 0)
+            ordered = 0;
+    }
+    CHECK(ordered);
+    sx_engine_release_batch(e, b);
+    sx_engine_free(e);
+    for (size_t i = 0; i < N; i++)
+        free(bodies[i]);
+}
+
+/* A stream cut before [DONE] is a connection error, retried; the retry's text follows a
+ * restart marker in the queue. */
+static void test_engine_stream_cut_is_retried(void)
+{
+    REQUIRE(g_srv_ok);
+    sx_engine *e = mk_engine(1, 4);
+    REQUIRE(e != NULL);
+    const char *cut = "SSE" CHUNK("\"partial\"") "\n\n";
+    size_t len = strlen(cut);
+    const char *hdrs[] = {"Content-Type: text/plain"};
+    sx_request_opts o = e2e_opts();
+    o.parse_chat = 1;
+    o.stream_deltas = 1;
+    o.max_retries = 2;
+    sx_batch *b = sx_batch_new(g_url, hdrs, 1, &cut, &len, NULL, 1, &o);
+    REQUIRE(b != NULL);
+    CHECK(sx_engine_submit(e, b) == 0);
+    CHECK(sx_engine_wait(e, b, 10.0) == 1);
+    sx_slot *s = &b->slots[0];
+    CHECK(s->state == SX_FAILED && s->error_kind == SX_ERR_CONNECTION && s->attempts == 3);
+    CHECK(s->error && strstr(s->error, "[DONE]") != NULL);
+    size_t qlen;
+    sx_engine_lock(e);
+    char *records = sx_batch_take_deltas(b, &qlen);
+    sx_engine_unlock(e);
+    /* three attempts, each "partial" then a restart */
+    int texts = 0, restarts = 0, last_was_restart = 0;
+    for (size_t off = 0; off + sizeof(sx_delta_head) <= qlen;) {
+        sx_delta_head head;
+        memcpy(&head, records + off, sizeof head);
+        off += sizeof head;
+        if (head.len < 0) {
+            restarts++;
+            last_was_restart = 1;
+        } else {
+            texts++;
+            last_was_restart = 0;
+            CHECK(head.len == 7 && memcmp(records + off, "partial", 7) == 0);
+            off += (size_t)head.len;
+        }
+    }
+    free(records);
+    CHECK(texts == 3 && restarts == 3 && last_was_restart);
+    sx_engine_release_batch(e, b);
+    sx_engine_free(e);
+}
+
 #define TEST(fn) {#fn, fn}
 
 static const test_case tests[] = {
     TEST(test_chat_reader),
+    TEST(test_sse_reader_any_split_any_line_ending),
+    TEST(test_sse_reader_outcomes),
+    TEST(test_sse_reader_mutations),
     TEST(test_bucket_unlimited),
     TEST(test_bucket_rpm_burst_then_paced),
     TEST(test_bucket_continuous_refill),
@@ -2926,6 +3307,8 @@ static const test_case tests[] = {
     TEST(test_engine_rpm_paced),
     TEST(test_engine_http2_option_on_plain_http),
     TEST(test_engine_new_free_churn),
+    TEST(test_engine_stream_deltas),
+    TEST(test_engine_stream_cut_is_retried),
     /* regressions: each of these failed, crashed or hung before its fix in csrc/ */
     TEST(test_bug_sched_retry_head_of_line),
     TEST(test_bug_worker_spins_on_capped_retry),
