@@ -24,6 +24,11 @@
  *     usage() / --help). It works on offsets into the request body, with the worker's
  *     reused scratch buffers (no allocation per request once they have grown); depth,
  *     $ref hops and answer size are bounded, and anything unsupported gets the echo.
+ *   - "stream": true in a chat request: the same answer as server-sent events
+ *     (text/event-stream), its content in chat.completion.chunk deltas of about 4 bytes
+ *     (never inside an escape or a UTF-8 sequence), a finish_reason chunk, a usage chunk when
+ *     "include_usage": true, then data: [DONE]. The whole stream is sent at the deadline
+ *     with a Content-Length (it measures the client's reading, not the network's pacing).
  *
  * Output: "PORT <n>" on stdout once listening. Exit: SIGTERM/SIGINT, or EOF on stdin
  * with --stdin-watch.
@@ -350,6 +355,7 @@ typedef struct worker {
     buf_t hdrs;           /* scratch for extra headers */
     buf_t doc;            /* scratch: the unescaped user message (structured answers) */
     buf_t ans;            /* scratch: a structured answer's JSON text */
+    buf_t text;           /* scratch: a streamed answer's escaped content */
     rng_t rng_fault, rng_jitter;
     uint64_t now;
     unsigned fail_toggle;
@@ -487,6 +493,8 @@ typedef struct {
     size_t input_off;    /* offset of the first "input" value, or SIZE_MAX */
     size_t rf_off;       /* offset of the first "response_format" object, or SIZE_MAX */
     size_t msgs_off;     /* offset of the first "messages" array, or SIZE_MAX */
+    int stream;          /* "stream": true */
+    int include_usage;   /* "include_usage": true (in stream_options) */
 } scan_t;
 
 /* Walks string tokens only, so quotes inside string values never confuse it. */
@@ -533,6 +541,10 @@ static void scan_body(const char *p, size_t len, scan_t *out) {
             i = skip_value(p, len, k);
             continue;
         }
+        if (k + 4 <= len && memcmp(p + k, "true", 4) == 0) {
+            if (klen == 6 && memcmp(key, "stream", 6) == 0) out->stream = 1;
+            if (klen == 13 && memcmp(key, "include_usage", 13) == 0) out->include_usage = 1;
+        }
         if (k < len && p[k] == '[' && klen == 8 && out->msgs_off == SIZE_MAX &&
             memcmp(key, "messages", 8) == 0)
             out->msgs_off = k;
@@ -560,8 +572,8 @@ static const char *reason(int status) {
 }
 
 /* Appends a full response to c->out; returns the header length. */
-static size_t put_response(conn_t *c, int status, const buf_t *extra, const char *body,
-                           size_t body_len, int keep_alive) {
+static size_t put_response_typed(conn_t *c, int status, const buf_t *extra, const char *body,
+                                 size_t body_len, int keep_alive, const char *ctype) {
     buf_t *o = &c->out;
     size_t start = o->len;
     buf_reserve(o, 160 + (extra ? extra->len : 0) + body_len);
@@ -569,7 +581,9 @@ static size_t put_response(conn_t *c, int status, const buf_t *extra, const char
     buf_putu(o, (uint64_t)status);
     buf_puts(o, " ");
     buf_puts(o, reason(status));
-    buf_puts(o, "\r\nContent-Type: application/json\r\nContent-Length: ");
+    buf_puts(o, "\r\nContent-Type: ");
+    buf_puts(o, ctype);
+    buf_puts(o, "\r\nContent-Length: ");
     buf_putu(o, body_len);
     buf_puts(o, keep_alive ? "\r\nConnection: keep-alive\r\n" : "\r\nConnection: close\r\n");
     if (extra) buf_put(o, extra->p, extra->len);
@@ -577,6 +591,12 @@ static size_t put_response(conn_t *c, int status, const buf_t *extra, const char
     size_t hlen = o->len - start;
     buf_put(o, body, body_len);
     return hlen;
+}
+
+static size_t put_response(conn_t *c, int status, const buf_t *extra, const char *body,
+                           size_t body_len, int keep_alive) {
+    return put_response_typed(c, status, extra, body, body_len, keep_alive,
+                              "application/json");
 }
 
 static void put_error_body(buf_t *b, const char *msg, const char *type, const char *code) {
@@ -1389,19 +1409,97 @@ static void put_escaped(buf_t *b, const char *s, size_t n) {
     b->len = (size_t)(o - b->p);
 }
 
+/* One streamed chunk's head, up to where its delta or usage begins. */
+static void put_chunk_head(buf_t *b, const char *id, const scan_t *sc) {
+    buf_puts(b, "data: {\"id\":\"chatcmpl-mock-");
+    buf_put(b, id, 16);
+    buf_puts(b, "\",\"object\":\"chat.completion.chunk\",\"created\":");
+    buf_putu(b, g_created);
+    buf_puts(b, ",\"model\":\"");
+    put_model(b, sc);
+    buf_puts(b, "\",");
+}
+
+/* Length of the piece of escaped JSON text t[i..n) that starts at i: about 4 bytes, ending
+ * neither inside an escape (a surrogate pair's two escapes stay together) nor inside a UTF-8
+ * sequence. */
+static size_t piece_len(const char *t, size_t n, size_t i) {
+    size_t j = i;
+    while (j < n && j - i < 4) {
+        if (t[j] == '\\') {
+            size_t e = j + 1 < n && t[j + 1] == 'u' ? 6 : 2;
+            if (e == 6 && j + 12 <= n && (t[j + 2] == 'd' || t[j + 2] == 'D') &&
+                t[j + 3] && strchr("89abAB", t[j + 3]) && t[j + 6] == '\\')
+                e = 12;
+            j = j + e < n ? j + e : n;
+        } else {
+            j++;
+            while (j < n && ((unsigned char)t[j] & 0xC0) == 0x80) j++;
+        }
+    }
+    return j - i;
+}
+
+/* The answer `text` (escaped JSON string content) as an event stream into w->body. */
+static void build_chat_stream(worker_t *w, const char *id, const scan_t *sc, const char *text,
+                              size_t n, uint64_t prompt, uint64_t completion) {
+    buf_t *b = &w->body;
+    b->len = 0;
+    buf_reserve(b, 200 + n * 40);
+    put_chunk_head(b, id, sc);
+    buf_puts(b, "\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},"
+                "\"logprobs\":null,\"finish_reason\":null}]}\n\n");
+    for (size_t i = 0; i < n;) {
+        size_t k = piece_len(text, n, i);
+        put_chunk_head(b, id, sc);
+        buf_puts(b, "\"choices\":[{\"index\":0,\"delta\":{\"content\":\"");
+        buf_put(b, text + i, k);
+        buf_puts(b, "\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n");
+        i += k;
+    }
+    put_chunk_head(b, id, sc);
+    buf_puts(b, "\"choices\":[{\"index\":0,\"delta\":{},\"logprobs\":null,"
+                "\"finish_reason\":\"stop\"}]}\n\n");
+    if (sc->include_usage) {
+        put_chunk_head(b, id, sc);
+        buf_puts(b, "\"choices\":[],\"usage\":{\"prompt_tokens\":");
+        buf_putu(b, prompt);
+        buf_puts(b, ",\"completion_tokens\":");
+        buf_putu(b, completion);
+        buf_puts(b, ",\"total_tokens\":");
+        buf_putu(b, prompt + completion);
+        buf_puts(b, "}}\n\n");
+    }
+    buf_puts(b, "data: [DONE]\n\n");
+}
+
 static void build_chat(worker_t *w, const char *body, size_t blen, const scan_t *sc) {
     int structured = sc->rf_off != SIZE_MAX && build_structured(w, body, blen, sc);
     buf_t *b = &w->body;
     b->len = 0;
     uint64_t prompt = blen / 4 + 1, completion = sc->content_len / 4 + 1;
-    buf_reserve(b, 320 + sc->content_len + sc->model_len + (structured ? w->ans.len : 0));
-    buf_puts(b, "{\"id\":\"chatcmpl-mock-");
     char hex[17];
     uint64_t h = fnv1a(body, blen);
     for (int i = 15; i >= 0; i--) {
         hex[i] = "0123456789abcdef"[h & 15];
         h >>= 4;
     }
+    if (sc->stream) {
+        buf_t *t = &w->text;
+        t->len = 0;
+        if (structured) {
+            put_escaped(t, w->ans.p, w->ans.len);
+            completion = t->len / 4 + 1;
+        } else {
+            buf_puts(t, "echo: ");
+            buf_put(t, sc->content, sc->content_len);
+        }
+        build_chat_stream(w, hex, sc, t->p, t->len, prompt, completion);
+        if (t->cap > (4u << 20)) buf_free(t);
+        return;
+    }
+    buf_reserve(b, 320 + sc->content_len + sc->model_len + (structured ? w->ans.len : 0));
+    buf_puts(b, "{\"id\":\"chatcmpl-mock-");
     buf_put(b, hex, 16);
     buf_puts(b, "\",\"object\":\"chat.completion\",\"created\":");
     buf_putu(b, g_created);
@@ -1664,16 +1762,20 @@ static void handle_request(worker_t *w, conn_t *c, const req_t *r, const char *b
                        status == 500 ? "The server had an error while processing your request."
                                      : "The engine is currently overloaded, please try again later.",
                        "server_error", NULL);
-    } else {
+    }
+    int streamed = 0;
+    if (fault != F_FAIL) {
         scan_t sc;
         scan_body(body, blen, &sc);
+        streamed = chat && sc.stream;
         if (chat) build_chat(w, body, blen, &sc);
         else build_embeddings(w, body, blen, &sc);
     }
     int keep = r->keep_alive && fault != F_TRUNC;
     size_t start = c->out.len;
-    size_t hlen = put_response(c, status, status == 200 ? &w->hdrs : NULL, w->body.p,
-                               w->body.len, keep);
+    size_t hlen = put_response_typed(c, status, status == 200 ? &w->hdrs : NULL, w->body.p,
+                                     w->body.len, keep,
+                                     streamed ? "text/event-stream" : "application/json");
     if (fault == F_TRUNC) {
         INC(st_truncate);
         c->out.len = start + hlen + w->body.len / 2;
@@ -2160,6 +2262,7 @@ int main(int argc, char **argv) {
         buf_free(&w->hdrs);
         buf_free(&w->doc);
         buf_free(&w->ans);
+        buf_free(&w->text);
     }
     free(ws);
     close(sfd);

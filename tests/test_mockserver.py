@@ -234,3 +234,45 @@ def test_malformed_bodies_do_not_hurt(mock_url):
             assert resp.status == 200
             json.loads(resp.read())  # whatever it answered is valid JSON
     assert post(mock_url, chat("prompt 2")) == "echo: prompt 2"
+
+
+def _stream(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with _opener.open(req, timeout=5) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        return resp.read().decode("utf-8")
+
+
+@pytest.mark.parametrize("rf", [None, json_schema(ROW)])
+def test_stream_true_answers_the_same_as_events(mock_url, rf):
+    body = chat(DOCS[1], rf)
+    whole = post(mock_url, body)
+    text = _stream(mock_url, {**body, "stream": True,
+                              "stream_options": {"include_usage": True}})
+    events = [e[len("data: "):] for e in text.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]  # every piece is whole JSON
+    deltas = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    assert "".join(d for d in deltas if d) == whole
+    assert len(deltas) > 5  # really in pieces
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+    # without include_usage: no usage chunk
+    plain = _stream(mock_url, {**body, "stream": True})
+    assert "usage" not in plain and plain.endswith("data: [DONE]\n\n")
+
+
+def test_semex_streams_from_the_mock(mock_url):
+    import semex
+    lm = semex.LM("mock", api_base=mock_url.rsplit("/chat/completions", 1)[0], api_key="k")
+    try:
+        prompts = [f"prompt {i} caf\u00e9 \U0001F600 \"q\"" for i in range(50)]
+        whole = semex.llm_batch(prompts, model=lm)
+        got = {}
+        streamed = semex.llm_batch(prompts, model=lm,
+                                   on_chunk=lambda i, t: got.setdefault(i, []).append(t))
+        assert streamed == whole and all(not isinstance(r, Exception) for r in whole)
+        assert all("".join(got[i]) == whole[i] for i in range(50))
+    finally:
+        lm.close()
