@@ -4,6 +4,10 @@
 
     python benchmarks/bench_semex.py --url http://127.0.0.1:PORT/v1 -n 20000 -c 1000
 
+--stream asks for streamed answers (server-sent events, read by the engine's workers);
+--on-chunk also passes a callback that receives every streamed piece; --words N makes
+each prompt (and so each echoed answer) N words longer.
+
 Prints one JSON line in bench_aiohttp.py's format (wall time, throughput, CPU and peak RSS
 of this process from getrusage, errors, rows answered with another row's text).
 """
@@ -25,23 +29,39 @@ def main(argv=None):
     p.add_argument("-c", type=int, default=1000)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--model", default="mock")
+    p.add_argument("--stream", action="store_true", help="stream=True")
+    p.add_argument("--on-chunk", action="store_true", help="stream with an on_chunk callback")
+    p.add_argument("--words", type=int, default=0, help="extra words per prompt")
     args = p.parse_args(argv)
 
     lm = semex.LM(args.model, api_base=args.url, api_key="sk-bench",
                   max_concurrency=args.c, workers=args.workers, timeout=300, temperature=None)
-    prompts = [f"prompt {i}" for i in range(args.n)]
+    tail = " word" * args.words
+    prompts = [f"prompt {i}{tail}" for i in range(args.n)]
+    fields = {}
+    pieces = [0]
+    if args.stream:
+        fields["stream"] = True
+    if args.on_chunk:
+        def on_chunk(index, text):
+            pieces[0] += 1
+        fields["on_chunk"] = on_chunk
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    answers = semex.llm_batch(prompts, model=lm, max_concurrent=args.c, errors="objects")
+    answers = semex.llm_batch(prompts, model=lm, max_concurrent=args.c, errors="objects",
+                              **fields)
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     errors = sum(not isinstance(a, str) for a in answers)
-    mismatches = sum(isinstance(a, str) and a != f"echo: prompt {i}"
+    mismatches = sum(isinstance(a, str) and a != f"echo: prompt {i}{tail}"
                      for i, a in enumerate(answers))
     user = r1.ru_utime - r0.ru_utime
     sys_ = r1.ru_stime - r0.ru_stime
     print(json.dumps({
-        "client": "semex",
+        "client": "semex" + (" stream+on_chunk" if args.on_chunk else
+                             " stream" if args.stream else ""),
+        "tokens": lm.total_usage.total_tokens,
+        "chunk_calls": pieces[0],
         "loop": "none",
         "n": args.n,
         "c": args.c,
