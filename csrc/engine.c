@@ -282,6 +282,10 @@ void sx_engine_close(sx_engine *e)
     pthread_mutex_unlock(&e->lock);
     for (int i = 0; i < e->nworkers; i++)
         sx_worker_wake(e->workers[i]);
+    /* All joined before any is freed: a worker finishing its last round may still wake a
+     * sibling (reap), which must not have been freed under it. */
+    for (int i = 0; i < e->nworkers; i++)
+        sx_worker_join(e->workers[i]);
     for (int i = 0; i < e->nworkers; i++)
         sx_worker_join_and_free(e->workers[i]);
     e->nworkers = 0;

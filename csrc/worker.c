@@ -1059,11 +1059,18 @@ void sx_worker_wake(sx_worker *w)
     (void)rc;  /* EAGAIN: the counter is already non-zero, the worker will wake anyway */
 }
 
+void sx_worker_join(sx_worker *w)
+{
+    if (w && w->started) {
+        pthread_join(w->thread, NULL);
+        w->started = 0;
+    }
+}
+
 void sx_worker_join_and_free(sx_worker *w)
 {
     if (!w)
         return;
-    if (w->started)
-        pthread_join(w->thread, NULL);
+    sx_worker_join(w);
     worker_free(w);
 }

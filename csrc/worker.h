@@ -30,8 +30,12 @@ int sx_worker_start(sx_worker *w, char *err, size_t errlen);
 /* Ask the worker to run a round soon (thread-safe, coalesced). */
 void sx_worker_wake(sx_worker *w);
 
-/* Join the thread if it was started (after e->stopping was set and the worker woken) and
- * free everything. */
+/* Wait for the thread to end if it was started (after e->stopping was set and the worker
+ * woken). Idempotent. */
+void sx_worker_join(sx_worker *w);
+
+/* sx_worker_join, then free everything. Only once no sibling runs: a running worker may
+ * wake any other (join them all first). */
 void sx_worker_join_and_free(sx_worker *w);
 
 #endif
