@@ -219,7 +219,7 @@ size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double 
             break;
         }
         if (s->opts.lease) {
-            if (s->lease.requests <= 0 || (s->opts.lease_tokens && s->lease.tokens <= 0)) {
+            if (s->lease.requests < 1.0 || (s->opts.lease_tokens && s->lease.tokens <= 0)) {
                 sx_bucket_refund(&s->rpm, 1.0);
                 sx_bucket_refund(&s->tpm, slot->tokens);
                 s->stats.lease_waits++;

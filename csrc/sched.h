@@ -33,9 +33,10 @@ typedef struct sx_sched_opts {
  * engines (semex.dask leases it from the Dask scheduler in small chunks). With opts.lease,
  * every attempt, retries included, spends one request and its estimated tokens from it on
  * top of the local buckets, and nothing is admitted while it is spent: the owner refills it
- * (sx_engine_grant), so there is no timer to wait for. A balance that is still positive
- * admits a request whole and may go below zero (a debt the next grant pays first): a
- * request costlier than any one grant is never starved. */
+ * (sx_engine_grant), so there is no timer to wait for. A request needs a whole request of
+ * budget (fractions of grants add up; they never round up into an extra request); a token
+ * balance that is still positive admits a request whole and may go below zero (a debt the
+ * next grant pays first), so a request costlier than any one grant is never starved. */
 typedef struct sx_lease {
     double requests, tokens;            /* left to spend (may be negative: a debt) */
     double used_requests, used_tokens;  /* spent since creation, for the owner's accounting */

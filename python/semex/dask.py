@@ -198,15 +198,26 @@ class _Bucket:
 
 
 class _Budget:
-    """One LM's cluster-wide rpm/tpm, on the scheduler: leases come out of its buckets."""
+    """One LM's cluster-wide rpm/tpm, on the scheduler: leases come out of its buckets, at
+    most a fair share of a burst per worker at a time (the burst divided among the workers
+    that asked in the last ACTIVE_S seconds), so the first worker to ask cannot drain it."""
+
+    ACTIVE_S = 2.0
 
     def __init__(self, rpm: float, tpm: float, now: float):
         self.requests = _Bucket(rpm, now) if rpm else None
         self.tokens = _Bucket(tpm, now) if tpm else None
         self.held: Dict[str, Tuple[float, float]] = {}  # worker -> unused, as last reported
+        self.asked: Dict[str, float] = {}               # worker -> when it last asked
 
     def lease(self, worker: str, want_requests: float, want_tokens: float,
               left_requests: float, left_tokens: float, now: float) -> Dict[str, float]:
+        self.asked[worker] = now
+        active = sum(1 for t in self.asked.values() if now - t < self.ACTIVE_S)
+        if self.requests:
+            want_requests = min(want_requests, max(1.0, self.requests.capacity / active))
+        if self.tokens:
+            want_tokens = min(want_tokens, max(1.0, self.tokens.capacity / active))
         granted_r = self.requests.take(want_requests, now) if self.requests else want_requests
         granted_t = self.tokens.take(want_tokens, now) if self.tokens else want_tokens
         self.held[worker] = (max(0.0, left_requests) + granted_r,
@@ -219,6 +230,7 @@ class _Budget:
         return {"requests": granted_r, "tokens": granted_t, "retry_after": retry}
 
     def forget(self, worker: str) -> None:
+        self.asked.pop(worker, None)
         unused = self.held.pop(worker, None)
         if unused is not None:
             if self.requests:
@@ -263,7 +275,8 @@ class _LeaseKeeper:
     """In a worker process: keeps its LM's engine supplied with budget from the scheduler,
     from the thread that waits on the LM's calls (LM._tick_hook; every ~10 ms of a wait)."""
 
-    CHUNK_S = 0.5  # one lease: this many seconds of the cluster's rate
+    CHUNK_S = 0.5   # one lease: this many seconds of the cluster's rate
+    RETRY_S = 0.05  # the longest wait before asking again after a short grant
 
     def __init__(self, lm: LM, spec: LMSpec):
         from distributed import get_worker
@@ -299,7 +312,9 @@ class _LeaseKeeper:
                           want_tokens=max(0.0, self.want_tokens - left_t),
                           left_requests=left_r, left_tokens=left_t)
             engine.grant(answer["requests"], answer["tokens"])
-            self.next_ask = time.monotonic() + min(1.0, answer["retry_after"])
+            # short of budget: ask again soon for what has refilled by then (at most 20
+            # round trips a second), rather than wait for a whole chunk
+            self.next_ask = time.monotonic() + min(self.RETRY_S, answer["retry_after"])
         finally:
             self.lock.release()
 

@@ -1000,8 +1000,8 @@ static void test_sched_tpm(void)
 static void test_sched_lease(void)
 {
     /* A budget granted from outside: nothing goes out before a grant, each attempt spends
-     * one request (and its tokens with lease_tokens), a positive balance admits a request
-     * whole and runs into debt, and the next grant pays the debt first. */
+     * one whole request (and its tokens with lease_tokens), a positive token balance admits
+     * a request whole and runs into debt, and the next grant pays the debt first. */
     sx_sched s;
     sx_sched_opts so = sched_opts(100);
     so.lease = 1;
@@ -1045,6 +1045,20 @@ static void test_sched_lease(void)
     sx_sched_grant(&s2, 0, 1);
     n = sx_sched_take(&s2, out, 8, T0, &wake);
     CHECK(n == 1);
+    /* fractions of requests add up, and never round up into an extra request */
+    sx_sched s3;
+    sx_sched_init(&s3, &so, T0);
+    sx_batch *d = mk_batch("f", 3, tokens, &ro);
+    REQUIRE(d != NULL);
+    REQUIRE(sx_sched_push_batch(&s3, d) == 0);
+    sx_sched_grant(&s3, 0.5, 100);
+    n = sx_sched_take(&s3, out, 8, T0, &wake);
+    CHECK(n == 0);
+    sx_sched_grant(&s3, 0.75, 0);
+    n = sx_sched_take(&s3, out, 8, T0, &wake);
+    CHECK(n == 1 && s3.lease.requests == 0.25);
+    sx_sched_destroy(&s3);
+    sx_batch_free(d);
     sx_sched_destroy(&s2);
     sx_batch_free(c);
     sx_sched_destroy(&s);
