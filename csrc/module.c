@@ -171,7 +171,7 @@ PyDoc_STRVAR(Engine_submit_doc,
 "submit($self, url, headers, bodies, tokens=None, *, timeout=60.0, connect_timeout=10.0,\n"
 "       max_retries=5, max_body=67108864, verify=True, backoff_base=0.5, backoff_cap=30.0,\n"
 "       notify_each=False, max_in_flight=0, parse_chat=False, share_cap_with=None,\n"
-"       total_timeout=0.0, stream_deltas=False)\n"
+"       total_timeout=0.0, stream_deltas=False, ca_file=None, ca_path=None)\n"
 "--\n\n"
 "Submit one batch: a request per item of `bodies` (bytes to POST, or None to GET), all to\n"
 "`url` with `headers` (a list of 'Name: value' strings). `tokens` gives each request's\n"
@@ -183,7 +183,9 @@ PyDoc_STRVAR(Engine_submit_doc,
 "total_timeout > 0: seconds one request may take over all its attempts and backoffs (waits\n"
 "a 429 orders excepted); its last attempt's timeout is cut to what is left.\n"
 "With parse_chat, event-stream answers are assembled by the workers into the same shape;\n"
-"stream_deltas=True also queues their text as it arrives (see Batch.take_deltas).");
+"stream_deltas=True also queues their text as it arrives (see Batch.take_deltas).\n"
+"ca_file / ca_path: a CA bundle file / a directory of CA certificates to verify servers\n"
+"with instead of libcurl's default.");
 
 static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwds)
 {
@@ -191,19 +193,21 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
                              "connect_timeout", "max_retries", "max_body", "verify",
                              "backoff_base", "backoff_cap", "notify_each", "max_in_flight",
                              "parse_chat", "share_cap_with", "total_timeout", "stream_deltas",
-                             NULL};
+                             "ca_file", "ca_path", NULL};
     const char *url;
     PyObject *headers_obj, *bodies_obj, *tokens_obj = Py_None, *share_obj = Py_None;
     double timeout = 60.0, connect_timeout = 10.0, backoff_base = 0.5, backoff_cap = 30.0;
     double total_timeout = 0.0;
     int max_retries = 5, verify = 1, notify_each = 0, batch_cap = 0, parse_chat = 0;
     int stream_deltas = 0;
+    const char *ca_file = NULL, *ca_path = NULL;
     Py_ssize_t max_body = 64 * 1024 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpipOdp:submit", kwlist, &url,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpipOdpzz:submit", kwlist, &url,
                                      &headers_obj, &bodies_obj, &tokens_obj, &timeout,
                                      &connect_timeout, &max_retries, &max_body, &verify,
                                      &backoff_base, &backoff_cap, &notify_each, &batch_cap,
-                                     &parse_chat, &share_obj, &total_timeout, &stream_deltas))
+                                     &parse_chat, &share_obj, &total_timeout, &stream_deltas,
+                                     &ca_file, &ca_path))
         return NULL;
     sx_batch *share_with = NULL;
     if (share_obj != Py_None) {
@@ -328,6 +332,8 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
         .max_in_flight = batch_cap > 0 ? batch_cap : 0,
         .parse_chat = parse_chat,
         .total_timeout = total_timeout,
+        .ca_file = ca_file,
+        .ca_path = ca_path,
         .stream_deltas = parse_chat && stream_deltas,
     };
     batch = sx_batch_new(url, header_ptrs, (size_t)nh, body_ptrs, lens, costs, (size_t)n,

@@ -42,6 +42,12 @@ sx_batch *sx_batch_new(const char *url, const char *const *headers, size_t nhead
     b->url = strdup(url);
     if (!b->url)
         goto err;
+    /* the caller's CA strings are copied: the batch outlives the call that made it */
+    b->opts.ca_file = b->opts.ca_path = NULL;
+    if (opts->ca_file && !(b->opts.ca_file = strdup(opts->ca_file)))
+        goto err;
+    if (opts->ca_path && !(b->opts.ca_path = strdup(opts->ca_path)))
+        goto err;
     b->is_https = strncasecmp(url, "https://", 8) == 0;
     /* libcurl sends "Expect: 100-continue" for larger POSTs on HTTP/1.1, costing a round
      * trip per request; an empty Expect header turns it off. */
@@ -114,6 +120,8 @@ void sx_batch_free(sx_batch *b)
     free(b->arena);
     curl_slist_free_all(b->headers);
     free(b->url);
+    free((char *)b->opts.ca_file);
+    free((char *)b->opts.ca_path);
     free(b->stop_reason);
     free(b->deltas);
     if (b->efd >= 0)

@@ -64,6 +64,9 @@ typedef struct sx_request_opts {
     int max_in_flight;       /* this batch's own concurrency cap; 0: only the engine's */
     int parse_chat;          /* 1: workers read successful answers as chat completions, and
                               * read event-stream answers as they arrive (sse.h) */
+    const char *ca_file;     /* CA bundle to verify the server with (CURLOPT_CAINFO); NULL:
+                              * libcurl's default. sx_batch_new copies it; the batch owns it */
+    const char *ca_path;     /* directory of hashed CA certificates (CURLOPT_CAPATH); same */
     double total_timeout;    /* seconds for all attempts of one request, backoffs included
                               * (waits ordered by a 429 excepted); 0: no such bound */
     int stream_deltas;       /* 1: workers queue each streamed answer's new text for Python

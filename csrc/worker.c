@@ -82,6 +82,7 @@ typedef struct sx_xfer {
     int overflow;
     size_t header_bytes;        /* response header bytes seen (for the receive buffer size) */
     long recv_buffer;           /* CURLOPT_BUFFERSIZE currently set on the handle */
+    uint8_t custom_ca;          /* CAINFO/CAPATH were set from a batch (not the default) */
     int result;                 /* CURLcode of the finished transfer */
     sx_hints hints;
     /* Streamed answers (sse.h): the raw body still accumulates in buf (Python reads it if
@@ -127,6 +128,8 @@ struct sx_worker {
                                   * inside socket_action, emptied by the same round's reap */
     sx_rng rng;
     long recv_buffer;            /* receive buffer size for new transfers (worker only) */
+    char *default_cainfo;        /* libcurl's built-in CA bundle and directory (may be NULL) */
+    char *default_capath;
     long recv_window_max;        /* largest size wanted in the current window */
     unsigned recv_window_n;      /* completions counted in the current window */
     sx_slot *taken[SX_TAKE_CHUNK];
@@ -542,6 +545,13 @@ static void xfer_start(sx_worker *w, sx_slot *slot)
     curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)o->max_body);
     curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, o->verify_tls ? 1L : 0L);
     curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, o->verify_tls ? 2L : 0L);
+    /* A pooled handle keeps its options: a batch's own CA is set for it, and the next batch
+     * without one gets libcurl's defaults back (read from a fresh handle at start-up). */
+    if (o->ca_file || o->ca_path || x->custom_ca) {
+        curl_easy_setopt(h, CURLOPT_CAINFO, o->ca_file ? o->ca_file : w->default_cainfo);
+        curl_easy_setopt(h, CURLOPT_CAPATH, o->ca_path ? o->ca_path : w->default_capath);
+        x->custom_ca = o->ca_file || o->ca_path;
+    }
     sx_shard *sh = shard_pick(w);
     if (!sh) {
         xfer_put(w, x);
@@ -977,6 +987,8 @@ static void worker_free(sx_worker *w)
     if (w->share)
         curl_share_cleanup(w->share);
     free(w->fds);
+    free(w->default_cainfo);
+    free(w->default_capath);
     if (w->epfd >= 0)
         close(w->epfd);
     if (w->wakefd >= 0)
@@ -1031,6 +1043,17 @@ sx_worker *sx_worker_new(sx_engine *e, int index, char *err, size_t errlen)
     if (w->share) {
         curl_share_setopt(w->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS);
         curl_share_setopt(w->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION);
+    }
+    /* libcurl's own CA defaults, to restore on a pooled handle after a batch set its own */
+    CURL *probe = curl_easy_init();
+    if (probe) {
+        char *value = NULL;
+        if (curl_easy_getinfo(probe, CURLINFO_CAINFO, &value) == CURLE_OK && value)
+            w->default_cainfo = strdup(value);
+        value = NULL;
+        if (curl_easy_getinfo(probe, CURLINFO_CAPATH, &value) == CURLE_OK && value)
+            w->default_capath = strdup(value);
+        curl_easy_cleanup(probe);
     }
     return w;
 

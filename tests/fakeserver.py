@@ -686,7 +686,8 @@ def build_extraction(st: "State", ex: Extraction) -> str | None:
     return text
 
 
-async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) -> bool:
+async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool,
+                      target: str = "") -> bool:
     """Serve one chat request. Return True if the connection may be reused."""
     st = STATE
     t_start = _monotonic()
@@ -709,7 +710,13 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool) 
         await conn.send(build_response(status, rbody, keep_alive, ctype, extra=extra))
         return keep_alive
 
-    authorized = st.expected_auth is None or auth == st.expected_auth
+    # Azure OpenAI sends the key as "api-key" instead of a bearer token
+    azure_key = headers.get("api-key")
+    rec["path"] = target
+    rec["auth_header"] = ("authorization" if auth is not None else
+                          "api-key" if azure_key is not None else None)
+    authorized = st.expected_auth is None or auth == st.expected_auth or (
+        azure_key is not None and azure_key == st.api_key)
     # parse body (unauthorized requests get 401 even if the body is bad)
     try:
         req = json.loads(body)
@@ -1047,7 +1054,7 @@ async def serve_request(conn: Conn, first: bool) -> bool:
         st.in_flight += 1
         st.max_in_flight = max(st.max_in_flight, st.in_flight)
         try:
-            return await handle_chat(conn, headers, body, keep_alive)
+            return await handle_chat(conn, headers, body, keep_alive, target)
         finally:
             st.in_flight -= 1
     await conn.send(build_response(404, error_body(404, "Unknown URL %s" % path), keep_alive))
@@ -1113,7 +1120,13 @@ async def amain(args) -> None:
                 pass
         threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
 
-    server = await asyncio.start_server(handle_connection, args.host, args.port,
+    tls = None
+    if args.tls_cert:
+        import ssl
+
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    server = await asyncio.start_server(handle_connection, args.host, args.port, ssl=tls,
                                         backlog=4096, reuse_address=True)
     port = server.sockets[0].getsockname()[1]
     sys.stdout.write("PORT %d\n" % port)
@@ -1133,6 +1146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate")
+    ap.add_argument("--tls-key", default=None, help="... and this private key")
     ap.add_argument("--no-stdin-watch", action="store_true",
                     help="do not exit when stdin reaches EOF")
     args = ap.parse_args(argv)

@@ -53,12 +53,15 @@ _PREFIXES: Dict[str, tuple] = {
 }
 
 
+_AZURE_API_VERSION = "2024-10-21"  # a GA version of the Azure OpenAI data-plane API
+
+
 def _split_provider(model: str) -> tuple:
     """(provider or None, the model name to send)."""
     prefix, sep, rest = model.partition("/")
-    if sep and rest and prefix in _PREFIXES:
+    if sep and rest and (prefix in _PREFIXES or prefix == "azure"):
         return prefix, rest
-    if sep and prefix in ("azure", "azure_ai", "bedrock", "vertex_ai"):
+    if sep and prefix in ("azure_ai", "bedrock", "vertex_ai"):
         raise E.ConfigurationError(
             f"model {model!r}: the {prefix!r} provider is not supported yet; use an "
             "OpenAI-compatible endpoint of it with api_base=... and the model name alone")
@@ -73,7 +76,37 @@ _LM_PARAMETERS = (
     "extra_headers",
     "structured_output", "workers", "adaptive_concurrency", "max_response_bytes",
     "verify_tls", "backoff_base", "backoff_cap", "input_price_per_million",
-    "output_price_per_million", "max_batch_size", "rate_limit", "tpm_limit", "max_ctx_len")
+    "output_price_per_million", "max_batch_size", "rate_limit", "tpm_limit", "max_ctx_len",
+    "provider", "api_version")
+
+
+def _tls_settings(verify_tls: Any) -> tuple:
+    """(verify, CA bundle file or None, CA directory or None) from ``verify_tls`` (True,
+    False or a path) and, for True, the variables the Python ecosystem reads: requests'
+    REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE, then OpenSSL's SSL_CERT_FILE / SSL_CERT_DIR."""
+    if verify_tls is False:
+        return False, None, None
+    if verify_tls is True:
+        for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+            path = os.environ.get(variable)
+            if path:
+                return _ca_path(path, f"${variable}")
+        path = os.environ.get("SSL_CERT_DIR")
+        if path:
+            return _ca_path(path, "$SSL_CERT_DIR")
+        return True, None, None
+    if isinstance(verify_tls, (str, os.PathLike)):
+        return _ca_path(os.fspath(verify_tls), "verify_tls")
+    raise E.ConfigurationError("verify_tls must be True, False or the path of a CA bundle "
+                               f"(or a directory of CA certificates), got {verify_tls!r}")
+
+
+def _ca_path(path: str, where: str) -> tuple:
+    if os.path.isdir(path):
+        return True, None, path
+    if os.path.isfile(path):
+        return True, path, None
+    raise E.ConfigurationError(f"{where} = {path!r}: no such CA bundle file or directory")
 
 
 @dataclass
@@ -219,7 +252,18 @@ class LM:
     max_response_bytes:
         Cap on one response body; larger answers fail with ResponseTooLargeError.
     verify_tls:
-        Verify the server's TLS certificate (keep True unless you know why not).
+        Verify the server's TLS certificate (keep True unless you know why not), or the
+        path of a CA bundle (or a directory of CA certificates) to verify it with, e.g. a
+        company proxy's CA. With True, ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``,
+        ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` are honoured as requests and httpx do.
+        Proxies come from ``https_proxy``/``HTTPS_PROXY``, ``http_proxy`` and ``no_proxy``/
+        ``NO_PROXY``, as libcurl reads them.
+    provider, api_version:
+        ``"openai"`` (default: any OpenAI-compatible API) or ``"azure"`` (Azure OpenAI:
+        ``model`` is the deployment, ``api_base`` the resource endpoint or
+        ``$AZURE_OPENAI_ENDPOINT``, the key ``$AZURE_OPENAI_API_KEY`` sent as ``api-key``,
+        ``api_version`` or ``$OPENAI_API_VERSION``). ``"azure/<deployment>"`` selects it
+        too.
     input_price_per_million, output_price_per_million:
         Prices per million prompt/completion tokens, to report ``usage.cost``. Default:
         the built-in table for common OpenAI, Anthropic and Gemini models
@@ -267,6 +311,8 @@ class LM:
         rate_limit: Optional[float] = None,
         tpm_limit: Optional[float] = None,
         max_ctx_len: Optional[int] = None,
+        provider: Optional[str] = None,
+        api_version: Optional[str] = None,
         **kwargs: Any,
     ):
         # What another process needs to build the same LM (semex.dask), key left out.
@@ -278,7 +324,26 @@ class LM:
             raise E.ConfigurationError(f"model must be a str, got {type(model).__name__}")
         self._args["model"] = name
         self.provider, self.model = _split_provider(name)
+        if provider is not None:
+            if provider not in ("openai", "azure"):
+                raise E.ConfigurationError(
+                    f"provider must be 'openai' or 'azure', got {provider!r} (for Anthropic "
+                    "and Gemini, 'anthropic/<model>' and 'gemini/<model>' use their "
+                    "OpenAI-compatible endpoints; native APIs are not built yet)")
+            if self.provider not in (None, provider, "openai"):
+                raise E.ConfigurationError(
+                    f"model {name!r} names the provider {self.provider!r}, but "
+                    f"provider={provider!r}")
+            self.provider = provider
+        azure = self.provider == "azure"
         base_default, key_variable = _PREFIXES.get(self.provider, (None, "OPENAI_API_KEY"))
+        if azure:
+            base_default, key_variable = os.environ.get("AZURE_OPENAI_ENDPOINT"), \
+                "AZURE_OPENAI_API_KEY"
+            if not (api_base or base_default):
+                raise E.ConfigurationError(
+                    "Azure OpenAI needs its endpoint: pass api_base='https://<resource>."
+                    "openai.azure.com' or set AZURE_OPENAI_ENDPOINT")
         if api_base:
             base = api_base
         elif base_default is None:
@@ -291,6 +356,20 @@ class LM:
                 f"api_base must be an http:// or https:// URL, got {base!r}")
         self.api_base = base.rstrip("/")
         self._args["api_base"] = self.api_base
+        if azure:
+            version = api_version or os.environ.get("OPENAI_API_VERSION") or _AZURE_API_VERSION
+            from urllib.parse import quote
+
+            deployments = "" if "/openai/deployments/" in self.api_base else \
+                f"/openai/deployments/{quote(self.model, safe='')}"
+            self._url = (f"{self.api_base}{deployments}/chat/completions"
+                         f"?api-version={quote(version, safe='')}")
+            self.api_version: Optional[str] = version
+        else:
+            if api_version is not None:
+                raise E.ConfigurationError("api_version is for provider='azure'")
+            self._url = self.api_base + "/chat/completions"
+            self.api_version = None
         key = api_key if api_key is not None else (
             os.environ.get(key_variable) if key_variable else None)
         self.__api_key = key or None
@@ -351,7 +430,7 @@ class LM:
         self.workers = workers
         self.adaptive_concurrency = adaptive_concurrency
         self.max_response_bytes = max_response_bytes
-        self.verify_tls = verify_tls
+        self.verify_tls, self.ca_file, self.ca_path = _tls_settings(verify_tls)
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         if input_price_per_million is None and output_price_per_million is None:
@@ -397,12 +476,13 @@ class LM:
 
     @property
     def url(self) -> str:
-        return self.api_base + "/chat/completions"
+        return self._url
 
     def _build_headers(self) -> List[str]:
         headers = ["Content-Type: application/json", "Accept: application/json"]
         if self.__api_key:
-            headers.append(f"Authorization: Bearer {self.__api_key}")
+            headers.append(f"api-key: {self.__api_key}" if self.provider == "azure"
+                           else f"Authorization: Bearer {self.__api_key}")
         headers.extend(f"{k}: {v}" for k, v in self.extra_headers.items())
         return headers
 
@@ -826,7 +906,8 @@ class _Job:
             lm.url, self.headers, bodies, tokens,
             timeout=lm.timeout, connect_timeout=lm.connect_timeout,
             max_retries=lm.max_retries, max_body=lm.max_response_bytes,
-            verify=lm.verify_tls, backoff_base=lm.backoff_base, backoff_cap=lm.backoff_cap,
+            verify=lm.verify_tls, ca_file=lm.ca_file, ca_path=lm.ca_path,
+            backoff_base=lm.backoff_base, backoff_cap=lm.backoff_cap,
             notify_each=self.progress is not None, max_in_flight=self.max_concurrent,
             parse_chat=True, share_cap_with=self.cap_holder,
             total_timeout=lm.total_timeout or 0.0,
@@ -962,7 +1043,7 @@ class _Job:
         detail = _provider_message(body) if body else None
         if detail:
             message += f": {detail}"
-        if status == 404 and "/v1" not in self.lm.api_base:
+        if status == 404 and "/v1" not in self.lm.api_base and self.lm.provider != "azure":
             message += (f" (the request went to {self.lm.url}; OpenAI-compatible servers "
                         "serve under /v1: does api_base need to end in /v1?)")
         message = self.lm._redact(message)
