@@ -2,6 +2,7 @@
  * records where the wanted strings are; only when the body is known good are those strings
  * decoded (in place), so a fallback always leaves the original bytes for json.loads. */
 #include "chatjson.h"
+#include "jsonscan.h"
 
 #include <string.h>
 
@@ -23,14 +24,10 @@ typedef enum {
     ROLE_ERROR_CODE,   /* chunks: error.code */
 } role_t;
 
-typedef struct {
-    size_t off, len;   /* the raw (escaped) bytes between the quotes */
-    int escaped;
-    int found;         /* 1 string, 2 null */
-} str_span;
+typedef sx_json_span str_span;
 
 typedef struct {
-    const unsigned char *base, *p, *end;
+    sx_json_cursor c;
     int chunk;         /* reading a chat.completion.chunk (sx_chat_parse_chunk) */
     str_span content, finish;
     int64_t tokens[3];
@@ -39,209 +36,9 @@ typedef struct {
     int64_t error_code;
 } scanner;
 
-/* Any return of FALLBACK from a scanning function ends the whole parse. */
-enum { OK = 1, FALLBACK = 0 };
-
-static void skip_ws(scanner *s)
-{
-    while (s->p < s->end && (*s->p == ' ' || *s->p == '\n' || *s->p == '\r' || *s->p == '\t'))
-        s->p++;
-}
-
-static int hex4(const unsigned char *p, unsigned *out)
-{
-    unsigned v = 0;
-    for (int i = 0; i < 4; i++) {
-        unsigned c = p[i], d;
-        if (c >= '0' && c <= '9')
-            d = c - '0';
-        else if (c >= 'a' && c <= 'f')
-            d = c - 'a' + 10;
-        else if (c >= 'A' && c <= 'F')
-            d = c - 'A' + 10;
-        else
-            return FALLBACK;
-        v = (v << 4) | d;
-    }
-    *out = v;
-    return OK;
-}
-
-/* Length of the strict UTF-8 sequence at p (2..4), or 0 if it is not one: no overlong forms,
- * no encoded surrogates (Python's decoder would pass those through as lone surrogates), no
- * code point above U+10FFFF. */
-static int utf8_len(const unsigned char *p, const unsigned char *end)
-{
-    unsigned c = p[0];
-    if (c >= 0xC2 && c <= 0xDF) {
-        if (end - p < 2 || (p[1] & 0xC0) != 0x80)
-            return 0;
-        return 2;
-    }
-    if (c >= 0xE0 && c <= 0xEF) {
-        if (end - p < 3 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80)
-            return 0;
-        if (c == 0xE0 && p[1] < 0xA0)
-            return 0;  /* overlong */
-        if (c == 0xED && p[1] >= 0xA0)
-            return 0;  /* U+D800..U+DFFF */
-        return 3;
-    }
-    if (c >= 0xF0 && c <= 0xF4) {
-        if (end - p < 4 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80 ||
-            (p[3] & 0xC0) != 0x80)
-            return 0;
-        if (c == 0xF0 && p[1] < 0x90)
-            return 0;  /* overlong */
-        if (c == 0xF4 && p[1] >= 0x90)
-            return 0;  /* above U+10FFFF */
-        return 4;
-    }
-    return 0;
-}
-
-/* s->p is at the opening quote. Validates the string; `extracted` strings (whose decoded
- * value we return) also refuse lone surrogate escapes, which UTF-8 cannot carry. */
-static int scan_string(scanner *s, str_span *out, int extracted)
-{
-    const unsigned char *p = s->p + 1, *end = s->end;
-    int escaped = 0;
-    while (p < end) {
-        unsigned c = *p;
-        if (c == '"') {
-            if (out) {
-                out->off = (size_t)(s->p + 1 - s->base);
-                out->len = (size_t)(p - (s->p + 1));
-                out->escaped = escaped;
-            }
-            s->p = p + 1;
-            return OK;
-        }
-        if (c == '\\') {
-            escaped = 1;
-            if (end - p < 2)
-                return FALLBACK;
-            switch (p[1]) {
-            case '"': case '\\': case '/': case 'b': case 'f': case 'n': case 'r': case 't':
-                p += 2;
-                continue;
-            case 'u': {
-                unsigned u;
-                if (end - p < 6 || !hex4(p + 2, &u))
-                    return FALLBACK;
-                p += 6;
-                if (u >= 0xD800 && u <= 0xDBFF) {
-                    unsigned lo;
-                    if (end - p >= 6 && p[0] == '\\' && p[1] == 'u' && hex4(p + 2, &lo) &&
-                        lo >= 0xDC00 && lo <= 0xDFFF) {
-                        p += 6;
-                    } else if (extracted) {
-                        return FALLBACK;
-                    }
-                } else if (u >= 0xDC00 && u <= 0xDFFF && extracted) {
-                    return FALLBACK;
-                }
-                continue;
-            }
-            default:
-                return FALLBACK;
-            }
-        }
-        if (c < 0x20)
-            return FALLBACK;  /* json.loads (strict) refuses raw control characters */
-        if (c < 0x80) {
-            p++;
-            continue;
-        }
-        int n = utf8_len(p, end);
-        if (!n)
-            return FALLBACK;
-        p += n;
-    }
-    return FALLBACK;  /* unterminated */
-}
-
-/* RFC 8259 number. *as_int gets the value when it is a plain non-negative integer of at
- * most 18 digits, else -1. Very long numbers fall back (Python refuses integers of more
- * than 4,300 digits). */
-static int scan_number(scanner *s, int64_t *as_int)
-{
-    const unsigned char *p = s->p, *end = s->end, *start = p;
-    int plain = 1;
-    if (p < end && *p == '-') {
-        plain = 0;
-        p++;
-    }
-    if (p >= end)
-        return FALLBACK;
-    if (*p == '0') {
-        p++;
-    } else if (*p >= '1' && *p <= '9') {
-        while (p < end && *p >= '0' && *p <= '9')
-            p++;
-    } else {
-        return FALLBACK;
-    }
-    const unsigned char *int_end = p;
-    if (p < end && *p == '.') {
-        plain = 0;
-        p++;
-        if (p >= end || *p < '0' || *p > '9')
-            return FALLBACK;
-        while (p < end && *p >= '0' && *p <= '9')
-            p++;
-    }
-    if (p < end && (*p == 'e' || *p == 'E')) {
-        plain = 0;
-        p++;
-        if (p < end && (*p == '+' || *p == '-'))
-            p++;
-        if (p >= end || *p < '0' || *p > '9')
-            return FALLBACK;
-        while (p < end && *p >= '0' && *p <= '9')
-            p++;
-    }
-    if (p - start > 4000)
-        return FALLBACK;
-    *as_int = -1;
-    if (plain && int_end - start <= 18) {
-        int64_t v = 0;
-        for (const unsigned char *q = start; q < int_end; q++)
-            v = v * 10 + (*q - '0');
-        *as_int = v;
-    }
-    s->p = p;
-    return OK;
-}
-
-static int scan_literal(scanner *s, const char *word, size_t n)
-{
-    if ((size_t)(s->end - s->p) < n || memcmp(s->p, word, n) != 0)
-        return FALLBACK;
-    s->p += n;
-    return OK;
-}
+enum { OK = SX_JSON_OK, FALLBACK = SX_JSON_FALLBACK };
 
 static int scan_value(scanner *s, role_t role, int depth);
-
-/* After a member or element: ',' (1: another follows), the closing bracket (0: done), or
- * anything else (-1: not JSON). */
-static int next_member(scanner *s, char close)
-{
-    skip_ws(s);
-    if (s->p >= s->end)
-        return -1;
-    if (*s->p == ',') {
-        s->p++;
-        skip_ws(s);
-        return 1;
-    }
-    if (*s->p == close) {
-        s->p++;
-        return 0;
-    }
-    return -1;
-}
 
 /* The role of key `k` (raw bytes) inside an object of role `parent`. */
 static role_t child_role(role_t parent, int chunk, const unsigned char *k, size_t n)
@@ -290,37 +87,37 @@ static role_t child_role(role_t parent, int chunk, const unsigned char *k, size_
 static int scan_object(scanner *s, role_t role, int depth)
 {
     unsigned seen = 0;  /* bit per extracted child role: a second one is a duplicate key */
-    s->p++;             /* '{' */
-    skip_ws(s);
-    if (s->p < s->end && *s->p == '}') {
-        s->p++;
+    s->c.p++;             /* '{' */
+    sx_json_skip_ws(&s->c);
+    if (s->c.p < s->c.end && *s->c.p == '}') {
+        s->c.p++;
         return OK;
     }
     for (;;) {
-        if (s->p >= s->end || *s->p != '"')
+        if (s->c.p >= s->c.end || *s->c.p != '"')
             return FALLBACK;
         str_span key;
-        if (!scan_string(s, &key, 0))
+        if (!sx_json_string(&s->c, &key, 0))
             return FALLBACK;
         role_t child = ROLE_SKIP;
         if (role != ROLE_SKIP) {
             if (key.escaped)
                 return FALLBACK;  /* could spell a wanted key: not worth decoding */
-            child = child_role(role, s->chunk, s->base + key.off, key.len);
+            child = child_role(role, s->chunk, s->c.base + key.off, key.len);
             if (child != ROLE_SKIP) {
                 if (seen & (1u << child))
                     return FALLBACK;  /* json.loads keeps the last: leave that to it */
                 seen |= 1u << child;
             }
         }
-        skip_ws(s);
-        if (s->p >= s->end || *s->p != ':')
+        sx_json_skip_ws(&s->c);
+        if (s->c.p >= s->c.end || *s->c.p != ':')
             return FALLBACK;
-        s->p++;
-        skip_ws(s);
+        s->c.p++;
+        sx_json_skip_ws(&s->c);
         if (!scan_value(s, child, depth + 1))
             return FALLBACK;
-        int more = next_member(s, '}');
+        int more = sx_json_next(&s->c, '}');
         if (more < 0)
             return FALLBACK;
         if (!more)
@@ -337,10 +134,10 @@ static int scan_object(scanner *s, role_t role, int depth)
 
 static int scan_array(scanner *s, role_t role, int depth)
 {
-    s->p++;  /* '[' */
-    skip_ws(s);
-    if (s->p < s->end && *s->p == ']') {
-        s->p++;
+    s->c.p++;  /* '[' */
+    sx_json_skip_ws(&s->c);
+    if (s->c.p < s->c.end && *s->c.p == ']') {
+        s->c.p++;
         /* no choices[0]: an answer without one is json.loads' to report; a chunk without
          * one (the usage chunk) is normal */
         return role == ROLE_CHOICES && !s->chunk ? FALLBACK : OK;
@@ -351,7 +148,7 @@ static int scan_array(scanner *s, role_t role, int depth)
         role_t child = (role == ROLE_CHOICES && i == 0) ? ROLE_CHOICE0 : ROLE_SKIP;
         if (!scan_value(s, child, depth + 1))
             return FALLBACK;
-        int more = next_member(s, ']');
+        int more = sx_json_next(&s->c, ']');
         if (more <= 0)
             return more < 0 ? FALLBACK : OK;
     }
@@ -359,9 +156,9 @@ static int scan_array(scanner *s, role_t role, int depth)
 
 static int scan_value(scanner *s, role_t role, int depth)
 {
-    if (depth > SX_CHAT_MAX_DEPTH || s->p >= s->end)
+    if (depth > SX_CHAT_MAX_DEPTH || s->c.p >= s->c.end)
         return FALLBACK;
-    unsigned c = *s->p;
+    unsigned c = *s->c.p;
     int64_t number;
     switch (role) {
     case ROLE_SKIP:
@@ -377,12 +174,12 @@ static int scan_value(scanner *s, role_t role, int depth)
     case ROLE_CONTENT: case ROLE_FINISH: {
         str_span *span = role == ROLE_CONTENT ? &s->content : &s->finish;
         if (c == '"') {
-            if (!scan_string(s, span, 1))
+            if (!sx_json_string(&s->c, span, 1))
                 return FALLBACK;
             span->found = 1;
             return OK;
         }
-        if (c == 'n' && scan_literal(s, "null", 4)) {
+        if (c == 'n' && sx_json_literal(&s->c, "null", 4)) {
             span->found = 2;
             return OK;
         }
@@ -394,22 +191,22 @@ static int scan_value(scanner *s, role_t role, int depth)
             return scan_object(s, role, depth);
         }
         if (c == 'n')
-            return scan_literal(s, "null", 4);
+            return sx_json_literal(&s->c, "null", 4);
         return FALLBACK;
     case ROLE_INDEX:
-        if (!scan_number(s, &number) || number != 0)
+        if (!sx_json_number(&s->c, &number, NULL) || number != 0)
             return FALLBACK;
         return OK;
     case ROLE_ERROR:
         if (c == 'n')
-            return scan_literal(s, "null", 4);
+            return sx_json_literal(&s->c, "null", 4);
         s->error_found = 1;
         if (c == '{')
             return scan_object(s, role, depth);
         break;  /* any other value: an error all the same */
     case ROLE_ERROR_CODE:
         if (c >= '0' && c <= '9') {
-            if (!scan_number(s, &number))
+            if (!sx_json_number(&s->c, &number, NULL))
                 return FALLBACK;
             s->error_code = number;
             return OK;
@@ -417,28 +214,13 @@ static int scan_value(scanner *s, role_t role, int depth)
         break;
     case ROLE_PROMPT_TOKENS: case ROLE_COMPLETION_TOKENS: case ROLE_TOTAL_TOKENS:
         if (c == 'n')
-            return scan_literal(s, "null", 4);
-        if (!scan_number(s, &number) || number < 0)
+            return sx_json_literal(&s->c, "null", 4);
+        if (!sx_json_number(&s->c, &number, NULL) || number < 0)
             return FALLBACK;
         s->tokens[role - ROLE_PROMPT_TOKENS] = number;
         return OK;
     }
-    switch (c) {
-    case '{':
-        return scan_object(s, ROLE_SKIP, depth);
-    case '[':
-        return scan_array(s, ROLE_SKIP, depth);
-    case '"':
-        return scan_string(s, NULL, 0);
-    case 't':
-        return scan_literal(s, "true", 4);
-    case 'f':
-        return scan_literal(s, "false", 5);
-    case 'n':
-        return scan_literal(s, "null", 4);
-    default:
-        return scan_number(s, &number);
-    }
+    return sx_json_skip(&s->c, depth);  /* off the extracted path: validate and skip */
 }
 
 static void put_utf8(unsigned char **w, unsigned cp)
@@ -484,10 +266,10 @@ static size_t decode_in_place(unsigned char *buf, const str_span *span)
         case 't': *w++ = '\t'; break;
         case 'u': {
             unsigned u, lo;
-            hex4(r, &u);
+            sx_json_hex4(r, &u);
             r += 4;
             if (u >= 0xD800 && u <= 0xDBFF) {  /* validated: a low surrogate follows */
-                hex4(r + 2, &lo);
+                sx_json_hex4(r + 2, &lo);
                 r += 6;
                 u = 0x10000 + ((u - 0xD800) << 10) + (lo - 0xDC00);
             }
@@ -506,16 +288,16 @@ static int scan_document(scanner *s, char *buf, size_t len, int chunk)
     memset(s, 0, sizeof *s);
     if (!buf || len == 0 || len > UINT32_MAX)
         return FALLBACK;
-    s->base = (const unsigned char *)buf;
-    s->p = s->base;
-    s->end = s->base + len;
+    s->c.base = (const unsigned char *)buf;
+    s->c.p = s->c.base;
+    s->c.end = s->c.base + len;
     s->chunk = chunk;
     s->error_code = -1;
-    skip_ws(s);
+    sx_json_skip_ws(&s->c);
     if (!scan_value(s, ROLE_TOP, 0))
         return FALLBACK;
-    skip_ws(s);
-    return s->p == s->end ? OK : FALLBACK;
+    sx_json_skip_ws(&s->c);
+    return s->c.p == s->c.end ? OK : FALLBACK;
 }
 
 int sx_chat_parse(char *buf, size_t len, sx_chat *out)

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "embedjson.h"
 #include "engine.h"
 #include "results.h"
 #include "sx_clock.h"
@@ -723,13 +724,14 @@ static PyObject *Batch_progress(BatchObject *self, PyObject *Py_UNUSED(ignored))
                          (Py_ssize_t)cancelled, retries, h429);
 }
 
-/* (state, error_kind, http_status, body, error, attempts, last); `last` is stolen. */
-static PyObject *slot_tuple_with(const sx_slot *s, PyObject *last)
+/* (state, error_kind, http_status, body, error, attempts, last); `last` is stolen. The body
+ * is left out (None) when `skip_body`. */
+static PyObject *slot_tuple_body(const sx_slot *s, int skip_body, PyObject *last)
 {
     PyObject *body, *error;
     if (!last)
         return NULL;
-    if (s->response && !s->chat.parsed) {  /* a parsed body was rewritten in place */
+    if (s->response && !skip_body) {
         body = PyBytes_FromStringAndSize(s->response, (Py_ssize_t)s->response_len);
     } else {
         body = Py_NewRef(Py_None);
@@ -750,6 +752,11 @@ static PyObject *slot_tuple_with(const sx_slot *s, PyObject *last)
     }
     return Py_BuildValue("(iiiNNiN)", (int)s->state, (int)s->error_kind, s->http_status, body,
                          error, s->attempts, last);
+}
+
+static PyObject *slot_tuple_with(const sx_slot *s, PyObject *last)
+{
+    return slot_tuple_body(s, s->chat.parsed, last);  /* a parsed body was rewritten */
 }
 
 static PyObject *slot_tuple(const sx_slot *s)
@@ -830,6 +837,160 @@ static PyObject *Batch_chat_results(BatchObject *self, PyObject *Py_UNUSED(ignor
     return batch_tuples(self, slot_chat_tuple);
 }
 
+/* A 1-D buffer of n items of `itemsize` bytes with format `fmt` (any of its characters). */
+static int get_vector_buffer(PyObject *obj, Py_buffer *view, int writable, const char *fmts,
+                             Py_ssize_t itemsize, const char *name)
+{
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0)
+        return -1;
+    const char *f = view->format ? view->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@')
+        f++;
+    if (view->ndim != 1 || view->itemsize != itemsize || strlen(f) != 1 || !strchr(fmts, *f)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a 1-D C-contiguous array of %zd-byte items",
+                     name, itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(Batch_read_embeddings_doc,
+"read_embeddings($self, out, rows, offsets, row_state)\n--\n\n"
+"Read every successful answer of a finished batch as an embeddings response, writing each\n"
+"vector into `out` (a writable C-contiguous float32 matrix, rows x dim) with the GIL\n"
+"released. Request i's inputs are rows[offsets[i]:offsets[i+1]] (int64) of `out`; their\n"
+"outcomes go to the same positions of `row_state` (uint8: 1 written, 0 no vector for it,\n"
+"2 two vectors for it, 3 a vector of another length). Returns one tuple per request, as\n"
+"results() but with the last item (prompt_tokens, total_tokens, vectors, out_of_range,\n"
+"bad_length) where the answer was read and None where it was not (not OK, or a body left to\n"
+"json.loads: then body holds the bytes and that request's rows are to be read from it).");
+
+static PyObject *Batch_read_embeddings(BatchObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"out", "rows", "offsets", "row_state", NULL};
+    PyObject *out_obj, *rows_obj, *offsets_obj, *state_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO:read_embeddings", kwlist, &out_obj,
+                                     &rows_obj, &offsets_obj, &state_obj))
+        return NULL;
+    if (!batch_usable(self))
+        return NULL;
+    sx_batch *b = self->batch;
+    batch_lock(self);
+    int done = b->done == b->n;
+    batch_unlock(self);
+    if (!done) {
+        PyErr_SetString(PyExc_RuntimeError, "read_embeddings needs a finished batch");
+        return NULL;
+    }
+    Py_buffer out, rows, offsets, row_state;
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT |
+                                              PyBUF_WRITABLE) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    float *scratch = NULL;
+    uint8_t *parsed = NULL;
+    sx_embed_result *res = NULL;
+    int have_rows = 0, have_offsets = 0, have_state = 0;
+    const char *f = out.format ? out.format : "B";
+    if (*f == '<' || *f == '=' || *f == '@')
+        f++;
+    if (out.ndim != 2 || out.itemsize != 4 || strcmp(f, "f") != 0 || out.shape[1] < 1) {
+        PyErr_SetString(PyExc_TypeError, "out must be a writable C-contiguous float32 "
+                        "matrix with at least one column");
+        goto done;
+    }
+    if (get_vector_buffer(rows_obj, &rows, 0, "qlL", 8, "rows") < 0)
+        goto done;
+    have_rows = 1;
+    if (get_vector_buffer(offsets_obj, &offsets, 0, "qlL", 8, "offsets") < 0)
+        goto done;
+    have_offsets = 1;
+    if (get_vector_buffer(state_obj, &row_state, 1, "BbMc?", 1, "row_state") < 0)
+        goto done;
+    have_state = 1;
+    size_t nrows = (size_t)out.shape[0], dim = (size_t)out.shape[1];
+    size_t m = (size_t)rows.shape[0];
+    const int64_t *rowv = rows.buf, *offv = offsets.buf;
+    if ((size_t)offsets.shape[0] != b->n + 1 || offv[0] != 0 || (size_t)offv[b->n] != m ||
+        (size_t)row_state.shape[0] != m) {
+        PyErr_Format(PyExc_ValueError, "offsets must have %zd items, start at 0 and end at "
+                     "len(rows); row_state must have len(rows) items", (Py_ssize_t)b->n + 1);
+        goto done;
+    }
+    for (size_t i = 0; i < b->n; i++) {
+        if (offv[i + 1] < offv[i]) {
+            PyErr_Format(PyExc_ValueError, "offsets[%zd] is below offsets[%zd]",
+                         (Py_ssize_t)i + 1, (Py_ssize_t)i);
+            goto done;
+        }
+    }
+    for (size_t k = 0; k < m; k++) {
+        if (rowv[k] < 0 || (size_t)rowv[k] >= nrows) {
+            PyErr_Format(PyExc_ValueError, "rows[%zd] = %lld is not a row of out",
+                         (Py_ssize_t)k, (long long)rowv[k]);
+            goto done;
+        }
+    }
+    scratch = PyMem_RawMalloc(dim * sizeof *scratch);
+    parsed = PyMem_RawCalloc(b->n + 1, 1);
+    res = PyMem_RawCalloc(b->n + 1, sizeof *res);
+    if (!scratch || !parsed || !res) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* Final slots never change again, and `out` stays ours while the buffer is held. */
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 0; i < b->n; i++) {
+        const sx_slot *s = &b->slots[i];
+        if (s->state != SX_OK || !s->response)
+            continue;
+        sx_embed_target t = {
+            .out = out.buf,
+            .dim = dim,
+            .rows = rowv + offv[i],
+            .n = (size_t)(offv[i + 1] - offv[i]),
+            .row_state = (uint8_t *)row_state.buf + offv[i],
+            .scratch = scratch,
+        };
+        parsed[i] = (uint8_t)sx_embed_parse(s->response, s->response_len, &t, &res[i]);
+    }
+    Py_END_ALLOW_THREADS
+    result = PyList_New((Py_ssize_t)b->n);
+    if (!result)
+        goto done;
+    for (size_t i = 0; i < b->n; i++) {
+        PyObject *item, *last;
+        if (parsed[i])
+            last = Py_BuildValue("(LLnnn)", (long long)res[i].prompt_tokens,
+                                 (long long)res[i].total_tokens, (Py_ssize_t)res[i].vectors,
+                                 (Py_ssize_t)res[i].out_of_range,
+                                 (Py_ssize_t)res[i].bad_length);
+        else
+            last = Py_NewRef(Py_None);
+        item = slot_tuple_body(&b->slots[i], parsed[i], last);
+        if (!item) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, (Py_ssize_t)i, item);
+    }
+
+done:
+    PyMem_RawFree(scratch);
+    PyMem_RawFree(parsed);
+    PyMem_RawFree(res);
+    if (have_state)
+        PyBuffer_Release(&row_state);
+    if (have_offsets)
+        PyBuffer_Release(&offsets);
+    if (have_rows)
+        PyBuffer_Release(&rows);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 PyDoc_STRVAR(Batch_results_doc,
 "results($self)\n--\n\n"
 "One tuple per request, in input order: (state, error_kind, http_status, body, error,\n"
@@ -883,6 +1044,8 @@ static PyMethodDef Batch_methods[] = {
     {"take_deltas", (PyCFunction)Batch_take_deltas, METH_NOARGS, Batch_take_deltas_doc},
     {"results", (PyCFunction)Batch_results, METH_NOARGS, Batch_results_doc},
     {"chat_results", (PyCFunction)Batch_chat_results, METH_NOARGS, Batch_chat_results_doc},
+    {"read_embeddings", (PyCFunction)(void (*)(void))Batch_read_embeddings,
+     METH_VARARGS | METH_KEYWORDS, Batch_read_embeddings_doc},
     {NULL, NULL, 0, NULL},
 };
 

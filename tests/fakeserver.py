@@ -49,6 +49,16 @@ string arrays. Per-document directives: [[null]] [[invalid_once]]
 [[batch_fence]] [[overflow]]. Request-level directives above still apply.
 /_log records carry "ndocs" and "doc_ids".
 
+Embeddings (POST .../embeddings): one vector per input, deterministic from the text
+(embedding_of(): hashed bag of words, unit length, float32 values; `dimensions` gives the
+length, default 16; encoding_format "base64" is honoured). The request-level directives
+above apply to the first input that carries any. Per input: [[emb_drop]] (no vector for
+it), [[emb_len=N]] (a vector of length N), [[emb_dup]] (its vector twice). Per request,
+in any input: [[emb_shuffle]] (items in reverse index order), [[emb_nodims]] (ignore
+`dimensions`), [[emb_oob]] (one extra item at index n), [[emb_noindex]] (items without
+"index"). /_log records of embeddings carry "ninputs", "inputs" and the request's
+"dimensions"/"encoding_format".
+
 Control endpoints (no auth, not counted as chat requests):
     POST /_config {"latency_ms": [lo, hi], "rpm": N}
     POST /_reset
@@ -67,6 +77,7 @@ import os
 import random
 import re
 import signal
+import struct
 import sys
 import threading
 import time
@@ -954,6 +965,161 @@ async def stream_chat(conn: Conn, rec: dict, finish, d: dict, attempt: int, keep
     await conn.send(b"0\r\n\r\n")
     finish(cut)
     return keep_alive
+# ----------------------------------------------------------------- embeddings
+
+EMBED_DIM = 16
+_WORD_RE = re.compile(r"\w+")
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def embedding_of(text: str, dim: int = EMBED_DIM) -> list:
+    """The fake's vector for `text`: each word (directives removed, lower case) adds 1 to a
+    dimension picked by its hash (and 0.5 to the next), then unit length, as float32
+    values (so their JSON text reads back exactly). Texts sharing words are close."""
+    import hashlib
+
+    v = [0.0] * dim
+    for word in _WORD_RE.findall(_DIRECTIVE_RE.sub(" ", text).lower()):
+        h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+        v[h % dim] += 1.0
+        v[(h // dim + 1) % dim] += 0.5
+    norm = math.sqrt(sum(x * x for x in v)) or 1.0
+    if not any(v):
+        v[0] = 1.0
+    return [_f32(x / norm) for x in v]
+
+
+async def handle_embeddings(conn: Conn, headers: dict, body: bytes, keep_alive: bool) -> bool:
+    st = STATE
+    auth = headers.get("authorization")
+    rec = {"t_start": _monotonic(), "t_end": None, "key": None, "attempt": 0,
+           "outcome": None, "auth": auth is not None, "ninputs": 0, "inputs": [],
+           "dimensions": None, "encoding_format": None, "embeddings": True}
+    st.log.append(rec)
+    st.requests += 1
+
+    async def reply(status: int, rbody: bytes, extra=None) -> bool:
+        rec["t_end"] = _monotonic()
+        rec["outcome"] = status
+        await conn.send(build_response(status, rbody, keep_alive, extra=extra))
+        return keep_alive
+
+    if st.expected_auth is not None and auth != st.expected_auth:
+        return await reply(401, AUTH_BODY)
+    try:
+        req = json.loads(body)
+        if not isinstance(req, dict):
+            raise ValueError("body is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        return await reply(400, error_body(
+            400, "We could not parse the JSON body of your request. (%s)" % e.__class__.__name__))
+    inputs = req.get("input")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs or not all(
+            isinstance(t, str) and t for t in inputs):
+        return await reply(400, error_body(400, "'input' must be a non-empty string or a "
+                                                "non-empty array of non-empty strings"))
+    if len(inputs) > 2048:
+        return await reply(400, error_body(400, "'input' must have at most 2048 items"))
+    rec["ninputs"] = len(inputs)
+    rec["inputs"] = list(inputs)
+    rec["dimensions"] = req.get("dimensions")
+    rec["encoding_format"] = req.get("encoding_format")
+    key = "\x00".join(inputs)
+    attempt = st.attempts.get(key, 0) + 1
+    st.attempts[key] = attempt
+    rec["key"] = key
+    rec["attempt"] = attempt
+
+    wait = st.take_token()
+    if wait > 0:
+        ms = max(1, math.ceil(wait * 1000))
+        return await reply(429, error_body(429), [
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "%dms" % ms), ("retry-after-ms", str(ms))])
+    d = {}
+    for t in inputs:
+        if "[[" in t:
+            d = parse_directives(t)
+            break
+    if applies(d, "stall", attempt):
+        if await conn.wait(STALL_SECONDS):
+            rec["outcome"] = "client_closed"
+        return False
+    delay = None
+    if "lat" in d:
+        try:
+            delay = max(0.0, float(d["lat"][0] or 0)) / 1000.0
+        except ValueError:
+            delay = None
+    if delay is None:
+        lo, hi = st.latency
+        delay = lo if hi <= lo else random.uniform(lo, hi)
+    if delay > 0 and await conn.wait(delay):
+        rec["outcome"] = "client_closed"
+        return False
+    if applies(d, "drop", attempt):
+        rec["outcome"] = "drop"
+        return False
+    if applies(d, "fail", attempt):
+        try:
+            code = int(d["fail"][0])
+        except (TypeError, ValueError):
+            code = 500
+        return await reply(code, error_body(code), failure_headers(d))
+    if "rawb64" in d:
+        import base64
+        return await reply(200, base64.urlsafe_b64decode(d["rawb64"][0] or ""))
+
+    dim = EMBED_DIM
+    dims = req.get("dimensions")
+    if isinstance(dims, int) and dims > 0 and "emb_nodims" not in d:
+        dim = dims
+    b64 = req.get("encoding_format") == "base64"
+    items = []
+    tokens = 0
+    for i, text in enumerate(inputs):
+        tokens += len(text.split()) or 1
+        own = parse_directives(text) if "[[" in text else {}
+        if "emb_drop" in own:
+            continue
+        n = dim
+        if "emb_len" in own:
+            try:
+                n = int(own["emb_len"][0])
+            except (TypeError, ValueError):
+                n = dim
+        vec = embedding_of(text, n)
+        items.append((i, vec))
+        if "emb_dup" in own:
+            items.append((i, [-x for x in vec]))
+    if "emb_oob" in d:
+        items.append((len(inputs), embedding_of("out of range", dim)))
+    if "emb_shuffle" in d:
+        items.reverse()
+    data = []
+    for i, vec in items:
+        if b64:
+            import base64
+            value = base64.b64encode(struct.pack("<%df" % len(vec), *vec)).decode()
+        else:
+            value = vec
+        item = {"object": "embedding", "embedding": value}
+        if "emb_noindex" not in d:
+            item = {"object": "embedding", "index": i, "embedding": value}
+        data.append(item)
+    rbody = _dumps({"object": "list", "data": data, "model": req.get("model"),
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).encode()
+    if applies(d, "truncate", attempt):
+        rec["outcome"] = "truncate"
+        await conn.send(build_response(200, b"", False, content_length=len(rbody))
+                        + rbody[:len(rbody) // 2])
+        return False
+    return await reply(200, rbody)
 
 
 async def handle_control(conn: Conn, method: str, path: str, body: bytes,
@@ -1057,6 +1223,12 @@ async def serve_request(conn: Conn, first: bool) -> bool:
             return await handle_chat(conn, headers, body, keep_alive, target)
         finally:
             st.in_flight -= 1
+    if path.endswith("/embeddings"):
+        if method != "POST":
+            await conn.send(build_response(405, error_body(405, "Method not allowed."),
+                                           keep_alive))
+            return keep_alive
+        return await handle_embeddings(conn, headers, body, keep_alive)
     await conn.send(build_response(404, error_body(404, "Unknown URL %s" % path), keep_alive))
     return keep_alive
 

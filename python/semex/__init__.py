@@ -8,6 +8,7 @@ import logging as _logging
 
 from . import errors
 from . import pricing
+from .embed import EmbeddingModel, EmbeddingOutput, embed, embed_async
 from .batch import (Results, llm_batch, llm_batch_async, llm_query, llm_query_async,
                     map_reduce, map_reduce_async, parallel_query, parallel_query_async)
 from .errors import ErrorText, RequestError, SemexError
@@ -21,6 +22,8 @@ _register_accessor()  # df.sem_extract, once pandas is (or gets) imported
 __version__ = "0.1.0"
 
 __all__ = [
+    "EmbeddingModel",
+    "EmbeddingOutput",
     "LM",
     "LMOutput",
     "Usage",
@@ -29,6 +32,8 @@ __all__ = [
     "Results",
     "SemanticExtractOutput",
     "SemexError",
+    "embed",
+    "embed_async",
     "errors",
     "llm_batch",
     "llm_batch_async",

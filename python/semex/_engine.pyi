@@ -1,5 +1,5 @@
 """Type stubs for semex._engine, the C concurrency engine (see csrc/engine.h)."""
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 PENDING: int
 OK: int
@@ -41,6 +41,11 @@ class Batch:
     def chat_results(self) -> List[ChatSlotResult]: ...
     # (index, text) in arrival order; text None: discard the index's earlier text
     def take_deltas(self) -> List[Tuple[int, Optional[str]]]: ...
+    # out: writable C-contiguous float32 (rows, dim); rows, offsets: int64; row_state: uint8.
+    # Last item (prompt_tokens, total_tokens, vectors, out_of_range, bad_length) or None.
+    def read_embeddings(self, out: Any, rows: Any, offsets: Any, row_state: Any
+                        ) -> List[Tuple[int, int, int, Optional[bytes], Optional[str], int,
+                                        Optional[Tuple[int, int, int, int, int]]]]: ...
 
 class Engine:
     workers: int

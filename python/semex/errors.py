@@ -34,6 +34,7 @@ __all__ = [
     "RequestCancelledError",
     "TransportError",
     "ResponseFormatError",
+    "InputTooLargeError",
     "BatchError",
     "ErrorText",
     "PartialFailureWarning",
@@ -131,6 +132,11 @@ class TransportError(RequestError):
 class ResponseFormatError(RequestError):
     """The provider answered 200 but the response could not be read (not JSON, no choices,
     no message content)."""
+
+
+class InputTooLargeError(RequestError):
+    """An input is estimated above the model's per-input limit: not sent (embeddings'
+    ``max_input_tokens``); split it into smaller chunks."""
 
 
 class BatchError(SemexError):

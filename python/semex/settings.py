@@ -26,18 +26,21 @@ class Settings:
 
     lm: the default model for llm_batch, parallel_query, llm_query, map_reduce and
         sem_extract.
+    rm: the default embedding ("retrieval") model for embed, sem_index and sem_search.
     helper_lm: LOTUS's second model setting; kept for programs that set it.
     enable_cache: LOTUS's cache switch; semex has no persistent cache yet, so True is
         accepted with a warning and changes nothing.
     """
 
-    _fields = ("lm", "helper_lm", "enable_cache")
+    _fields = ("lm", "rm", "helper_lm", "enable_cache")
 
     def __init__(self) -> None:
         self.lm: Any = None
+        self.rm: Any = None
         self.helper_lm: Any = None
         self.enable_cache: bool = False
         self._env_lm: Any = None
+        self._env_rm: Any = None
         self._guard = threading.Lock()
 
     def __getattribute__(self, name: str) -> Any:
@@ -79,7 +82,8 @@ class Settings:
             _overlay.reset(token)
 
     def __repr__(self) -> str:
-        return f"Settings(lm={self.lm!r}, enable_cache={self.enable_cache!r})"
+        return (f"Settings(lm={self.lm!r}, rm={self.rm!r}, "
+                f"enable_cache={self.enable_cache!r})")
 
     def resolve_lm(self, model: Optional[Any]) -> Any:
         """The model a call should use: the one given, else the configured default, else an
@@ -100,6 +104,26 @@ class Settings:
         raise ConfigurationError(
             "no model: pass model=semex.LM(...) or call "
             "semex.settings.configure(lm=semex.LM(...)) first "
+            "(or set OPENAI_API_KEY / OPENAI_BASE_URL)")
+
+    def resolve_rm(self, model: Optional[Any]) -> Any:
+        """The embedding model a call should use, by the same rules as resolve_lm."""
+        from .embed import EmbeddingModel
+
+        if model is not None:
+            if isinstance(model, str):
+                return EmbeddingModel(model)
+            return model
+        if self.rm is not None:
+            return self.rm
+        if os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL"):
+            with self._guard:
+                if self._env_rm is None:
+                    self._env_rm = EmbeddingModel()
+                return self._env_rm
+        raise ConfigurationError(
+            "no embedding model: pass model=semex.EmbeddingModel(...) or call "
+            "semex.settings.configure(rm=semex.EmbeddingModel(...)) first "
             "(or set OPENAI_API_KEY / OPENAI_BASE_URL)")
 
 
