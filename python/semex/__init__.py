@@ -14,6 +14,7 @@ from .batch import (Results, llm_batch, llm_batch_async, llm_query, llm_query_as
 from .errors import ErrorText, RequestError, SemexError
 from .extract import SemanticExtractOutput, sem_extract, sem_extract_async
 from .lm import LM, LMOutput, Usage
+from .retrieval import IngestResult, SearchHit, ingest, search
 from .settings import settings
 from ._pandas_hook import register_accessor_with_pandas as _register_accessor
 
@@ -24,17 +25,20 @@ __version__ = "0.1.0"
 __all__ = [
     "EmbeddingModel",
     "EmbeddingOutput",
+    "IngestResult",
     "LM",
     "LMOutput",
     "Usage",
     "ErrorText",
     "RequestError",
     "Results",
+    "SearchHit",
     "SemanticExtractOutput",
     "SemexError",
     "embed",
     "embed_async",
     "errors",
+    "ingest",
     "llm_batch",
     "llm_batch_async",
     "llm_query",
@@ -44,6 +48,7 @@ __all__ = [
     "parallel_query",
     "parallel_query_async",
     "pricing",
+    "search",
     "sem_extract",
     "sem_extract_async",
     "settings",

@@ -27,6 +27,7 @@ def _register_now() -> None:
             return
         _registered = True
     importlib.import_module("semex.accessor")
+    importlib.import_module("semex.retrieval")._register()  # df.sem_index, df.sem_search
 
 
 class _PandasImportHook:
