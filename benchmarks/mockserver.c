@@ -63,7 +63,8 @@
 #define MAX_INBUF ((size_t)MAX_HEADER_BYTES + MAX_BODY_BYTES + 65536u)
 #define SCRATCH_SIZE (256u * 1024u)
 #define MAX_EVENTS 1024
-#define EMBED_DIM 8
+#define EMBED_DIM 8        /* default; --embed-dim and a request's "dimensions" change it */
+#define MAX_EMBED_DIM 65536
 #define MAX_EMBED_INPUTS 2048
 #define HEAP_NONE SIZE_MAX
 #define NOFILE_WANT 65536
@@ -80,12 +81,14 @@ static struct {
     double stall_timeout_ms;
     uint64_t seed;
     int stdin_watch;
+    int embed_dim;
 } cfg = {
     .host = "127.0.0.1",
     .port = 0,
     .threads = 1,
     .stall_timeout_ms = 60000.0,
     .seed = 42,
+    .embed_dim = EMBED_DIM,
 };
 
 static uint64_t g_created;          /* unix time at start: "created" of every completion */
@@ -495,6 +498,8 @@ typedef struct {
     size_t msgs_off;     /* offset of the first "messages" array, or SIZE_MAX */
     int stream;          /* "stream": true */
     int include_usage;   /* "include_usage": true (in stream_options) */
+    int dimensions;      /* a positive integer "dimensions", else 0 */
+    int base64;          /* "encoding_format":"base64" */
 } scan_t;
 
 /* Walks string tokens only, so quotes inside string values never confuse it. */
@@ -534,6 +539,16 @@ static void scan_body(const char *p, size_t len, scan_t *out) {
         }
         if (klen == 5 && memcmp(key, "input", 5) == 0 && out->input_off == SIZE_MAX)
             out->input_off = k;
+        if (klen == 15 && memcmp(key, "encoding_format", 15) == 0 && k + 8 <= len &&
+            memcmp(p + k, "\"base64\"", 8) == 0)
+            out->base64 = 1;
+        if (klen == 10 && memcmp(key, "dimensions", 10) == 0) {
+            long v = 0;
+            size_t d = k;
+            while (d < len && p[d] >= '0' && p[d] <= '9' && v <= MAX_EMBED_DIM)
+                v = v * 10 + (p[d++] - '0');
+            if (d > k && v >= 1 && v <= MAX_EMBED_DIM) out->dimensions = (int)v;
+        }
         if (k < len && p[k] == '{' && klen == 15 && out->rf_off == SIZE_MAX &&
             memcmp(key, "response_format", 15) == 0) {
             /* a schema may hold "content"/"model" keys of its own: step over it */
@@ -1524,14 +1539,37 @@ static void build_chat(worker_t *w, const char *body, size_t blen, const scan_t 
     buf_puts(b, "}}");
 }
 
-static void put_embedding(buf_t *b, size_t index, const char *p, size_t n) {
+/* One vector of `dim` values in [-1, 1) from the input's hash: as JSON numbers with six
+ * decimals, or (base64) as little-endian float32 bytes, as OpenAI's encoding_format does. */
+static void put_embedding(buf_t *b, size_t index, const char *p, size_t n, int dim, int b64) {
+    static const char alphabet[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     buf_puts(b, "{\"object\":\"embedding\",\"index\":");
     buf_putu(b, index);
-    buf_puts(b, ",\"embedding\":[");
+    buf_puts(b, b64 ? ",\"embedding\":\"" : ",\"embedding\":[");
     uint64_t h = fnv1a(p, n);
-    for (int d = 0; d < EMBED_DIM; d++) {
+    unsigned char pend[3];
+    int npend = 0;
+    for (int d = 0; d < dim; d++) {
         double v = (double)(splitmix64(&h) >> 11) * 0x1.0p-53 * 2.0 - 1.0; /* [-1, 1) */
         int64_t m = (int64_t)(v * 1e6 + (v < 0 ? -0.5 : 0.5));
+        if (b64) {
+            float f = (float)((double)m / 1e6);
+            unsigned char bytes[4];
+            memcpy(bytes, &f, 4); /* x86-64 and aarch64: little-endian already */
+            for (int k = 0; k < 4; k++) {
+                pend[npend++] = bytes[k];
+                if (npend == 3) {
+                    char q[4] = {alphabet[pend[0] >> 2],
+                                 alphabet[((pend[0] & 3) << 4) | (pend[1] >> 4)],
+                                 alphabet[((pend[1] & 15) << 2) | (pend[2] >> 6)],
+                                 alphabet[pend[2] & 63]};
+                    buf_put(b, q, 4);
+                    npend = 0;
+                }
+            }
+            continue;
+        }
         if (d) buf_puts(b, ",");
         if (m < 0) {
             buf_puts(b, "-");
@@ -1546,17 +1584,28 @@ static void put_embedding(buf_t *b, size_t index, const char *p, size_t n) {
         }
         buf_put(b, frac, 7);
     }
-    buf_puts(b, "]}");
+    if (b64) {
+        if (npend) {
+            unsigned char b1 = npend > 1 ? pend[1] : 0;
+            char q[4] = {alphabet[pend[0] >> 2], alphabet[((pend[0] & 3) << 4) | (b1 >> 4)],
+                         npend > 1 ? alphabet[(b1 & 15) << 2] : '=', '='};
+            buf_put(b, q, 4);
+        }
+        buf_puts(b, "\"}");
+    } else {
+        buf_puts(b, "]}");
+    }
 }
 
 /* One embedding per input: a string gives one, an array gives one per element. */
 static void build_embeddings(worker_t *w, const char *body, size_t blen, const scan_t *sc) {
     buf_t *b = &w->body;
     b->len = 0;
+    int dim = sc->dimensions ? sc->dimensions : cfg.embed_dim, b64 = sc->base64;
     buf_puts(b, "{\"object\":\"list\",\"data\":[");
     size_t i = sc->input_off;
     if (i >= blen) {
-        put_embedding(b, 0, body, blen);
+        put_embedding(b, 0, body, blen, dim, b64);
     } else if (body[i] == '[') {
         size_t n = 0;
         i = skip_ws(body, blen, i + 1);
@@ -1564,14 +1613,15 @@ static void build_embeddings(worker_t *w, const char *body, size_t blen, const s
             size_t e = skip_value(body, blen, i);
             if (e <= i) break;
             if (n) buf_puts(b, ",");
-            put_embedding(b, n++, body + i, e - i);
+            put_embedding(b, n++, body + i, e - i, dim, b64);
             i = skip_ws(body, blen, e);
             if (i < blen && body[i] == ',') i = skip_ws(body, blen, i + 1);
         }
-        if (n == 0) put_embedding(b, 0, body + sc->input_off, blen - sc->input_off < 2 ? 1 : 2);
+        if (n == 0)
+            put_embedding(b, 0, body + sc->input_off, blen - sc->input_off < 2 ? 1 : 2, dim, b64);
     } else {
         size_t e = skip_value(body, blen, i);
-        put_embedding(b, 0, body + i, e - i);
+        put_embedding(b, 0, body + i, e - i, dim, b64);
     }
     uint64_t prompt = blen / 4 + 1;
     buf_puts(b, "],\"model\":\"");
@@ -2030,7 +2080,11 @@ static void usage(FILE *f) {
           "  --stall-timeout-ms MS  (default 60000)\n"
           "  --seed N               PRNG seed for faults and jitter (default 42)\n"
           "  --stdin-watch          exit when stdin reaches EOF\n"
+          "  --embed-dim N          embedding length when a request has no \"dimensions\" (default 8)\n"
           "\n"
+          "POST .../embeddings answers one vector per input (a string, or each element of an\n"
+          "array), hashed from the input's JSON bytes: values in [-1, 1) with six decimals;\n"
+          "\"encoding_format\":\"base64\" gives them as base64 little-endian float32.\n"
           "POST .../chat/completions answers \"echo: <the last content string>\", unless the body has\n"
           "response_format {\"type\":\"json_schema\",\"json_schema\":{\"schema\":S,...}} or\n"
           "{\"type\":\"json_object\",\"schema\":S}: then the message content is a JSON object shaped\n"
@@ -2073,7 +2127,7 @@ static double parse_num(const char *opt, const char *s, double lo, double hi) {
 
 static void parse_args(int argc, char **argv) {
     enum { OPT_HOST = 1, OPT_PORT, OPT_THREADS, OPT_LAT, OPT_JIT, OPT_RPM, OPT_TPM, OPT_FAIL, OPT_DROP,
-           OPT_TRUNC, OPT_STALL, OPT_STALL_T, OPT_SEED, OPT_STDIN, OPT_HELP };
+           OPT_TRUNC, OPT_STALL, OPT_STALL_T, OPT_SEED, OPT_STDIN, OPT_EMBED_DIM, OPT_HELP };
     static const struct option opts[] = {
         {"host", required_argument, 0, OPT_HOST},
         {"port", required_argument, 0, OPT_PORT},
@@ -2089,6 +2143,7 @@ static void parse_args(int argc, char **argv) {
         {"stall-timeout-ms", required_argument, 0, OPT_STALL_T},
         {"seed", required_argument, 0, OPT_SEED},
         {"stdin-watch", no_argument, 0, OPT_STDIN},
+        {"embed-dim", required_argument, 0, OPT_EMBED_DIM},
         {"help", no_argument, 0, OPT_HELP},
         {0, 0, 0, 0},
     };
@@ -2119,6 +2174,7 @@ static void parse_args(int argc, char **argv) {
         case OPT_STALL_T: cfg.stall_timeout_ms = parse_num("stall-timeout-ms", optarg, 0, 3.6e6); break;
         case OPT_SEED: cfg.seed = (uint64_t)strtoull(optarg, NULL, 0); break;
         case OPT_STDIN: cfg.stdin_watch = 1; break;
+        case OPT_EMBED_DIM: cfg.embed_dim = (int)parse_num("embed-dim", optarg, 1, MAX_EMBED_DIM); break;
         case OPT_HELP: usage(stdout); exit(0);
         default: usage(stderr); exit(2);
         }

