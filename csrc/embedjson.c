@@ -142,28 +142,33 @@ static int scan_vector(scanner *s, size_t *count)
     return OK;
 }
 
-static int b64_value(unsigned char ch)
-{
-    if (ch >= 'A' && ch <= 'Z')
-        return ch - 'A';
-    if (ch >= 'a' && ch <= 'z')
-        return ch - 'a' + 26;
-    if (ch >= '0' && ch <= '9')
-        return ch - '0' + 52;
-    if (ch == '+')
-        return 62;
-    if (ch == '/')
-        return 63;
-    return -1;
-}
+/* base64 digit values; 0x80 marks a byte outside the alphabet ('=' included). */
+static const unsigned char b64_digit[256] = {
+    0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+    0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+    0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x3e, 0x80, 0x80, 0x80, 0x3f,
+    0x34, 0x35, 0x36, 0x37, 0x38, 0x39, 0x3a, 0x3b, 0x3c, 0x3d, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+    0x80, 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e,
+    0x0f, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x80, 0x80, 0x80, 0x80, 0x80,
+    0x80, 0x1a, 0x1b, 0x1c, 0x1d, 0x1e, 0x1f, 0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26, 0x27, 0x28,
+    0x29, 0x2a, 0x2b, 0x2c, 0x2d, 0x2e, 0x2f, 0x30, 0x31, 0x32, 0x33, 0x80, 0x80, 0x80, 0x80, 0x80,
+    0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+    0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+    0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+    0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+    0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+    0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+    0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+    0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+};
 
-/* A base64 string of little-endian float32 (span already validated as a JSON string). */
+/* A base64 string of little-endian float32: the bytes between its quotes, validated here. */
 static int decode_vector(scanner *s, const sx_json_span *span, size_t *count)
 {
     const sx_embed_target *t = s->t;
     const unsigned char *p = s->c.base + span->off;
     size_t len = span->len;
-    if (span->escaped || len % 4)
+    if (len % 4)
         return FALLBACK;  /* Python's decoder is lenient about these; let it decide */
     size_t pad = 0;
     if (len && p[len - 1] == '=')
@@ -173,27 +178,36 @@ static int decode_vector(scanner *s, const sx_json_span *span, size_t *count)
         return FALLBACK;
     size_t floats = bytes / 4;
     *count = floats;
-    if (floats != t->dim)
-        return OK;  /* the row's error; no need to decode */
-    unsigned char *w = (unsigned char *)t->scratch;
-    size_t written = 0;
-    for (size_t i = 0; i < len; i += 4) {
-        int v[4];
-        for (int j = 0; j < 4; j++) {
-            if (i + (size_t)j >= len - pad) {
-                v[j] = 0;
-                continue;
-            }
-            v[j] = b64_value(p[i + (size_t)j]);
-            if (v[j] < 0)
+    if (floats != t->dim) {  /* the row's error: only check it is base64 */
+        for (size_t i = 0; i < len - pad; i++)
+            if (b64_digit[p[i]] & 0x80)
                 return FALLBACK;
-        }
-        uint32_t triple = ((uint32_t)v[0] << 18) | ((uint32_t)v[1] << 12) |
-                          ((uint32_t)v[2] << 6) | (uint32_t)v[3];
-        unsigned char out3[3] = {(unsigned char)(triple >> 16), (unsigned char)(triple >> 8),
-                                 (unsigned char)triple};
-        for (int j = 0; j < 3 && written < bytes; j++)
-            w[written++] = out3[j];
+        return OK;
+    }
+    /* Table lookups, not comparisons: base64 digits are random, so a chain of range
+     * tests mispredicts several times per character (it cost 8 ns a byte). */
+    unsigned char *w = (unsigned char *)t->scratch;
+    size_t full = pad ? len - 4 : len, o = 0;
+    for (size_t i = 0; i < full; i += 4) {
+        unsigned a = b64_digit[p[i]], b = b64_digit[p[i + 1]], c = b64_digit[p[i + 2]],
+                 d = b64_digit[p[i + 3]];
+        if ((a | b | c | d) & 0x80)
+            return FALLBACK;
+        uint32_t v = (a << 18) | (b << 12) | (c << 6) | d;
+        w[o] = (unsigned char)(v >> 16);
+        w[o + 1] = (unsigned char)(v >> 8);
+        w[o + 2] = (unsigned char)v;
+        o += 3;
+    }
+    if (pad) {  /* the last quad: 1 or 2 bytes, then '=' padding */
+        const unsigned char *q = p + len - 4;
+        unsigned a = b64_digit[q[0]], b = b64_digit[q[1]], c = pad == 1 ? b64_digit[q[2]] : 0;
+        if ((a | b | c) & 0x80)
+            return FALLBACK;
+        uint32_t v = (a << 18) | (b << 12) | (c << 6);
+        w[o++] = (unsigned char)(v >> 16);
+        if (pad == 1)
+            w[o++] = (unsigned char)(v >> 8);
     }
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
     for (size_t i = 0; i < floats; i++) {
@@ -276,9 +290,15 @@ static int item_member(scanner *s, const sx_json_span *key, unsigned *seen, void
         if (*s->c.p == '[')
             return scan_vector(s, &item->count);
         if (*s->c.p == '"') {
-            sx_json_span span;
-            if (!sx_json_string(&s->c, &span, 0))
+            /* Base64 needs no JSON string scan: decode_vector accepts only alphabet bytes,
+             * so a backslash, a control or a non-ASCII byte before the first quote is a
+             * fallback anyway (and a quote cannot hide behind an escape). */
+            const unsigned char *open = s->c.p + 1;
+            const unsigned char *close = memchr(open, '"', (size_t)(s->c.end - open));
+            if (!close)
                 return FALLBACK;
+            sx_json_span span = {(size_t)(open - s->c.base), (size_t)(close - open), 0, 1};
+            s->c.p = close + 1;
             return decode_vector(s, &span, &item->count);
         }
         return FALLBACK;

@@ -362,11 +362,14 @@ class _Job:
             self.callback = progress
         elif progress:
             self.bar = ProgressBar(n, "Embedding", enabled=True)
-        # Two windows of requests resident: enough to cover building the next one, and the
-        # answers of at most 2 x window requests held at once (memory grows with it).
-        size = max(1, 2 * (self.max_concurrent or model.max_concurrency))
-        self.windows = (Windows(self._submit, self.nreq, size, first=1) if self.nreq
-                        else None)
+        # A window is one concurrency's worth of requests; two are submitted and a third
+        # only while the oldest waits for a straggler. Their answers are what an embed call
+        # holds besides the array (a request's answer is ~5.4 bytes per float in base64):
+        # at 16 x 256 inputs x 1,536 dimensions that is ~100 MB, whatever the number of
+        # texts. LM's windows go deeper (8) because its answers are small.
+        size = max(1, self.max_concurrent or model.max_concurrency)
+        self.windows = (Windows(self._submit, self.nreq, size, first=1, max_depth=3)
+                        if self.nreq else None)
         self.done_inputs = 0
 
     def _allocate(self, dim: int) -> None:
