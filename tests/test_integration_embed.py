@@ -60,3 +60,18 @@ def test_real_model_behind_sem_index_and_sem_search(local_rm, tmp_path):
     df.sem_index("text", str(tmp_path / "idx"), model=local_rm, progress=False)
     hits = df.sem_search("text", "an unpaid bill", K=2, model=local_rm)
     assert len(hits) == 2 and set(hits.index) <= set(df.index)
+
+
+@pytest.mark.timeout(600)
+def test_the_batch_rag_recipe_runs_end_to_end(tmp_path):
+    pytest.importorskip("qdrant_client")
+    import subprocess
+    import sys
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "examples", "batch_rag.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    run = subprocess.run([sys.executable, recipe, "--index", str(tmp_path / "idx")],
+                         capture_output=True, text=True, timeout=500, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("Q: ") == 4 and run.stdout.count("   A: ") == 4
+    assert "ingested 12, already there 0, failed 0" in run.stderr

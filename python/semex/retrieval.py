@@ -15,6 +15,7 @@ vectors of two models are not comparable.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -31,12 +32,26 @@ from .settings import settings
 
 logger = logging.getLogger("semex")
 
-__all__ = ["IngestResult", "SearchHit", "ingest", "search"]
+__all__ = ["IngestResult", "SearchHit", "close_stores", "ingest", "search"]
 
 _META = "semex-index.json"
 _DEFAULT_COLLECTION = "semex"
 _clients: Dict[str, Any] = {}
 _clients_lock = threading.Lock()
+
+
+@atexit.register
+def close_stores() -> None:
+    """Close the local-mode Qdrant clients this process opened (each locks its directory);
+    semex reopens one on next use. Runs at interpreter exit too."""
+    with _clients_lock:
+        clients = list(_clients.values())
+        _clients.clear()
+    for client in clients:
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - closing must not raise at exit
+            logger.debug("closing a Qdrant client failed", exc_info=True)
 
 
 def _qdrant():
