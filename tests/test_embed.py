@@ -144,6 +144,7 @@ def test_bad_call_parameters_are_named(make_rm, server, kwargs, message):
     ({"api_base": "ftp://x"}, "api_base"),
 ])
 def test_bad_model_parameters_are_named(kwargs, message):
+    kwargs.setdefault("api_key", "sk-x")
     with pytest.raises(E.ConfigurationError, match=message):
         semex.EmbeddingModel("m", **kwargs)
 
@@ -207,7 +208,8 @@ def test_failed_requests_keep_the_other_rows(make_rm, server):
     good = [0, 1, 4, 5]
     assert np.array_equal(out[good], expected([texts[i] for i in good]))
     assert np.isnan(out[[2, 3]]).all()
-    kept = semex.embed(texts, rm, progress=False, on_error="return")
+    with pytest.warns(E.PartialFailureWarning, match="embed: 2 of 6 texts failed"):
+        kept = semex.embed(texts, rm, progress=False, on_error="return")
     assert np.array_equal(kept[good], out[good]) and np.isnan(kept[[2, 3]]).all()
 
 
@@ -218,6 +220,14 @@ def test_a_duplicate_of_a_failed_text_fails_too(make_rm):
     assert [e is not None for e in result.errors] == [True, False, True]
     assert result.errors[2].index == 2 and "texts[2]" in str(result.errors[2])
     assert result.usage.failed == 2
+
+
+def test_no_key_for_a_public_api_fails_at_construction(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(E.ConfigurationError, match="no API key for https://api.openai.com"):
+        semex.EmbeddingModel()
+    assert semex.EmbeddingModel(api_base="http://127.0.0.1:9/v1").url.endswith("/embeddings")
 
 
 def test_the_key_is_never_shown(make_rm, server):

@@ -123,8 +123,9 @@ def test_ingest_a_dataframe_with_string_ids_and_failures(rm, tmp_path):
     df = pd.DataFrame({"chunk_id": ["a-1", "b-2", "c-3", "d-4"],
                        "body": ["alpha text", "beta [[fail=400]]", "gamma text", "delta"],
                        "page": np.arange(4)})
-    result = semex.ingest(df, where, model=rm, id_col="chunk_id", text_col="body",
-                          payload_cols=["page"], batch_size=1, progress=False)
+    with pytest.warns(E.PartialFailureWarning, match="ingest: 1 chunks failed"):
+        result = semex.ingest(df, where, model=rm, id_col="chunk_id", text_col="body",
+                              payload_cols=["page"], batch_size=1, progress=False)
     assert (result.upserted, result.failed) == (3, 1)
     assert result.errors[0][0] == "b-2" and isinstance(result.errors[0][1], E.APIStatusError)
     assert str(result.errors[0][1]).startswith("chunks[1] (id 'b-2'): HTTP 400")

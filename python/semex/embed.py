@@ -11,7 +11,8 @@ Failures follow sem_extract's contract: a row whose request failed after its ret
 whose answer lacked (or garbled) its vector, is reported with its index and a typed error;
 the other rows keep their vectors. ``on_error="raise"`` (the default) raises one
 ``BatchError`` after the run carrying the whole array (failed rows NaN) and the per-row
-errors; ``on_error="return"`` returns the array with NaN rows and logs the failures.
+errors; ``on_error="return"`` returns the array with NaN rows and one
+PartialFailureWarning.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 from . import _engine
 from . import errors as E
 from ._runtime import EngineHolder, Windows, wait_async, wait_sync
-from .lm import (_DEFAULT_BASE, _KIND_CLASSES, _POLL_S, Usage, _check_int, _provider_message,
-                 _status_error_class, _token_count)
+from .lm import (_DEFAULT_BASE, _KIND_CLASSES, _POLL_S, Usage, _check_int, _is_local,
+                 _provider_message, _status_error_class, _token_count)
 from .progress import ProgressBar
 
 logger = logging.getLogger("semex")
@@ -136,6 +137,11 @@ class EmbeddingModel:
         self.api_base = base.rstrip("/")
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.__api_key = key or None
+        if api_key is None and not key and not _is_local(self.api_base):  # as LM does
+            raise E.ConfigurationError(
+                f"no API key for {self.api_base}: set OPENAI_API_KEY or pass api_key=... "
+                "(a server on this machine or your network needs none; api_key='' sends "
+                "none on purpose)")
         if dimensions is not None:
             _check_int("dimensions", dimensions, 1)
         _check_int("max_batch_inputs", max_batch_inputs, 1)
@@ -685,9 +691,13 @@ def _check_on_error(on_error: str) -> None:
 
 
 def _result(output: EmbeddingOutput, on_error: str):
-    if output.ok or on_error == "return":
+    if output.ok:
         return output.embeddings
     failed = [e for e in output.errors if e is not None]
+    if on_error == "return":
+        E.warn_partial(f"embed: {len(failed)} of {len(output.errors)} texts failed (their "
+                       f"rows are NaN); first: {failed[0]}")
+        return output.embeddings
     raise E.BatchError(
         f"{len(failed)} of {len(output.errors)} texts failed to embed; first: {failed[0]} "
         "(.results holds the array with NaN rows for them, .errors the per-row errors)",
@@ -705,7 +715,7 @@ def embed(texts: Sequence[str], model: Any = None, *, batch_size: Optional[int] 
     max_concurrent: most of this call's requests in flight at once.
     progress: a tqdm bar (True), none (False), or ``callback(done, total)``.
     on_error: "raise" (a ``BatchError`` after the run carrying the array and the per-row
-        errors) or "return" (failed rows are NaN; the failures are logged).
+        errors) or "return" (failed rows are NaN; one PartialFailureWarning says so).
     """
     _check_on_error(on_error)
     rm = _resolve(model)

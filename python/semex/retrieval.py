@@ -316,6 +316,9 @@ def ingest(chunks: Any, index: Any, *, model: Any = None, id_col: str = "id",
         bar.close()
     logger.info("ingest into %s: %d upserted, %d already there, %d failed; %s", store.where,
                 result.upserted, result.skipped, result.failed, result.usage.summary())
+    if result.failed:
+        E.warn_partial(f"ingest: {result.failed} chunks failed and are not in the store "
+                       f"(report.errors); first: {result.errors[0][1]}")
     return result
 
 
