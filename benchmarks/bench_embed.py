@@ -40,7 +40,18 @@ CLIENT = textwrap.dedent(r'''
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024
 
-    if kind == "semex":
+    if kind == "ingest":  # semex.ingest into Qdrant's local mode, in a fresh directory
+        import tempfile
+        import semex
+        rm = semex.EmbeddingModel("mock", api_base=url, api_key="sk-bench", dimensions=dim,
+                                  max_batch_inputs=batch, max_concurrency=c)
+        where = tempfile.mkdtemp(prefix="semex-bench-ingest-")
+        chunks = [{"id": i, "text": t} for i, t in enumerate(texts)]
+        def run():
+            report = semex.ingest(chunks, where, model=rm, progress=False, store_text=False)
+            assert report.upserted == n, report
+            return np.zeros((n, dim), dtype=np.float32)  # the vectors live in the store
+    elif kind == "semex":
         import semex
         rm = semex.EmbeddingModel("mock", api_base=url, api_key="sk-bench", dimensions=dim,
                                   max_batch_inputs=batch, max_concurrency=c)
@@ -89,7 +100,8 @@ def main() -> int:
     p.add_argument("--latency-ms", type=float, default=20.0)
     p.add_argument("--mock-threads", type=int, default=1)
     p.add_argument("--python", default=sys.executable)
-    p.add_argument("--clients", default="semex,openai")
+    p.add_argument("--clients", default="semex,openai",
+                   help="any of semex, openai, ingest (semex.ingest into Qdrant local mode)")
     args = p.parse_args()
     mock = os.path.join(HERE, "build", "mockserver")
     if not os.path.exists(mock):
@@ -115,7 +127,7 @@ def main() -> int:
     finally:
         proc.stdin.close()
         proc.wait(timeout=10)
-    if len(rows) == 2:
+    if len(rows) == 2 and "ingest" not in args.clients:
         a, b = rows
         same = "same" if a["checksum"] == b["checksum"] else "DIFFERENT"
         print(f"{a['client']}/{b['client']}: throughput x{a['chunks_per_s'] / b['chunks_per_s']:.1f}, "
