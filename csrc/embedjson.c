@@ -32,69 +32,83 @@ static const double exact_pow10[23] = {
     1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
 };
 
-/* The double nearest to the validated JSON number [p, end). Clinger's fast path when the
- * digits fit 53 bits and the power of ten is exact (one correctly rounded operation on two
- * exact doubles is the correctly rounded result); strtod otherwise. */
-static int number_value(const unsigned char *p, const unsigned char *end, double *out)
+/* Reads the RFC 8259 number at c->p (validating it as jsonscan.h does) into the double
+ * nearest to it, in one pass. Clinger's fast path when the digits fit 53 bits and the power
+ * of ten is exact (one correctly rounded operation on two exact doubles is the correctly
+ * rounded result); strtod otherwise. */
+static int read_number(sx_json_cursor *c, double *out)
 {
-    const unsigned char *q = p;
-    int neg = 0;
-    if (*q == '-') {
-        neg = 1;
-        q++;
-    }
+    const unsigned char *start = c->p, *p = start, *end = c->end;
+    int neg = 0, digits = 0, exp10 = 0, float_form = 0, slow = 0;
     uint64_t m = 0;
-    int digits = 0, exp10 = 0, has_point_or_exp = 0;
-    for (; q < end && *q >= '0' && *q <= '9'; q++) {
-        if (m || *q != '0') {
-            m = m * 10 + (uint64_t)(*q - '0');
+    if (p < end && *p == '-') {
+        neg = 1;
+        p++;
+    }
+    if (p >= end)
+        return FALLBACK;
+    if (*p == '0') {
+        p++;
+    } else if (*p >= '1' && *p <= '9') {
+        for (; p < end && *p >= '0' && *p <= '9'; p++) {
+            if (digits < 19)
+                m = m * 10 + (uint64_t)(*p - '0');
+            else
+                slow = 1;
             digits++;
         }
-        if (digits > 19)
-            goto slow;
+    } else {
+        return FALLBACK;
     }
-    if (q < end && *q == '.') {
-        has_point_or_exp = 1;
-        for (q++; q < end && *q >= '0' && *q <= '9'; q++) {
-            if (m || *q != '0') {
-                m = m * 10 + (uint64_t)(*q - '0');
+    if (p < end && *p == '.') {
+        float_form = 1;
+        p++;
+        if (p >= end || *p < '0' || *p > '9')
+            return FALLBACK;
+        for (; p < end && *p >= '0' && *p <= '9'; p++) {
+            if (m || *p != '0') {  /* leading zeros of a fraction are not significant */
+                if (digits < 19)
+                    m = m * 10 + (uint64_t)(*p - '0');
+                else
+                    slow = 1;
                 digits++;
             }
             exp10--;
-            if (digits > 19)
-                goto slow;
         }
     }
-    if (q < end && (*q == 'e' || *q == 'E')) {
-        has_point_or_exp = 1;
-        q++;
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        float_form = 1;
+        p++;
         int eneg = 0, e = 0;
-        if (*q == '+' || *q == '-')
-            eneg = *q++ == '-';
-        for (; q < end && *q >= '0' && *q <= '9'; q++) {
-            if (e > 100000)
-                goto slow;
-            e = e * 10 + (*q - '0');
+        if (p < end && (*p == '+' || *p == '-'))
+            eneg = *p++ == '-';
+        if (p >= end || *p < '0' || *p > '9')
+            return FALLBACK;
+        for (; p < end && *p >= '0' && *p <= '9'; p++) {
+            if (e < 100000)
+                e = e * 10 + (*p - '0');
+            else
+                slow = 1;
         }
         exp10 += eneg ? -e : e;
     }
-    if (m == 0) {
+    if (p - start > 4000)
+        return FALLBACK;  /* as jsonscan.h: Python refuses such integers */
+    c->p = p;
+    if (!slow && m == 0) {
         /* json.loads reads "-0" as the integer 0: only a float spelling keeps the sign */
-        *out = neg && has_point_or_exp ? -0.0 : 0.0;
+        *out = neg && float_form ? -0.0 : 0.0;
         return OK;
     }
-    if (m < (UINT64_C(1) << 53) && exp10 >= -22 && exp10 <= 22) {
+    if (!slow && m < (UINT64_C(1) << 53) && exp10 >= -22 && exp10 <= 22) {
         double d = (double)m;
         d = exp10 < 0 ? d / exact_pow10[-exp10] : d * exact_pow10[exp10];
         *out = neg ? -d : d;
         return OK;
     }
-slow:;
-    char tmp[4016];  /* jsonscan caps numbers at 4,000 characters */
-    size_t n = (size_t)(end - p);
-    if (n >= sizeof tmp)
-        return FALLBACK;
-    memcpy(tmp, p, n);
+    char tmp[4016];  /* numbers are at most 4,000 characters here */
+    size_t n = (size_t)(p - start);
+    memcpy(tmp, start, n);
     tmp[n] = '\0';  /* the body need not be NUL-terminated */
     pthread_once(&c_locale_once, make_c_locale);
     if (!c_locale)
@@ -116,15 +130,10 @@ static int scan_vector(scanner *s, size_t *count)
         return OK;
     }
     for (;;) {
-        const unsigned char *start = s->c.p;
-        int64_t ignored;
-        if (s->c.p >= s->c.end || !((*start >= '0' && *start <= '9') || *start == '-') ||
-            !sx_json_number(&s->c, &ignored, NULL))
-            return FALLBACK;  /* a non-number element: json.loads + numpy decide */
+        double d;
+        if (s->c.p >= s->c.end || !read_number(&s->c, &d))
+            return FALLBACK;  /* not a number (null, NaN, a string): json.loads decides */
         if (k < t->dim) {
-            double d;
-            if (!number_value(start, s->c.p, &d))
-                return FALLBACK;
             /* Below FLT_MAX + half an ulp the conversion rounds to a finite float;
              * at or above it is overflow, which numpy's rules (inf + warning) decide. */
             if (!(d > -0x1.ffffffp+127 && d < 0x1.ffffffp+127))
