@@ -147,3 +147,11 @@ def test_import_semex_loads_neither_pandas_numpy_nor_qdrant():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_searching_an_emptied_frame_returns_empty_frames(rm, tmp_path):
+    df = pd.DataFrame({"course": COURSES})
+    df.sem_index("course", str(tmp_path / "idx"), model=rm, progress=False)
+    empty = df[df["course"] == "nothing"]
+    hits = empty.sem_search("course", "security", K=3, model=rm)
+    assert len(hits) == 0 and list(hits.columns) == ["course"]

@@ -315,16 +315,17 @@ class _Job:
         self.n = n = len(texts)
         # Identical texts are requested once: row_of[u] is unique text u's first row.
         first: dict = {}
+        first_rows: List[int] = []
         inverse = np.empty(n, dtype=np.int64)
         for i, text in enumerate(texts):
             u = first.setdefault(text, len(first))
+            if u == len(first_rows):
+                first_rows.append(i)
             inverse[i] = u
         self.inverse = inverse
         self.unique = list(first)  # insertion order: first occurrences
         nu = len(self.unique)
-        row_of = np.full(nu, -1, dtype=np.int64)
-        seen_rows = np.arange(n, dtype=np.int64)
-        row_of[inverse[::-1]] = seen_rows[::-1]  # the last write per u is its first row
+        row_of = np.asarray(first_rows, dtype=np.int64)
         self.row_of = row_of
         self.errors: List[Optional[E.RequestError]] = [None] * n
         self.unique_errors: dict = {}  # u -> error

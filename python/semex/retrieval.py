@@ -508,8 +508,8 @@ def _register() -> None:
             frames = []
             want = min(K, len(df))
             k = want
-            pending = list(range(len(queries)))
-            found: Dict[int, tuple] = {}
+            pending = list(range(len(queries))) if want else []
+            found: Dict[int, tuple] = {q: ([], []) for q in range(len(queries))}
             while pending:
                 answers = store.search(vectors[pending], k)
                 still = []
