@@ -290,16 +290,18 @@ def _budget(lm: Any, max_context_tokens: Optional[int], template: str,
     return max(256, (tokens - int(answer)) * 4 - len(template))
 
 
-def _map_reduce_plan(template, chunks, reduce_template, model, max_context_tokens,
+def _map_reduce_plan(template, chunks, reduce_template, model, max_context_tokens, errors,
                      request_fields):
+    """(the model, the steps generator): every check before anything is sent."""
+    check_error_shape(errors)
     placeholder = _reduce_placeholder(reduce_template)
-    prompts = _fill(template, chunks)  # checks template and chunks before anything is sent
+    prompts = _fill(template, chunks)
     if not prompts:
         raise ConfigurationError("chunks is empty: nothing to map")
     lm = settings.resolve_lm(model)
     reduction = _Reduction(reduce_template, placeholder,
                            _budget(lm, max_context_tokens, reduce_template, request_fields))
-    return lm, prompts, reduction
+    return lm, _map_reduce_steps(prompts, reduction, errors)
 
 
 def _map_reduce_steps(prompts: List[Any], reduction: _Reduction, errors: str):
@@ -370,10 +372,8 @@ def map_reduce(template: str, chunks: Sequence[str], reduce_template: str,
     warning; ``errors="raise"`` raises ``BatchError`` instead). Returns the final answer, or
     the ``ErrorText`` of the failure that ended it (``errors="raise"``: raised;
     ``"objects"``: the exception). Works inside a running event loop."""
-    check_error_shape(errors)
-    lm, prompts, reduction = _map_reduce_plan(template, chunks, reduce_template, model,
-                                              max_context_tokens, request_fields)
-    steps = _map_reduce_steps(prompts, reduction, errors)
+    lm, steps = _map_reduce_plan(template, chunks, reduce_template, model,
+                                 max_context_tokens, errors, request_fields)
     bar: Any = progress
     try:
         round_prompts = next(steps)
@@ -392,10 +392,8 @@ async def map_reduce_async(template: str, chunks: Sequence[str], reduce_template
                            max_context_tokens: Optional[int] = None, errors: str = "text",
                            progress: Any = None, **request_fields: Any) -> str:
     """Awaitable twin of :func:`map_reduce`."""
-    check_error_shape(errors)
-    lm, prompts, reduction = _map_reduce_plan(template, chunks, reduce_template, model,
-                                              max_context_tokens, request_fields)
-    steps = _map_reduce_steps(prompts, reduction, errors)
+    lm, steps = _map_reduce_plan(template, chunks, reduce_template, model,
+                                 max_context_tokens, errors, request_fields)
     bar: Any = progress
     try:
         round_prompts = next(steps)
