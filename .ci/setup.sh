@@ -31,5 +31,5 @@ if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel
 fi
-"$venv/bin/python" -m pip install -q "pytest>=7" "pytest-timeout>=2" "uvloop>=0.17" "pydantic>=2" "pandas>=1.5" "tqdm>=4.60" nbclient nbformat ipykernel ipywidgets "pyarrow>=10" "dask[dataframe]>=2024.1" "distributed>=2024.1" "qdrant-client>=1.10" "$@"
+"$venv/bin/python" -m pip install -q "pytest>=7" "pytest-timeout>=2" "uvloop>=0.17" "pydantic>=2" "pandas>=1.5" "tqdm>=4.60" nbclient nbformat ipykernel ipywidgets "pyarrow>=10" "dask[dataframe]>=2024.1" "distributed>=2024.1" "qdrant-client>=1.10" "ray[data]>=2.9" "$@"
 "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps --force-reinstall .

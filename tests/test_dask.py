@@ -57,13 +57,19 @@ def test_ddf_sem_extract_is_lazy_and_equals_the_pandas_accessor(client, server, 
     assert list(got.dtypes) == list(lazy._meta.dtypes)
 
 
+def _builds():
+    import semex._remote
+
+    return semex._remote.lm_builds
+
+
 def test_each_worker_builds_one_engine_and_reuses_it(client, server, make_lm):
     lm = make_lm(max_concurrency=7)  # settings no other test uses
     ddf = dd.from_pandas(frame(60), npartitions=12)
-    before = client.run(lambda: sdask._lm_builds)
+    before = client.run(_builds)
     ddf.sem_extract(["text"], FIELDS, model=lm, batch_size=5).compute()
     ddf.sem_extract(["text"], FIELDS, model=lm, batch_size=3).compute()  # reused again
-    after = client.run(lambda: sdask._lm_builds)
+    after = client.run(_builds)
     built = {w: after[w] - before[w] for w in after}
     assert sum(built.values()) >= 1 and all(b <= 1 for b in built.values()), built
 
@@ -161,11 +167,11 @@ def test_the_budget_plugin_leases_and_takes_back_a_lost_workers_share():
     from semex.dask import _BudgetPlugin
 
     plugin = _BudgetPlugin()
-    first = plugin.lease(name="b", worker="w1", rpm=600, want_requests=8)
+    first = plugin.lease(name="b", who="w1", rpm=600, want_requests=8)
     assert first["requests"] == 8  # a burst of one second's worth: 10
-    second = plugin.lease(name="b", worker="w2", rpm=600, want_requests=8)
+    second = plugin.lease(name="b", who="w2", rpm=600, want_requests=8)
     assert 2 <= second["requests"] < 2.5 and second["retry_after"] > 0
     plugin.remove_worker(worker="w1")  # w1 reported 8 unused: they come back
-    third = plugin.lease(name="b", worker="w2", rpm=600, want_requests=8,
+    third = plugin.lease(name="b", who="w2", rpm=600, want_requests=8,
                          left_requests=second["requests"])
     assert third["requests"] >= 8 - 0.5

@@ -470,9 +470,14 @@ class LM:
                 f"api_key={'<set>' if self.__api_key else None}, "
                 f"max_concurrency={self.max_concurrency}, rpm={self.rpm}, tpm={self.tpm})")
 
-    def __getstate__(self):
-        raise TypeError("LM objects are not picklable (they hold an API key and threads); "
-                        "build one in each process")
+    def __reduce__(self) -> Any:
+        """An LM pickles as its settings (semex._remote.LMSpec): never its threads, never
+        its API key (nor extra headers that look like credentials). Unpickled in another
+        process it is that process's one LM for those settings, which reads its key from
+        its own environment (semex.dask and semex.ray build on this)."""
+        from ._remote import LMSpec, rebuild
+
+        return (rebuild, (LMSpec(self),))
 
     @property
     def url(self) -> str:
