@@ -30,8 +30,9 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 from . import _engine
 from . import errors as E
 from ._runtime import EngineHolder, Windows, wait_async, wait_sync
-from .lm import (_DEFAULT_BASE, _KIND_CLASSES, _POLL_S, Usage, _check_int, _is_local,
-                 _provider_message, _status_error_class, _token_count)
+from .lm import (_KIND_CLASSES, _POLL_S, Usage, _check_int, _provider_message,
+                 _status_error_class, _token_count)
+from .providers import DEFAULT_BASE as _DEFAULT_BASE, is_local as _is_local
 from .progress import ProgressBar
 
 logger = logging.getLogger("semex")

@@ -20,6 +20,7 @@ from . import _engine, _stream
 from . import errors as E
 from ._runtime import EngineHolder, Windows, wait_async, wait_sync
 from .progress import progress_reporter
+from .providers import resolve_endpoint, tls_settings as _tls_settings
 from ._stream import ChunkCallback
 
 logger = logging.getLogger("semex")
@@ -29,84 +30,16 @@ __all__ = ["LM", "LMOutput", "Usage"]
 Messages = Sequence[Mapping[str, Any]]
 ProgressCallback = Callable[[int, int], None]
 
-_DEFAULT_BASE = "https://api.openai.com/v1"
-
-# LiteLLM/LOTUS-style "provider/model" prefixes of OpenAI-compatible APIs: the prefix picks
-# the default base URL and key variable and is not sent (a real provider rejects
-# "openai/gpt-4o-mini"). Names with any other slash ("meta-llama/Llama-3-8B" on vLLM) are
-# sent as they are. base None: OPENAI_BASE_URL or OpenAI's; key None: no key variable.
-_PREFIXES: Dict[str, tuple] = {
-    "openai": (None, "OPENAI_API_KEY"),
-    "hosted_vllm": (None, "HOSTED_VLLM_API_KEY"),
-    "ollama": ("http://localhost:11434/v1", None),
-    "ollama_chat": ("http://localhost:11434/v1", None),
-    "lm_studio": ("http://localhost:1234/v1", None),
-    "groq": ("https://api.groq.com/openai/v1", "GROQ_API_KEY"),
-    "deepseek": ("https://api.deepseek.com/v1", "DEEPSEEK_API_KEY"),
-    "mistral": ("https://api.mistral.ai/v1", "MISTRAL_API_KEY"),
-    "openrouter": ("https://openrouter.ai/api/v1", "OPENROUTER_API_KEY"),
-    "together_ai": ("https://api.together.xyz/v1", "TOGETHERAI_API_KEY"),
-    "xai": ("https://api.x.ai/v1", "XAI_API_KEY"),
-    # the OpenAI-compatible endpoints of Anthropic and Google
-    "anthropic": ("https://api.anthropic.com/v1", "ANTHROPIC_API_KEY"),
-    "gemini": ("https://generativelanguage.googleapis.com/v1beta/openai", "GEMINI_API_KEY"),
-}
-
-
-_AZURE_API_VERSION = "2024-10-21"  # a GA version of the Azure OpenAI data-plane API
-
-
-def _split_provider(model: str) -> tuple:
-    """(provider or None, the model name to send)."""
-    prefix, sep, rest = model.partition("/")
-    if sep and rest and (prefix in _PREFIXES or prefix == "azure"):
-        return prefix, rest
-    if sep and prefix in ("azure_ai", "bedrock", "vertex_ai"):
-        raise E.ConfigurationError(
-            f"model {model!r}: the {prefix!r} provider is not supported yet; use an "
-            "OpenAI-compatible endpoint of it with api_base=... and the model name alone")
-    return None, model
-
-
 # LM parameters, for the "did you mean" check on unknown keywords (which are otherwise sent
 # in the request body, as LOTUS passes them on to the provider).
 _LM_PARAMETERS = (
     "model", "api_base", "api_key", "max_concurrency", "rpm", "tpm", "max_retries", "timeout",
     "connect_timeout", "total_timeout", "temperature", "max_tokens", "extra_body",
-    "extra_headers",
-    "structured_output", "workers", "adaptive_concurrency", "max_response_bytes",
+    "extra_headers", "structured_output", "workers", "adaptive_concurrency",
+    "max_response_bytes",
     "verify_tls", "backoff_base", "backoff_cap", "input_price_per_million",
     "output_price_per_million", "max_batch_size", "rate_limit", "tpm_limit", "max_ctx_len",
     "provider", "api_version")
-
-
-def _tls_settings(verify_tls: Any) -> tuple:
-    """(verify, CA bundle file or None, CA directory or None) from ``verify_tls`` (True,
-    False or a path) and, for True, the variables the Python ecosystem reads: requests'
-    REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE, then OpenSSL's SSL_CERT_FILE / SSL_CERT_DIR."""
-    if verify_tls is False:
-        return False, None, None
-    if verify_tls is True:
-        for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
-            path = os.environ.get(variable)
-            if path:
-                return _ca_path(path, f"${variable}")
-        path = os.environ.get("SSL_CERT_DIR")
-        if path:
-            return _ca_path(path, "$SSL_CERT_DIR")
-        return True, None, None
-    if isinstance(verify_tls, (str, os.PathLike)):
-        return _ca_path(os.fspath(verify_tls), "verify_tls")
-    raise E.ConfigurationError("verify_tls must be True, False or the path of a CA bundle "
-                               f"(or a directory of CA certificates), got {verify_tls!r}")
-
-
-def _ca_path(path: str, where: str) -> tuple:
-    if os.path.isdir(path):
-        return True, None, path
-    if os.path.isfile(path):
-        return True, path, None
-    raise E.ConfigurationError(f"{where} = {path!r}: no such CA bundle file or directory")
 
 
 @dataclass
@@ -323,61 +256,13 @@ class LM:
         if not isinstance(name, str):
             raise E.ConfigurationError(f"model must be a str, got {type(model).__name__}")
         self._args["model"] = name
-        self.provider, self.model = _split_provider(name)
-        if provider is not None:
-            if provider not in ("openai", "azure"):
-                raise E.ConfigurationError(
-                    f"provider must be 'openai' or 'azure', got {provider!r} (for Anthropic "
-                    "and Gemini, 'anthropic/<model>' and 'gemini/<model>' use their "
-                    "OpenAI-compatible endpoints; native APIs are not built yet)")
-            if self.provider not in (None, provider, "openai"):
-                raise E.ConfigurationError(
-                    f"model {name!r} names the provider {self.provider!r}, but "
-                    f"provider={provider!r}")
-            self.provider = provider
-        azure = self.provider == "azure"
-        base_default, key_variable = _PREFIXES.get(self.provider, (None, "OPENAI_API_KEY"))
-        if azure:
-            base_default, key_variable = os.environ.get("AZURE_OPENAI_ENDPOINT"), \
-                "AZURE_OPENAI_API_KEY"
-            if not (api_base or base_default):
-                raise E.ConfigurationError(
-                    "Azure OpenAI needs its endpoint: pass api_base='https://<resource>."
-                    "openai.azure.com' or set AZURE_OPENAI_ENDPOINT")
-        if api_base:
-            base = api_base
-        elif base_default is None:
-            base = (os.environ.get("HOSTED_VLLM_API_BASE") if self.provider == "hosted_vllm"
-                    else None) or os.environ.get("OPENAI_BASE_URL") or _DEFAULT_BASE
-        else:
-            base = base_default
-        if not isinstance(base, str) or not base.startswith(("http://", "https://")):
-            raise E.ConfigurationError(
-                f"api_base must be an http:// or https:// URL, got {base!r}")
-        self.api_base = base.rstrip("/")
+        endpoint = resolve_endpoint(name, provider, api_base, api_key, api_version)
+        self.provider, self.model = endpoint.provider, endpoint.model
+        self.api_base, self._url = endpoint.api_base, endpoint.url
+        self.api_version = endpoint.api_version
         self._args["api_base"] = self.api_base
-        if azure:
-            version = api_version or os.environ.get("OPENAI_API_VERSION") or _AZURE_API_VERSION
-            from urllib.parse import quote
-
-            deployments = "" if "/openai/deployments/" in self.api_base else \
-                f"/openai/deployments/{quote(self.model, safe='')}"
-            self._url = (f"{self.api_base}{deployments}/chat/completions"
-                         f"?api-version={quote(version, safe='')}")
-            self.api_version: Optional[str] = version
-        else:
-            if api_version is not None:
-                raise E.ConfigurationError("api_version is for provider='azure'")
-            self._url = self.api_base + "/chat/completions"
-            self.api_version = None
-        key = api_key if api_key is not None else (
-            os.environ.get(key_variable) if key_variable else None)
-        self.__api_key = key or None
-        if api_key is None and not key and not _is_local(self.api_base):
-            raise E.ConfigurationError(
-                f"no API key for {self.api_base}: set {key_variable or 'OPENAI_API_KEY'} or "
-                "pass api_key=... (a server on this machine or your network needs none; "
-                "api_key='' sends none on purpose)")
+        self.__api_key = endpoint.key
+        self._auth_header = endpoint.auth_header
         rpm = _alias("rpm", rpm, "rate_limit", rate_limit)
         tpm = _alias("tpm", tpm, "tpm_limit", tpm_limit)
         if max_ctx_len is not None:
@@ -486,8 +371,7 @@ class LM:
     def _build_headers(self) -> List[str]:
         headers = ["Content-Type: application/json", "Accept: application/json"]
         if self.__api_key:
-            headers.append(f"api-key: {self.__api_key}" if self.provider == "azure"
-                           else f"Authorization: Bearer {self.__api_key}")
+            headers.append(self._auth_header(self.__api_key))
         headers.extend(f"{k}: {v}" for k, v in self.extra_headers.items())
         return headers
 
@@ -714,28 +598,6 @@ def _token_count(value: Any) -> int:
     return 0
 
 
-def _is_local(url: str) -> bool:
-    """A base URL on this machine or a private network (no key needed to reach it): a
-    loopback, private or link-local address, or a host name without a dot (a container's
-    or a LAN host's name)."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    try:
-        host = urlsplit(url).hostname or ""
-    except ValueError:
-        return False
-    if host == "localhost" or host.endswith(".localhost") or host.endswith(".local") \
-            or "." not in host and ":" not in host:
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return address.is_loopback or address.is_private or address.is_link_local or \
-        address.is_unspecified
-
-
 def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
     if alias_value is None:
         return value
@@ -924,9 +786,10 @@ class _Job:
     def ticker(self, windows: Windows):
         """What a waiting call runs every _POLL_S (and, asynchronously, on each wake-up): top
         up the engine's work, hand streamed text to on_chunk, report progress."""
-        top_up = windows.top_up
         hook = self.lm._tick_hook
-        if hook is not None:
+        if hook is None:
+            top_up = windows.top_up
+        else:
             fill = windows.top_up
 
             def top_up() -> None:

@@ -19,7 +19,7 @@ for typed fields), so Ray's blocks agree.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 try:
     import ray

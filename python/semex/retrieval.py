@@ -22,7 +22,7 @@ import os
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence
 
 from . import errors as E
 from .embed import EmbeddingModel, check_texts, embed, _np
