@@ -22,6 +22,25 @@ from .lm import LM, LMOutput, Usage
 Progress = Optional[Callable[[int, int], None]]
 
 
+class Prompts:
+    """One call's prompts: a system message they all share and one user message each.
+    semex's LM splices each user text into a pre-encoded request body; other models get
+    the conversations (``[system, user]`` message lists)."""
+
+    __slots__ = ("system", "users")
+
+    def __init__(self, system: str, users: List[str]):
+        self.system = system
+        self.users = users
+
+    def conversations(self) -> List[list]:
+        system = {"role": "system", "content": self.system}
+        return [[system, {"role": "user", "content": user}] for user in self.users]
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
 class ModelCallError(E.RequestError):
     """A user-supplied model raised or returned something unusable for this item."""
 
@@ -74,13 +93,20 @@ class ModelRunner:
         self.max_concurrent = max_concurrent
         self.is_lm = isinstance(model, LM)
         self.structured = getattr(model, "structured_output", False) if self.is_lm else False
+        # semex's own LM (not a subclass with its own call): the prompt path, no dicts
+        self.fast_sync = self.is_lm and type(model).__call__ is LM.__call__
+        self.fast_async = self.is_lm and type(model).async_call is LM.async_call
 
-    def call(self, conversations: List[list], response_format: Optional[dict],
+    def call(self, prompts: Prompts, response_format: Optional[dict],
              progress: Progress) -> LMOutput:
         if self.is_lm:
             fields = {"response_format": response_format} if response_format else {}
-            return self.model(conversations, progress=progress,
+            if self.fast_sync:
+                return self.model._run_prompts(prompts.users, prompts.system, progress,
+                                               self.max_concurrent, fields)
+            return self.model(prompts.conversations(), progress=progress,
                               max_concurrent=self.max_concurrent, **fields)
+        conversations = prompts.conversations()
         try:
             result = self.model(conversations)
             if inspect.isawaitable(result):
@@ -96,13 +122,17 @@ class ModelRunner:
             progress(len(conversations), len(conversations))
         return out
 
-    async def acall(self, conversations: List[list], response_format: Optional[dict],
+    async def acall(self, prompts: Prompts, response_format: Optional[dict],
                     progress: Progress) -> LMOutput:
-        n = len(conversations)
+        n = len(prompts)
         if self.is_lm:
             fields = {"response_format": response_format} if response_format else {}
-            return await self.model.async_call(conversations, progress=progress,
+            if self.fast_async:
+                return await self.model._run_prompts_async(
+                    prompts.users, prompts.system, progress, self.max_concurrent, fields)
+            return await self.model.async_call(prompts.conversations(), progress=progress,
                                                max_concurrent=self.max_concurrent, **fields)
+        conversations = prompts.conversations()
         if hasattr(self.model, "async_call"):
             try:
                 result = await self.model.async_call(conversations)

@@ -220,28 +220,34 @@ def _short_validation_text(exc: Exception) -> str:
     return str(exc)[:500]
 
 
+# strict=False: small local models sometimes emit raw control characters in strings. One
+# decoder for every answer (json.loads(..., strict=False) builds a new one per call).
+_LENIENT = json.JSONDecoder(strict=False)
+
+
 def parse_json_answer(text: Optional[str]) -> Any:
     """The JSON value in a model's answer, tolerating code fences and prose around it.
-    Raises ValueError if there is none."""
+    Raises ValueError if there is none (a value nested too deep for the decoder included)."""
     if text is None:
         raise ValueError("the answer is empty")
     s = text.strip()
-    # strict=False: small local models sometimes emit raw control characters in strings
     try:
-        return json.loads(s, strict=False)
-    except ValueError:
-        pass
-    fence = re.search(r"```(?:json|JSON)?\s*(.*?)```", s, re.S)
-    if fence:
         try:
-            return json.loads(fence.group(1).strip(), strict=False)
+            return _LENIENT.decode(s)
         except ValueError:
             pass
-    decoder = json.JSONDecoder(strict=False)
-    for match in re.finditer(r"[\[{]", s):
-        try:
-            value, _ = decoder.raw_decode(s, match.start())
-            return value
-        except ValueError:
-            continue
+        fence = re.search(r"```(?:json|JSON)?\s*(.*?)```", s, re.S)
+        if fence:
+            try:
+                return _LENIENT.decode(fence.group(1).strip())
+            except ValueError:
+                pass
+        for match in re.finditer(r"[\[{]", s):
+            try:
+                value, _ = _LENIENT.raw_decode(s, match.start())
+                return value
+            except ValueError:
+                continue
+    except RecursionError:
+        raise ValueError("the answer's JSON is nested too deep to read") from None
     raise ValueError("no JSON object found in the answer")

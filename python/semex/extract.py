@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import errors as E
-from ._models import ModelRunner
+from ._models import ModelRunner, Prompts
 from ._schema import REASONING_KEY, OutputSpec, RowInvalid, parse_json_answer
 from .lm import LMOutput, Usage
 from .progress import ProgressBar
@@ -420,19 +420,21 @@ class _Extraction:
         return tasks
 
     # -- prompts --------------------------------------------------------------------------
-    def conversation(self, task: _Task) -> list:
+    # Every prompt of one shape shares its system message (system_single or system_batch),
+    # so a call is (that system message, one user message per task): the LM then writes
+    # each request body as a pre-encoded prefix + the user text's JSON string, without a
+    # message dict per row.
+    def user_message(self, task: _Task) -> str:
         if len(task.docs) == 1:
             user = "Document:\n" + task.docs[0].text
             if task.feedback:
                 user += ("\n\nA previous answer for this document was rejected: "
                          f"{task.feedback}. Answer again, following the field types exactly.")
-            return [{"role": "system", "content": self.system_single},
-                    {"role": "user", "content": user}]
+            return user
         parts = [f"{len(task.docs)} documents:"]
         for k, doc in enumerate(task.docs, 1):
             parts.append(f"Document {k}:\n{doc.text}")
-        return [{"role": "system", "content": self.system_batch},
-                {"role": "user", "content": "\n\n".join(parts)}]
+        return "\n\n".join(parts)
 
     # -- outcomes -------------------------------------------------------------------------
     def _write(self, i: int, row: Optional[Dict[str, Any]], raw: Optional[str],
@@ -609,10 +611,10 @@ class _Call:
 
     __slots__ = ("tasks", "conversations", "response_format", "rows", "done", "step")
 
-    def __init__(self, tasks: List[_Task], conversations: List[list],
+    def __init__(self, tasks: List[_Task], conversations: Prompts,
                  response_format: Optional[dict]):
         self.tasks = tasks
-        self.conversations: Optional[List[list]] = conversations
+        self.conversations: Optional[Prompts] = conversations
         self.response_format = response_format
         self.rows = sum(1 + len(d.members or ()) for t in tasks for d in t.docs)
         self.done = 0
@@ -693,10 +695,12 @@ class _Run:
             state.read_chunk()
         tasks = state.take_tasks()
         calls = []
-        for group, rf in (([t for t in tasks if len(t.docs) > 1], state.rf_batch),
-                          ([t for t in tasks if len(t.docs) == 1], state.rf_single)):
+        for group, rf, system in (
+                ([t for t in tasks if len(t.docs) > 1], state.rf_batch, state.system_batch),
+                ([t for t in tasks if len(t.docs) == 1], state.rf_single, state.system_single)):
             if group:
-                calls.append(_Call(group, [state.conversation(t) for t in group], rf))
+                prompts = Prompts(system, [state.user_message(t) for t in group])
+                calls.append(_Call(group, prompts, rf))
         self.in_flight += calls
         self._show()
         return calls
