@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""N chunks embedded by semex.embed vs openai.AsyncOpenAI.embeddings, on the C mock.
+"""N chunks embedded by semex.embed vs openai.AsyncOpenAI.embeddings (and LOTUS), on the C mock.
 
     make -C benchmarks
     python benchmarks/bench_embed.py --n 100000 --dim 256 --batch 256 -c 16 \
@@ -57,6 +57,16 @@ CLIENT = textwrap.dedent(r'''
                                   max_batch_inputs=batch, max_concurrency=c)
         def run():
             return semex.embed(texts, rm, progress=False)
+    elif kind == "lotus":
+        # LOTUS's HTTP retrieval model (LiteLLM embeddings, one batch at a time, as LOTUS
+        # runs it); LiteLLM reads the OpenAI-compatible base and key from the environment
+        import os
+        os.environ["OPENAI_API_BASE"] = url
+        os.environ["OPENAI_API_KEY"] = "sk-bench"
+        from lotus.models import LiteLLMRM
+        rm = LiteLLMRM(model="openai/mock", max_batch_size=batch)
+        def run():
+            return np.asarray(rm(texts), dtype=np.float32)
     else:
         import openai
         # the SDK's own HTTP client: its pool (1,000 connections) is far above c
@@ -101,13 +111,16 @@ def main() -> int:
     p.add_argument("--mock-threads", type=int, default=1)
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--clients", default="semex,openai",
-                   help="any of semex, openai, ingest (semex.ingest into Qdrant local mode)")
+                   help="any of semex, openai, lotus (LOTUS's LiteLLMRM; needs lotus-ai in "
+                        "--python), ingest (semex.ingest into Qdrant local mode)")
     args = p.parse_args()
     mock = os.path.join(HERE, "build", "mockserver")
     if not os.path.exists(mock):
         subprocess.run(["make", "-s", "-C", HERE], check=True)
+    # --embed-dim: LOTUS sends no "dimensions", so the mock's default must be --dim too
     proc = subprocess.Popen([mock, "--port", "0", "--stdin-watch", "--latency-ms",
-                             str(args.latency_ms), "--threads", str(args.mock_threads)],
+                             str(args.latency_ms), "--threads", str(args.mock_threads),
+                             "--embed-dim", str(args.dim)],
                             stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE)
     try:
@@ -127,8 +140,11 @@ def main() -> int:
     finally:
         proc.stdin.close()
         proc.wait(timeout=10)
-    if len(rows) == 2 and "ingest" not in args.clients:
-        a, b = rows
+    first = rows[0] if rows and rows[0]["client"] == "semex" else None
+    for b in rows[1:] if first else []:
+        if b["client"] == "ingest":
+            continue
+        a = first
         same = "same" if a["checksum"] == b["checksum"] else "DIFFERENT"
         print(f"{a['client']}/{b['client']}: throughput x{a['chunks_per_s'] / b['chunks_per_s']:.1f}, "
               f"CPU per chunk x{a['cpu_us_per_chunk'] / b['cpu_us_per_chunk']:.2f}, "
