@@ -4,7 +4,7 @@ VENV ?= .venv
 ASAN_VENV ?= .venv-asan
 PYTEST_ARGS ?=
 
-.PHONY: test test-asan test-c tsan demo clean
+.PHONY: test test-asan test-c tsan fuzz demo clean
 
 # The main job: a real LLM (local SmolLM2 on llama.cpp, or your provider when OPENAI_API_KEY
 # is set) extracts fields from examples/tickets.jsonl. Later runs reuse the build.
@@ -31,6 +31,14 @@ test-c:
 tsan:
 	$(MAKE) -C tests/c tsan
 
+# libFuzzer runs of the header-hint and chat-answer parsers (FUZZ_TIME seconds each, default
+# 60), then chatjson checked against json.loads over the grown corpus. Needs clang.
+FUZZ_TIME ?= 60
+fuzz:
+	command -v clang >/dev/null || SEMEX_WERROR=1 .ci/setup.sh $(VENV)
+	$(MAKE) -C tests/fuzz run FUZZ_TIME=$(FUZZ_TIME)
+
 clean:
 	rm -rf build $(VENV) $(ASAN_VENV) python/semex/*.so
 	$(MAKE) -C tests/c clean || true
+	$(MAKE) -C tests/fuzz clean || true

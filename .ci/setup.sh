@@ -13,6 +13,8 @@ pkg-config --exists libcurl 2>/dev/null || need_apt+=(libcurl4-openssl-dev)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v cc >/dev/null || need_apt+=(gcc)
 command -v openssl >/dev/null || need_apt+=(openssl)  # the TLS tests make a CA
+# clang's libFuzzer for tests/fuzz (tests/test_fuzz.py runs it briefly; `make fuzz` longer).
+command -v clang >/dev/null || need_apt+=(clang)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "semex setup: installing ${need_apt[*]} with apt-get" >&2

@@ -17,8 +17,9 @@
  *                                or absent (0)
  * Anything it is not sure to reproduce exactly falls back: NaN/Infinity literals, a
  * duplicate key on the extracted path, an escaped key on that path, a lone \uD800-style
- * surrogate in an extracted string, usage numbers that are not plain integers, nesting
- * deeper than SX_CHAT_MAX_DEPTH, bodies over 4 GiB.
+ * surrogate in an extracted string, usage numbers that are not plain integers, integers of
+ * more than SX_JSON_INT_DIGITS_SAFE (jsonscan.h) digits anywhere in the body, nesting deeper
+ * than SX_CHAT_MAX_DEPTH, bodies over 4 GiB.
  *
  * On success the extracted strings are decoded in place (an escape never decodes longer
  * than it is written), so the buffer then no longer holds the original JSON. */

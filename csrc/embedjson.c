@@ -94,6 +94,8 @@ static int read_number(sx_json_cursor *c, double *out)
     }
     if (p - start > 4000)
         return FALLBACK;  /* as jsonscan.h: Python refuses such integers */
+    if (!float_form && digits > SX_JSON_INT_DIGITS_SAFE)
+        return FALLBACK;  /* as jsonscan.h: int() may refuse them, by the run-time limit */
     c->p = p;
     if (!slow && m == 0) {
         /* json.loads reads "-0" as the integer 0: only a float spelling keeps the sign */

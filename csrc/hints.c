@@ -22,43 +22,61 @@ void sx_hints_reset(sx_hints *h)
 /* Longest header value we bother to parse; anything longer is not a hint we understand. */
 #define SX_HINT_VALUE_MAX 96
 
-/* Digits with at most one decimal point, nothing else: strtod would also take "inf",
- * "1e999" and hex, and an infinite Retry-After would stall a batch forever. Values are
- * capped at a day. Returns -1 if there is no number at s. */
+/* A number as the hint grammars write it: 1*DIGIT ["." 1*DIGIT], nothing else (strtod would
+ * also take a sign, "inf", "1e999", hex and leading blanks). At most SX_HINT_VALUE_MAX
+ * characters, so the value is finite. Returns -1 if there is no such number at s; *end is
+ * where it stopped. */
 static double parse_decimal(const char *s, const char **end)
 {
-    double v = 0, scale = 0;
-    int digits = 0;
+    double v = 0, scale = 0.1;
+    int int_digits = 0;
     const char *p = s;
-    for (; *p; p++) {
-        if (isdigit((unsigned char)*p)) {
-            if (scale > 0) {
-                v += (*p - '0') * scale;
-                scale /= 10;
-            } else {
-                v = v * 10 + (*p - '0');
-            }
-            digits++;
-        } else if (*p == '.' && scale == 0) {
-            scale = 0.1;
-        } else {
-            break;
+    while (isdigit((unsigned char)*p)) {
+        v = v * 10 + (*p - '0');
+        int_digits++;
+        p++;
+    }
+    if (int_digits && *p == '.' && isdigit((unsigned char)p[1])) {
+        for (p++; isdigit((unsigned char)*p); p++) {
+            v += (*p - '0') * scale;
+            scale /= 10;
         }
     }
     *end = p;
-    if (!digits)
-        return -1;
-    return v < 86400.0 * 1000 ? v : 86400.0 * 1000;
+    return int_digits ? v : -1;
 }
 
+/* Copy a header value into a NUL-terminated buffer, refusing one that is empty, too long, or
+ * holds anything but printable ASCII (an embedded NUL would otherwise cut "5\0garbage" to
+ * "5"). Returns 0 on success. */
+static int copy_value(char *text, size_t size, const char *s, size_t len)
+{
+    if (len == 0 || len >= size)
+        return -1;
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)s[i] < 0x20 || (unsigned char)s[i] > 0x7e)
+            return -1;
+    memcpy(text, s, len);
+    text[len] = '\0';
+    return 0;
+}
+
+/* A whole value that is one number and nothing else; -1 otherwise. */
+static double parse_number(const char *s, size_t len)
+{
+    char text[SX_HINT_VALUE_MAX];
+    if (copy_value(text, sizeof text, s, len) != 0)
+        return -1;
+    const char *end;
+    double v = parse_decimal(text, &end);
+    return (v >= 0 && *end == '\0') ? v : -1;
+}
 
 double sx_parse_duration(const char *s, size_t len)
 {
     char text[SX_HINT_VALUE_MAX];
-    if (len == 0 || len >= sizeof text)
+    if (copy_value(text, sizeof text, s, len) != 0)
         return -1;
-    memcpy(text, s, len);
-    text[len] = '\0';
 
     const char *p = text;
     double total = 0;
@@ -105,30 +123,32 @@ static int name_is(const char *line, size_t name_len, const char *want)
     return strlen(want) == name_len && strncasecmp(line, want, name_len) == 0;
 }
 
+/* 1*DIGIT, at most 18 of them (fits a long); -1 otherwise ("-0" and "+5" included). */
 static long parse_long(const char *s, size_t len)
 {
-    char text[32];
-    if (len == 0 || len >= sizeof text)
+    if (len == 0 || len > 18)
         return -1;
-    memcpy(text, s, len);
-    text[len] = '\0';
-    char *end;
-    long v = strtol(text, &end, 10);
-    return (*end == '\0' && v >= 0) ? v : -1;
+    long v = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (!isdigit((unsigned char)s[i]))
+            return -1;
+        v = v * 10 + (s[i] - '0');
+    }
+    return v;
 }
 
+/* Retry-After = delta-seconds / HTTP-date (RFC 9110 10.2.3). delta-seconds is 1*DIGIT; a
+ * decimal fraction is accepted too, since some servers send one and it cannot be misread. */
 static double parse_retry_after(const char *s, size_t len, double wall_now)
 {
     char text[SX_HINT_VALUE_MAX];
-    if (len == 0 || len >= sizeof text)
+    if (copy_value(text, sizeof text, s, len) != 0)
         return -1;
-    memcpy(text, s, len);
-    text[len] = '\0';
-    const char *end;
-    double v = parse_decimal(text, &end);
-    if (v >= 0 && *end == '\0')
-        return v > 86400.0 ? 86400.0 : v;
-    /* An HTTP-date: libcurl already knows every format RFC 7231 allows. */
+    if (isdigit((unsigned char)text[0]))
+        return parse_number(s, len);
+    /* An HTTP-date starts with a day name; libcurl knows every format RFC 9110 allows. */
+    if (!isalpha((unsigned char)text[0]))
+        return -1;
     time_t when = curl_getdate(text, NULL);
     if (when == (time_t)-1)
         return -1;
@@ -160,7 +180,7 @@ void sx_hints_feed(sx_hints *h, const char *line, size_t len, double wall_now)
         value_len--;
 
     if (name_is(line, name_len, "retry-after-ms")) {
-        double ms = sx_parse_duration(value, value_len);
+        double ms = parse_number(value, value_len);   /* milliseconds, no unit */
         if (ms >= 0)
             h->retry_after = ms / 1000.0;   /* takes precedence: it is the finer hint */
     } else if (name_is(line, name_len, "retry-after")) {
@@ -182,7 +202,12 @@ void sx_hints_feed(sx_hints *h, const char *line, size_t len, double wall_now)
     }
 }
 
-double sx_hints_retry_delay(const sx_hints *h)
+double sx_hint_usable(double delay, double max_wait)
+{
+    return (delay >= 0 && delay <= max_wait) ? delay : -1;
+}
+
+double sx_hints_asked_delay(const sx_hints *h)
 {
     if (h->retry_after >= 0)
         return h->retry_after;
@@ -195,6 +220,11 @@ double sx_hints_retry_delay(const sx_hints *h)
     return delay;
 }
 
+double sx_hints_retry_delay(const sx_hints *h, double max_wait)
+{
+    return sx_hint_usable(sx_hints_asked_delay(h), max_wait);
+}
+
 static double refill_time(double reset, long limit, double need)
 {
     if (limit <= 0)
@@ -205,7 +235,7 @@ static double refill_time(double reset, long limit, double need)
     return t < reset ? t : reset;
 }
 
-double sx_hints_exhausted_delay(const sx_hints *h, double tokens)
+double sx_hints_exhausted_delay(const sx_hints *h, double tokens, double max_wait)
 {
     double delay = -1;
     if (h->remaining_requests == 0 && h->reset_requests >= 0) {
@@ -218,5 +248,5 @@ double sx_hints_exhausted_delay(const sx_hints *h, double tokens)
         if (t > delay)
             delay = t;
     }
-    return delay;
+    return sx_hint_usable(delay, max_wait);
 }

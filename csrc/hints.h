@@ -8,11 +8,31 @@
  *       "20ms", "1h2m3.5s", or a bare number of seconds)
  *   x-ratelimit-remaining-requests / x-ratelimit-remaining-tokens: integers
  *   x-ratelimit-limit-requests / x-ratelimit-limit-tokens: integers (the budget's size)
- * A status line ("HTTP/1.1 ...") resets the hints: only the final response counts. */
+ * A status line ("HTTP/1.1 ...") resets the hints: only the final response counts.
+ *
+ * Strict grammar: a value that is not exactly what the header's grammar allows is ignored
+ * (the header is treated as absent), never read as its longest valid prefix. Numbers are
+ * ASCII digits with at most one decimal point: no sign, no exponent, no "inf", no embedded
+ * NUL or other bytes; "retry-after-ms: 2s" is not 0.002 s, "Retry-After: +5" is nothing.
+ * An HTTP-date must start with a day name.
+ *
+ * The parsed values are not capped here: the one cap is `max_wait` (the request option
+ * max_hint_wait, SX_HINT_WAIT_DEFAULT unless the caller chose one) applied by the functions
+ * that turn hints into a delay, sx_hints_retry_delay and sx_hints_exhausted_delay, and by
+ * sx_backoff. A delay above it is ignored, as if the server had sent no hint: our own
+ * backoff then applies, and if the server keeps refusing, the row fails after its retries
+ * with an error that says the hint was ignored. A hostile or broken header
+ * ("Retry-After: Fri, 31 Dec 9999 ...", "x-ratelimit-reset-requests: 99999999h") therefore
+ * cannot stall the engine: the alternative, sleeping for the capped time, would still hold
+ * every other batch for minutes on the word of one bad response. */
 #ifndef SEMEX_HINTS_H
 #define SEMEX_HINTS_H
 
 #include <stddef.h>
+
+/* Default for max_hint_wait (seconds): openai-python likewise ignores a Retry-After above
+ * a minute; we allow two, since OpenAI's own x-ratelimit-reset-tokens can say "1m30s". */
+#define SX_HINT_WAIT_DEFAULT 120.0
 
 typedef struct sx_hints {
     double retry_after;         /* seconds from Retry-After / retry-after-ms; < 0 if absent */
@@ -35,9 +55,18 @@ void sx_hints_feed(sx_hints *h, const char *line, size_t len, double wall_now);
  * Returns -1 on anything it cannot read completely. */
 double sx_parse_duration(const char *s, size_t len);
 
+/* The one cap on every hint: `delay` if it is a usable wait (0 <= delay <= max_wait, not
+ * NaN), else -1 (ignore it). */
+double sx_hint_usable(double delay, double max_wait);
+
 /* The delay the server asked for before retrying: Retry-After if given, else the later of the
- * x-ratelimit resets whose remaining count is 0 (or absent), else -1. */
-double sx_hints_retry_delay(const sx_hints *h);
+ * x-ratelimit resets whose remaining count is 0 (or absent), else -1. -1 as well when that
+ * delay is above max_wait (see above). */
+double sx_hints_retry_delay(const sx_hints *h, double max_wait);
+
+/* The delay the server asked for, uncapped (for messages saying what was ignored); -1 if
+ * none. */
+double sx_hints_asked_delay(const sx_hints *h);
 
 /* The delay before the next request may go out because the server said a budget is used up
  * (remaining == 0 with a reset time), on any response; -1 if none. OpenAI's reset is the time
@@ -45,7 +74,7 @@ double sx_hints_retry_delay(const sx_hints *h);
  * known (x-ratelimit-limit-*), the wait is the time to refill what one request needs, one
  * request or `tokens` tokens (reset × need / limit), not the whole reset. Pausing for the
  * whole reset each time a steady client at the limit drains the budget to 0 would cost it
- * throughput for nothing. */
-double sx_hints_exhausted_delay(const sx_hints *h, double tokens);
+ * throughput for nothing. A delay above max_wait is ignored (-1). */
+double sx_hints_exhausted_delay(const sx_hints *h, double tokens, double max_wait);
 
 #endif

@@ -123,7 +123,11 @@ int sx_json_string(sx_json_cursor *c, sx_json_span *out, int extracted)
     return FALLBACK;  /* unterminated */
 }
 
-/* Very long numbers fall back: Python refuses integers of more than 4,300 digits. */
+/* Long numbers fall back. json.loads turns an integer literal into an int, which refuses
+ * more digits than sys.get_int_max_str_digits() allows; that limit can change at run time
+ * but never below SX_JSON_INT_DIGITS_SAFE (jsonscan.h), so longer integers are left to
+ * json.loads and the two agree under every setting. A fraction or exponent makes a float,
+ * which has no such limit; those are only capped so that a scan stays cheap. */
 int sx_json_number(sx_json_cursor *c, int64_t *as_int, int *is_int)
 {
     const unsigned char *p = c->p, *end = c->end, *start = p;
@@ -162,6 +166,8 @@ int sx_json_number(sx_json_cursor *c, int64_t *as_int, int *is_int)
             p++;
     }
     if (p - start > 4000)
+        return FALLBACK;
+    if (integral && int_end - start > SX_JSON_INT_DIGITS_SAFE + (*start == '-'))
         return FALLBACK;
     *as_int = -1;
     if (plain && int_end - start <= 18) {

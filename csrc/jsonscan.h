@@ -42,7 +42,14 @@ int sx_json_hex4(const unsigned char *p, unsigned *out);
  * `out` may be NULL. */
 int sx_json_string(sx_json_cursor *c, sx_json_span *out, int extracted);
 
-/* An RFC 8259 number. *as_int gets its value when it is a plain non-negative integer of at
+/* Integer literals with more digits than this fall back to json.loads: CPython's
+ * _PY_LONG_MAX_STR_DIGITS_THRESHOLD, the lowest value sys.set_int_max_str_digits accepts
+ * besides 0 (no limit), below which int() never refuses. tests/test_hints.py checks the
+ * agreement under lowered limits at run time. */
+#define SX_JSON_INT_DIGITS_SAFE 640
+
+/* An RFC 8259 number (integers of more than SX_JSON_INT_DIGITS_SAFE digits fall back).
+ * *as_int gets its value when it is a plain non-negative integer of at
  * most 18 digits, else -1. `is_int` (may be NULL) is set to 1 when the number has no
  * fraction and no exponent (a negative integer too). */
 int sx_json_number(sx_json_cursor *c, int64_t *as_int, int *is_int);

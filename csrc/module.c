@@ -172,7 +172,8 @@ PyDoc_STRVAR(Engine_submit_doc,
 "submit($self, url, headers, bodies, tokens=None, *, timeout=60.0, connect_timeout=10.0,\n"
 "       max_retries=5, max_body=67108864, verify=True, backoff_base=0.5, backoff_cap=30.0,\n"
 "       notify_each=False, max_in_flight=0, parse_chat=False, share_cap_with=None,\n"
-"       total_timeout=0.0, stream_deltas=False, ca_file=None, ca_path=None)\n"
+"       total_timeout=0.0, stream_deltas=False, ca_file=None, ca_path=None,\n"
+"       max_hint_wait=120.0)\n"
 "--\n\n"
 "Submit one batch: a request per item of `bodies` (bytes to POST, or None to GET), all to\n"
 "`url` with `headers` (a list of 'Name: value' strings). `tokens` gives each request's\n"
@@ -186,7 +187,9 @@ PyDoc_STRVAR(Engine_submit_doc,
 "With parse_chat, event-stream answers are assembled by the workers into the same shape;\n"
 "stream_deltas=True also queues their text as it arrives (see Batch.take_deltas).\n"
 "ca_file / ca_path: a CA bundle file / a directory of CA certificates to verify servers\n"
-"with instead of libcurl's default.");
+"with instead of libcurl's default.\n"
+"max_hint_wait: a server's Retry-After / retry-after-ms / x-ratelimit-reset-* asking for a\n"
+"longer wait (seconds) is ignored, as if absent, so no response can stall the engine.");
 
 static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwds)
 {
@@ -194,21 +197,22 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
                              "connect_timeout", "max_retries", "max_body", "verify",
                              "backoff_base", "backoff_cap", "notify_each", "max_in_flight",
                              "parse_chat", "share_cap_with", "total_timeout", "stream_deltas",
-                             "ca_file", "ca_path", NULL};
+                             "ca_file", "ca_path", "max_hint_wait", NULL};
     const char *url;
     PyObject *headers_obj, *bodies_obj, *tokens_obj = Py_None, *share_obj = Py_None;
     double timeout = 60.0, connect_timeout = 10.0, backoff_base = 0.5, backoff_cap = 30.0;
     double total_timeout = 0.0;
+    double max_hint_wait = SX_HINT_WAIT_DEFAULT;
     int max_retries = 5, verify = 1, notify_each = 0, batch_cap = 0, parse_chat = 0;
     int stream_deltas = 0;
     const char *ca_file = NULL, *ca_path = NULL;
     Py_ssize_t max_body = 64 * 1024 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpipOdpzz:submit", kwlist, &url,
-                                     &headers_obj, &bodies_obj, &tokens_obj, &timeout,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpipOdpzzd:submit", kwlist,
+                                     &url, &headers_obj, &bodies_obj, &tokens_obj, &timeout,
                                      &connect_timeout, &max_retries, &max_body, &verify,
                                      &backoff_base, &backoff_cap, &notify_each, &batch_cap,
                                      &parse_chat, &share_obj, &total_timeout, &stream_deltas,
-                                     &ca_file, &ca_path))
+                                     &ca_file, &ca_path, &max_hint_wait))
         return NULL;
     sx_batch *share_with = NULL;
     if (share_obj != Py_None) {
@@ -241,6 +245,10 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
     }
     if (!(backoff_base >= 0) || !(backoff_cap >= 0)) {
         PyErr_SetString(PyExc_ValueError, "backoff_base and backoff_cap must be >= 0");
+        return NULL;
+    }
+    if (!(max_hint_wait >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "max_hint_wait must be >= 0 seconds");
         return NULL;
     }
 
@@ -329,6 +337,7 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
         .verify_tls = verify,
         .backoff_base = backoff_base,
         .backoff_cap = backoff_cap,
+        .max_hint_wait = max_hint_wait,
         .notify_each = notify_each,
         .max_in_flight = batch_cap > 0 ? batch_cap : 0,
         .parse_chat = parse_chat,

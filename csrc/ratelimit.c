@@ -3,6 +3,8 @@
 
 #include <math.h>
 
+#include "hints.h"
+
 void sx_bucket_init(sx_bucket *b, double per_minute, double now)
 {
     b->rate = per_minute > 0 ? per_minute / 60.0 : 0.0;
@@ -96,7 +98,7 @@ double sx_rng_uniform(sx_rng *r)
     return (double)((x * 0x2545F4914F6CDD1Dull) >> 11) * (1.0 / 9007199254740992.0);
 }
 
-double sx_backoff(sx_rng *r, int retry, double base, double cap, double hint)
+double sx_backoff(sx_rng *r, int retry, double base, double cap, double hint, double max_hint)
 {
     if (retry < 1)
         retry = 1;
@@ -104,5 +106,6 @@ double sx_backoff(sx_rng *r, int retry, double base, double cap, double hint)
     if (ceiling > cap)
         ceiling = cap;
     double delay = sx_rng_uniform(r) * ceiling;
+    hint = sx_hint_usable(hint, max_hint);
     return delay > hint ? delay : hint;
 }

@@ -61,7 +61,9 @@ void sx_rng_seed(sx_rng *r, uint64_t seed);
 double sx_rng_uniform(sx_rng *r); /* in [0, 1) */
 
 /* Delay before retry number `retry` (1 = first retry): uniform in [0, min(cap, base*2^(retry-1))]
- * (full jitter), and never less than `hint` (the server's Retry-After etc.; <= 0 if none). */
-double sx_backoff(sx_rng *r, int retry, double base, double cap, double hint);
+ * (full jitter), and never less than `hint` (the server's Retry-After etc.; < 0 if none) when
+ * the hint is usable: 0 <= hint <= max_hint (sx_hint_usable, hints.h). A hint above max_hint
+ * is ignored, so the delay is never above max(cap, max_hint). */
+double sx_backoff(sx_rng *r, int retry, double base, double cap, double hint, double max_hint);
 
 #endif

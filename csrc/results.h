@@ -60,6 +60,7 @@ typedef struct sx_request_opts {
     int verify_tls;          /* 0 only when the user turned verification off */
     double backoff_base;     /* seconds; first retry waits up to this */
     double backoff_cap;      /* seconds; no single backoff waits longer */
+    double max_hint_wait;    /* seconds; a server hint asking for longer is ignored (hints.h) */
     int notify_each;         /* 1: wake the eventfd on every completion (progress bars) */
     int max_in_flight;       /* this batch's own concurrency cap; 0: only the engine's */
     int parse_chat;          /* 1: workers read successful answers as chat completions, and

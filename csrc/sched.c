@@ -399,7 +399,8 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
         s->stats.window_cuts++;
 
     /* A server that says a budget is used up is believed on any response, not only 429. */
-    double exhausted = sx_hints_exhausted_delay(&a->hints, slot->tokens);
+    double max_hint = b->opts.max_hint_wait;
+    double exhausted = sx_hints_exhausted_delay(&a->hints, slot->tokens, max_hint);
     if (exhausted > 0)
         extend_cooldown(s, now + exhausted);
 
@@ -412,7 +413,8 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
     if (a->verdict != SX_V_RETRY)
         return a->verdict;
 
-    double hint = sx_hints_retry_delay(&a->hints);
+    double hint = sx_hints_retry_delay(&a->hints, max_hint);
+    double asked = sx_hints_asked_delay(&a->hints);
     if (a->rate_limited) {
         /* A 429 speaks for the whole account: everyone waits, not just this request. */
         s->consecutive_429++;
@@ -428,12 +430,18 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
     if (slot->attempts > b->opts.max_retries ||
         (a->attempt_limit > 0 && slot->attempts >= a->attempt_limit)) {
         size_t len = strlen(a->reason);
-        snprintf(a->reason + len, sizeof a->reason - len, " (gave up after %d attempts)",
-                 slot->attempts);
+        if (asked >= 0 && hint < 0)
+            snprintf(a->reason + len, sizeof a->reason - len,
+                     " (gave up after %d attempts; the server asked to wait %.0f s, more than"
+                     " max_hint_wait=%g s, so that hint was ignored)",
+                     slot->attempts, asked, max_hint);
+        else
+            snprintf(a->reason + len, sizeof a->reason - len, " (gave up after %d attempts)",
+                     slot->attempts);
         return SX_V_FAIL;
     }
     double delay = sx_backoff(rng, slot->attempts, b->opts.backoff_base, b->opts.backoff_cap,
-                              hint);
+                              hint, max_hint);
     if (now + delay < s->cooldown_until)
         delay = s->cooldown_until - now;
     if (slot->deadline > 0) {

@@ -20,6 +20,9 @@ the key (``[[name]]`` / ``[[name=value]]``, ``*N`` = only attempts 1..N):
     document, batch or single)  [[maxlen=N]] (400 context_length_exceeded when the
     last message is longer than N characters)  [[ids=PREFIX]] (answer with the distinct
     words starting with PREFIX in the last message, in order: a summarizer that shrinks)
+    [[rawstatus=CODE]] (with rawb64: answer with this status instead of 200)
+    [[hdrb64=BASE64]] (add these raw header lines, "Name: value" separated by "\n",
+    latin-1, URL-safe base64, to every response to this request, whatever its status)
 
 Streaming: a request with "stream": true (or the directive [[sse]]) is answered with
 server-sent events (Content-Type: text/event-stream, chunked): the content in
@@ -715,9 +718,13 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool,
         if outcome == "client_closed":
             st.client_closed += 1
 
+    raw_headers: list[tuple[str, str]] = []   # [[hdrb64=...]], once directives are read
+
     async def reply(status: int, rbody: bytes, extra=None,
                     ctype: str = "application/json") -> bool:
         finish(status)
+        if raw_headers:
+            extra = list(extra or []) + raw_headers
         await conn.send(build_response(status, rbody, keep_alive, ctype, extra=extra))
         return keep_alive
 
@@ -769,6 +776,12 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool,
             ("retry-after-ms", str(ms))])
 
     d = parse_directives(key) if "[[" in key else {}
+    if d.get("hdrb64", (None,))[0]:
+        import base64
+        text = base64.urlsafe_b64decode(d["hdrb64"][0]).decode("latin-1")
+        for line in text.split("\n"):
+            name, _, value = line.partition(": ")
+            raw_headers.append((name, value))
 
     if d:
         if "quota" in d:
@@ -878,7 +891,10 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool,
 
     if "rawb64" in d and "sse" in d:  # these exact bytes as an event stream
         return await reply(200, rbody, ctype="text/event-stream")
-    return await reply(200, rbody)
+    status = 200
+    if "rawb64" in d and d.get("rawstatus", (None,))[0]:
+        status = int(d["rawstatus"][0])
+    return await reply(status, rbody)
 
 
 async def stream_chat(conn: Conn, rec: dict, finish, d: dict, attempt: int, keep_alive: bool,

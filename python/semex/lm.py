@@ -37,7 +37,7 @@ _LM_PARAMETERS = (
     "connect_timeout", "total_timeout", "temperature", "max_tokens", "extra_body",
     "extra_headers", "structured_output", "workers", "adaptive_concurrency",
     "max_response_bytes",
-    "verify_tls", "backoff_base", "backoff_cap", "input_price_per_million",
+    "verify_tls", "backoff_base", "backoff_cap", "max_hint_wait", "input_price_per_million",
     "output_price_per_million", "max_batch_size", "rate_limit", "tpm_limit", "max_ctx_len",
     "provider", "api_version")
 
@@ -122,7 +122,7 @@ def _provider_message(body: Optional[bytes]) -> Optional[str]:
         return None
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested deeper than json.loads recurses
         text = body[:300].decode("utf-8", "replace").strip()
         return text or None
     if isinstance(obj, dict):
@@ -160,6 +160,12 @@ class LM:
         429, 5xx), with exponential backoff and full jitter, never sooner than the server's
         ``Retry-After``/``x-ratelimit-reset-*`` hints. 401/403 and ``insufficient_quota``
         are never retried and stop the call.
+    max_hint_wait:
+        The longest wait (seconds, default 120) a server's hint may ask for: a
+        ``Retry-After``, ``retry-after-ms`` or ``x-ratelimit-reset-*`` above it is ignored as
+        if absent (our own backoff applies, and a row that runs out of retries says the hint
+        was ignored), so one broken or hostile response cannot stall every batch for hours.
+        Raise it for a provider whose legitimate resets are longer.
     timeout, connect_timeout:
         Seconds per attempt for the whole request, and for connecting.
     total_timeout:
@@ -238,6 +244,7 @@ class LM:
         verify_tls: bool = True,
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
+        max_hint_wait: float = 120.0,
         input_price_per_million: Optional[float] = None,
         output_price_per_million: Optional[float] = None,
         max_batch_size: Optional[int] = None,
@@ -288,6 +295,9 @@ class LM:
             if not (isinstance(value, (int, float)) and value > 0):
                 raise E.ConfigurationError(f"{name} must be a positive number of seconds, "
                                            f"got {value!r}")
+        if not (isinstance(max_hint_wait, (int, float)) and max_hint_wait >= 0):
+            raise E.ConfigurationError(
+                f"max_hint_wait must be a number of seconds >= 0, got {max_hint_wait!r}")
         if max_tokens is not None:
             _check_int("max_tokens", max_tokens, 1)
         if structured_output not in (True, False, "json_schema", "json_object"):
@@ -318,6 +328,7 @@ class LM:
         self.verify_tls, self.ca_file, self.ca_path = _tls_settings(verify_tls)
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        self.max_hint_wait = float(max_hint_wait)
         if input_price_per_million is None and output_price_per_million is None:
             from .pricing import price_for
 
@@ -775,6 +786,7 @@ class _Job:
             max_retries=lm.max_retries, max_body=lm.max_response_bytes,
             verify=lm.verify_tls, ca_file=lm.ca_file, ca_path=lm.ca_path,
             backoff_base=lm.backoff_base, backoff_cap=lm.backoff_cap,
+            max_hint_wait=lm.max_hint_wait,
             notify_each=self.progress is not None, max_in_flight=self.max_concurrent,
             parse_chat=True, share_cap_with=self.cap_holder,
             total_timeout=lm.total_timeout or 0.0,
@@ -871,7 +883,7 @@ class _Job:
             answer = json.loads(body)
             choice = answer["choices"][0]
             content = choice["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:
             self.errors[i] = E.ResponseFormatError(
                 f"item {i}: the provider's answer could not be read "
                 f"({type(exc).__name__}: {exc})", index=i, status=status, attempts=attempts,

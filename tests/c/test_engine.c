@@ -316,7 +316,7 @@ static void test_backoff(void)
         double lo = 1e9, hi = -1, sum = 0;
         const int n = 5000;
         for (int i = 0; i < n; i++) {
-            double d = sx_backoff(&r, retry, base, cap, -1);
+            double d = sx_backoff(&r, retry, base, cap, -1, 1e9);
             CHECK(d >= 0.0 && d <= ceiling);
             if (d < lo)
                 lo = d;
@@ -331,28 +331,30 @@ static void test_backoff(void)
     }
     /* Never below the hint; the hint wins even above the cap (the server asked). */
     for (int i = 0; i < 2000; i++) {
-        double d = sx_backoff(&r, 1, base, cap, 0.4);
+        double d = sx_backoff(&r, 1, base, cap, 0.4, 1e9);
         CHECK(d >= 0.4 && d <= 0.5);
-        d = sx_backoff(&r, 3, base, cap, 1.5);
+        d = sx_backoff(&r, 3, base, cap, 1.5, 1e9);
         CHECK(d >= 1.5 && d <= 2.0);
-        d = sx_backoff(&r, 2, base, cap, 3.0);
+        d = sx_backoff(&r, 2, base, cap, 3.0, 1e9);
         CHECK(d == 3.0);
-        d = sx_backoff(&r, 30, base, cap, 20.0);
+        d = sx_backoff(&r, 30, base, cap, 20.0, 1e9);
         CHECK(d == 20.0);
     }
     /* Huge retry counts stay capped (no overflow to inf/nan). */
     for (int i = 0; i < 1000; i++) {
-        double d = sx_backoff(&r, 5000, base, cap, -1);
+        double d = sx_backoff(&r, 5000, base, cap, -1, 1e9);
         CHECK(d >= 0.0 && d <= cap);
     }
     /* retry < 1 is treated as the first retry. */
     for (int i = 0; i < 1000; i++) {
-        double d = sx_backoff(&r, 0, base, cap, -1);
+        double d = sx_backoff(&r, 0, base, cap, -1, 1e9);
         CHECK(d >= 0.0 && d <= base);
     }
 }
 
 /* ------------------------------------------------------------------ header hints */
+
+#define MAXW SX_HINT_WAIT_DEFAULT
 
 static void feed(sx_hints *h, const char *line, double wall_now)
 {
@@ -372,12 +374,12 @@ static void test_hints_retry_after(void)
     sx_hints_reset(&h);
     CHECK(h.retry_after < 0 && h.reset_requests < 0 && h.reset_tokens < 0);
     CHECK(h.remaining_requests < 0 && h.remaining_tokens < 0);
-    CHECK(sx_hints_retry_delay(&h) < 0);
-    CHECK(sx_hints_exhausted_delay(&h, 1) < 0);
+    CHECK(sx_hints_retry_delay(&h, MAXW) < 0);
+    CHECK(sx_hints_exhausted_delay(&h, 1, MAXW) < 0);
 
     feed(&h, "Retry-After: 7\r\n", wall);
     CHECK_NEAR(h.retry_after, 7.0, EPS);
-    CHECK_NEAR(sx_hints_retry_delay(&h), 7.0, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h, MAXW), 7.0, EPS);
 
     /* HTTP-date 30 s after wall_now. */
     char date[64], line[128];
@@ -389,7 +391,7 @@ static void test_hints_retry_after(void)
     sx_hints_reset(&h);
     feed(&h, line, wall);
     CHECK_NEAR(h.retry_after, 30.0, 1e-6);
-    CHECK_NEAR(sx_hints_retry_delay(&h), 30.0, 1e-6);
+    CHECK_NEAR(sx_hints_retry_delay(&h, MAXW), 30.0, 1e-6);
     /* A date in the past means now, not a negative delay. */
     sx_hints_reset(&h);
     feed(&h, line, wall + 100);
@@ -405,7 +407,7 @@ static void test_hints_retry_after(void)
     feed(&h, "Retry-After: 7\r\n", wall);
     feed(&h, "retry-after-ms: 250\r\n", wall);
     CHECK_NEAR(h.retry_after, 0.25, EPS);
-    CHECK_NEAR(sx_hints_retry_delay(&h), 0.25, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h, MAXW), 0.25, EPS);
 
     /* Case-insensitive names, extra whitespace, bare LF or no line ending at all. */
     sx_hints_reset(&h);
@@ -448,8 +450,8 @@ static void test_hints_retry_after(void)
     CHECK(h.retry_after < 0);
     CHECK(h.remaining_requests < 0);
     CHECK(h.reset_requests < 0);
-    CHECK(sx_hints_retry_delay(&h) < 0);
-    CHECK(sx_hints_exhausted_delay(&h, 1) < 0);
+    CHECK(sx_hints_retry_delay(&h, MAXW) < 0);
+    CHECK(sx_hints_exhausted_delay(&h, 1, MAXW) < 0);
     feed(&h, "Retry-After: 5\r\n", wall);
     feed(&h, "HTTP/2 429\r\n", wall);
     CHECK(h.retry_after < 0);
@@ -486,6 +488,132 @@ static void test_hints_durations(void)
     CHECK(dur(longbuf) < 0);
 }
 
+/* Issue 14 §2b: hints a hostile or broken server sends. None may stall the engine, and a
+ * value the header's grammar does not allow is no hint at all. */
+static void test_hints_hostile(void)
+{
+    const double wall = 1700000000.0;
+    sx_hints h;
+
+    /* Absurd waits parse (the value is what it is) but are never usable. */
+    const char *huge[] = {
+        "Retry-After: Fri, 31 Dec 9999 23:59:59 GMT\r\n",
+        "x-ratelimit-reset-requests: 99999999h\r\n",
+        "retry-after-ms: 99999999999999\r\n",
+        "Retry-After: 99999999999999999999\r\n",
+        "Retry-After: 121\r\n",
+    };
+    for (size_t i = 0; i < sizeof huge / sizeof huge[0]; i++) {
+        sx_hints_reset(&h);
+        feed(&h, "x-ratelimit-remaining-requests: 0\r\n", wall);
+        feed(&h, huge[i], wall);
+        double asked = sx_hints_asked_delay(&h);
+        CHECK(asked > MAXW || h.reset_requests < 0);
+        CHECK(isfinite(asked));
+        CHECK(sx_hints_retry_delay(&h, MAXW) < 0);
+        CHECK(sx_hints_exhausted_delay(&h, 1, MAXW) < 0);
+        CHECK(sx_hints_retry_delay(&h, 1e300) == asked);
+    }
+    /* The cap itself, at the edge. */
+    CHECK(sx_hint_usable(120.0, 120.0) == 120.0);
+    CHECK(sx_hint_usable(120.001, 120.0) < 0);
+    CHECK(sx_hint_usable(0.0, 0.0) == 0.0);
+    CHECK(sx_hint_usable(-1.0, 120.0) < 0);
+    CHECK(sx_hint_usable(NAN, 120.0) < 0);
+    CHECK(sx_hint_usable(INFINITY, 120.0) < 0);
+
+    /* Strict grammar: each of these is ignored, not read as its valid prefix. */
+    const char *bad[] = {
+        "retry-after-ms: 2s\r\n",      /* milliseconds take no unit */
+        "retry-after-ms: 1e3\r\n",
+        "retry-after-ms: -0\r\n",
+        "retry-after-ms: +5\r\n",
+        "Retry-After: +5\r\n",
+        "Retry-After: -0\r\n",
+        "Retry-After: 5s\r\n",
+        "Retry-After: 5 6\r\n",
+        "Retry-After: 5.\r\n",
+        "Retry-After: .5\r\n",
+        "Retry-After: 1,5\r\n",
+        "Retry-After: 12:00:00\r\n",   /* not an HTTP-date: no day name */
+        "Retry-After: 2099\r\n"        /* a number, so read as seconds, capped below */
+    };
+    for (size_t i = 0; i + 1 < sizeof bad / sizeof bad[0]; i++) {
+        sx_hints_reset(&h);
+        feed(&h, bad[i], wall);
+        CHECK(h.retry_after < 0);
+        if (h.retry_after >= 0)
+            fprintf(stderr, "  accepted: %s", bad[i]);
+    }
+    /* An embedded NUL: "5\0garbage" is not 5. */
+    static const char nul[] = "Retry-After: 5\0garbage\r\n";
+    sx_hints_reset(&h);
+    sx_hints_feed(&h, nul, sizeof nul - 1, wall);
+    CHECK(h.retry_after < 0);
+    static const char nul_ms[] = "retry-after-ms: 5\0\r\n";
+    sx_hints_reset(&h);
+    sx_hints_feed(&h, nul_ms, sizeof nul_ms - 1, wall);
+    CHECK(h.retry_after < 0);
+    static const char nul_reset[] = "x-ratelimit-reset-requests: 1s\0\r\n";
+    sx_hints_reset(&h);
+    sx_hints_feed(&h, nul_reset, sizeof nul_reset - 1, wall);
+    CHECK(h.reset_requests < 0);
+    /* Counts: digits only. */
+    const char *bad_counts[] = {
+        "x-ratelimit-remaining-requests: -0\r\n",
+        "x-ratelimit-remaining-requests: +0\r\n",
+        "x-ratelimit-remaining-requests:  0x0\r\n",
+        "x-ratelimit-remaining-requests: 0.0\r\n",
+        "x-ratelimit-remaining-requests: 99999999999999999999999\r\n",
+    };
+    for (size_t i = 0; i < sizeof bad_counts / sizeof bad_counts[0]; i++) {
+        sx_hints_reset(&h);
+        feed(&h, bad_counts[i], wall);
+        CHECK(h.remaining_requests < 0);
+    }
+    static const char nul_count[] = "x-ratelimit-remaining-requests: 0\0\r\n";
+    sx_hints_reset(&h);
+    sx_hints_feed(&h, nul_count, sizeof nul_count - 1, wall);
+    CHECK(h.remaining_requests < 0);
+
+    /* What the grammar does allow still works. */
+    sx_hints_reset(&h);
+    feed(&h, "retry-after-ms: 1500.5\r\n", wall);
+    CHECK_NEAR(h.retry_after, 1.5005, 1e-9);
+    sx_hints_reset(&h);
+    feed(&h, "Retry-After: 0\r\n", wall);
+    CHECK(h.retry_after == 0.0);
+    sx_hints_reset(&h);
+    feed(&h, "Retry-After: 1.5\r\n", wall);
+    CHECK_NEAR(h.retry_after, 1.5, EPS);
+    sx_hints_reset(&h);
+    feed(&h, "x-ratelimit-remaining-requests: 0\r\n", wall);
+    CHECK(h.remaining_requests == 0);
+    sx_hints_reset(&h);
+    feed(&h, "Retry-After: 2099\r\n", wall);
+    CHECK(h.retry_after == 2099.0 && sx_hints_retry_delay(&h, MAXW) < 0);
+}
+
+/* sx_backoff never returns more than max(backoff_cap, max_hint): a hint above the cap is
+ * ignored, one below is honoured. */
+static void test_backoff_hint_cap(void)
+{
+    sx_rng r;
+    sx_rng_seed(&r, 77);
+    for (int i = 0; i < 2000; i++) {
+        double d = sx_backoff(&r, 3, 0.5, 8.0, 3e11, MAXW);
+        CHECK(d >= 0 && d <= 2.0);
+        d = sx_backoff(&r, 40, 0.5, 8.0, 1e300, MAXW);
+        CHECK(d >= 0 && d <= 8.0);
+        d = sx_backoff(&r, 1, 0.5, 8.0, INFINITY, MAXW);
+        CHECK(d >= 0 && d <= 0.5);
+        d = sx_backoff(&r, 1, 0.5, 8.0, NAN, MAXW);
+        CHECK(d >= 0 && d <= 0.5);
+        d = sx_backoff(&r, 1, 0.5, 8.0, 100.0, MAXW);
+        CHECK(d == 100.0);
+    }
+}
+
 static void test_hints_ratelimit_headers(void)
 {
     const double wall = 1700000000.0;
@@ -498,16 +626,19 @@ static void test_hints_ratelimit_headers(void)
     feed(&h, "X-RATELIMIT-RESET-REQUESTS: 6m0s\r\n", wall);
     CHECK(h.remaining_requests == 0);
     CHECK_NEAR(h.reset_requests, 360.0, EPS);
-    CHECK_NEAR(sx_hints_exhausted_delay(&h, 1), 360.0, EPS);
-    CHECK_NEAR(sx_hints_retry_delay(&h), 360.0, EPS);
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 1, 3600), 360.0, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h, 3600), 360.0, EPS);
+    /* Above max_hint_wait (the default is 2 minutes) the hint is ignored. */
+    CHECK(sx_hints_exhausted_delay(&h, 1, MAXW) < 0);
+    CHECK(sx_hints_retry_delay(&h, MAXW) < 0);
 
     /* remaining 5: not exhausted. */
     sx_hints_reset(&h);
     feed(&h, "x-ratelimit-remaining-requests: 5\r\n", wall);
     feed(&h, "x-ratelimit-reset-requests: 1s\r\n", wall);
     CHECK(h.remaining_requests == 5);
-    CHECK(sx_hints_exhausted_delay(&h, 1) < 0);
-    CHECK(sx_hints_retry_delay(&h) < 0);
+    CHECK(sx_hints_exhausted_delay(&h, 1, MAXW) < 0);
+    CHECK(sx_hints_retry_delay(&h, MAXW) < 0);
 
     /* Tokens exhausted too: the later reset wins. */
     sx_hints_reset(&h);
@@ -515,8 +646,8 @@ static void test_hints_ratelimit_headers(void)
     feed(&h, "x-ratelimit-reset-requests: 20ms\r\n", wall);
     feed(&h, "x-ratelimit-remaining-tokens: 0\r\n", wall);
     feed(&h, "x-ratelimit-reset-tokens: 1.5s\r\n", wall);
-    CHECK_NEAR(sx_hints_exhausted_delay(&h, 1), 1.5, EPS);
-    CHECK_NEAR(sx_hints_retry_delay(&h), 1.5, EPS);
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 1, MAXW), 1.5, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h, MAXW), 1.5, EPS);
 
     /* Only the tokens budget is used up. */
     sx_hints_reset(&h);
@@ -524,8 +655,8 @@ static void test_hints_ratelimit_headers(void)
     feed(&h, "x-ratelimit-reset-requests: 9s\r\n", wall);
     feed(&h, "x-ratelimit-remaining-tokens: 0\r\n", wall);
     feed(&h, "x-ratelimit-reset-tokens: 20ms\r\n", wall);
-    CHECK_NEAR(sx_hints_exhausted_delay(&h, 1), 0.02, EPS);
-    CHECK_NEAR(sx_hints_retry_delay(&h), 0.02, EPS);
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 1, MAXW), 0.02, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h, MAXW), 0.02, EPS);
 
     /* With the budget's size known, only what the next request needs is waited for: the
      * reset is the time to a full budget, which refills continuously. */
@@ -534,23 +665,23 @@ static void test_hints_ratelimit_headers(void)
     feed(&h, "x-ratelimit-remaining-requests: 0\r\n", wall);
     feed(&h, "x-ratelimit-reset-requests: 1s\r\n", wall);
     CHECK(h.limit_requests == 100);
-    CHECK_NEAR(sx_hints_exhausted_delay(&h, 1), 0.01, EPS);
-    CHECK_NEAR(sx_hints_retry_delay(&h), 1.0, EPS);  /* a 429 still waits the whole reset */
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 1, MAXW), 0.01, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h, MAXW), 1.0, EPS);  /* a 429 still waits the whole reset */
     feed(&h, "x-ratelimit-limit-tokens: 10000\r\n", wall);
     feed(&h, "x-ratelimit-remaining-tokens: 0\r\n", wall);
     feed(&h, "x-ratelimit-reset-tokens: 6s\r\n", wall);
-    CHECK_NEAR(sx_hints_exhausted_delay(&h, 500), 0.3, EPS);   /* 500 of 10,000 tokens */
-    CHECK_NEAR(sx_hints_exhausted_delay(&h, 50000), 6.0, EPS); /* never past the reset */
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 500, MAXW), 0.3, EPS);   /* 500 of 10,000 tokens */
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 50000, MAXW), 6.0, EPS); /* never past the reset */
 
     /* Without a remaining count a reset is still a retry hint, but not "exhausted". */
     sx_hints_reset(&h);
     feed(&h, "x-ratelimit-reset-requests: 2s\r\n", wall);
-    CHECK(sx_hints_exhausted_delay(&h, 1) < 0);
-    CHECK_NEAR(sx_hints_retry_delay(&h), 2.0, EPS);
+    CHECK(sx_hints_exhausted_delay(&h, 1, MAXW) < 0);
+    CHECK_NEAR(sx_hints_retry_delay(&h, MAXW), 2.0, EPS);
 
     /* Retry-After beats the resets. */
     feed(&h, "Retry-After: 1\r\n", wall);
-    CHECK_NEAR(sx_hints_retry_delay(&h), 1.0, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h, MAXW), 1.0, EPS);
 
     /* Non-numeric remaining counts are ignored. */
     sx_hints_reset(&h);
@@ -658,6 +789,7 @@ static sx_request_opts req_opts(void)
     o.verify_tls = 1;
     o.backoff_base = 0.5;
     o.backoff_cap = 10;
+    o.max_hint_wait = SX_HINT_WAIT_DEFAULT;
     o.notify_each = 0;
     o.max_in_flight = 0;
     return o;
@@ -1168,6 +1300,65 @@ static void test_sched_429_retry_and_cooldown(void)
     sx_batch_free(a);
     sx_batch_free(b);
     sx_batch_free(c);
+}
+
+/* Issue 14 §2b end to end in the scheduler: a 200 saying the budget is gone for 11,000 years
+ * starts no cool-down; a 429 asking for years retries on our own backoff and, when retries
+ * run out, says the hint was ignored. */
+static void test_sched_hostile_hints(void)
+{
+    sx_sched s;
+    sx_sched_opts so = sched_opts(10);
+    sx_sched_init(&s, &so, T0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 14);
+    sx_request_opts ro = req_opts();
+    ro.max_retries = 1;
+    ro.backoff_base = 0.5;
+    ro.backoff_cap = 2;
+    sx_batch *b = mk_batch("h", 3, NULL, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    sx_slot *out[8];
+    double wake = -1;
+    REQUIRE(sx_sched_take(&s, out, 8, T0, &wake) == 3);
+
+    const char *gone[] = {"HTTP/1.1 200 OK\r\n", "x-ratelimit-remaining-requests: 0\r\n",
+                          "x-ratelimit-reset-requests: 99999999h\r\n", NULL};
+    sx_attempt at;
+    mk_attempt(&at, CURLE_OK, 200, gone);
+    CHECK(sx_sched_outcome(&s, &b->slots[0], &at, &rng, T0) == SX_V_OK);
+    sx_batch_finish_slot(&b->slots[0], SX_OK, SX_ERR_NONE, 200, NULL, 0, NULL, T0);
+    CHECK(s.cooldown_until <= T0);
+    CHECK(s.stats.cooldowns == 0);
+
+    const char *years[] = {"HTTP/1.1 429 Too Many Requests\r\n",
+                           "Retry-After: Fri, 31 Dec 9999 23:59:59 GMT\r\n", NULL};
+    mk_attempt(&at, CURLE_OK, 429, years);
+    CHECK(sx_sched_outcome(&s, &b->slots[1], &at, &rng, T0) == SX_V_RETRY);
+    CHECK(b->slots[1].due <= T0 + ro.backoff_cap);
+    CHECK(s.cooldown_until <= T0 + ro.backoff_cap);
+    const char *ms[] = {"HTTP/1.1 429 Too Many Requests\r\n",
+                        "retry-after-ms: 99999999999\r\n", NULL};
+    mk_attempt(&at, CURLE_OK, 429, ms);
+    CHECK(sx_sched_outcome(&s, &b->slots[2], &at, &rng, T0) == SX_V_RETRY);
+    CHECK(b->slots[2].due <= T0 + ro.backoff_cap);
+    CHECK(s.cooldown_until <= T0 + ro.backoff_cap);
+
+    /* The retry is refused the same way: retries are used up, and the error says why the
+     * server's wait was not honoured. */
+    wake = -1;
+    size_t n = sx_sched_take(&s, out, 8, T0 + ro.backoff_cap, &wake);
+    CHECK(n == 2);
+    mk_attempt(&at, CURLE_OK, 429, ms);
+    CHECK(sx_sched_outcome(&s, &b->slots[2], &at, &rng, T0 + 3) == SX_V_FAIL);
+    CHECK(strstr(at.reason, "max_hint_wait=120 s") != NULL);
+    CHECK(strstr(at.reason, "ignored") != NULL);
+    sx_batch_finish_slot(&b->slots[2], SX_FAILED, at.kind, 429, NULL, 0, at.reason, T0 + 3);
+    finish_ok(&s, &b->slots[1], &rng, T0 + 3);
+    CHECK(b->done == 3);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
 }
 
 static void test_sched_retry_before_first_attempts(void)
@@ -3327,6 +3518,9 @@ static const test_case tests[] = {
     TEST(test_bug_sched_retry_head_of_line),
     TEST(test_bug_worker_spins_on_capped_retry),
     TEST(test_bug_retry_after_not_digits),
+    TEST(test_hints_hostile),
+    TEST(test_backoff_hint_cap),
+    TEST(test_sched_hostile_hints),
     TEST(test_bug_lost_wakeup),
 };
 

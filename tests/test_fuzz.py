@@ -1,0 +1,24 @@
+"""A short libFuzzer run of each parser harness (tests/fuzz/), then the differential check
+of csrc/chatjson.c against json.loads over the corpus it grew. `make fuzz` runs the long
+version. Needs clang with libFuzzer (.ci/setup.sh installs it)."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.timeout(600)
+def test_parsers_survive_a_short_fuzz_run_and_chatjson_agrees_with_json_loads(tmp_path):
+    if shutil.which("clang") is None:
+        pytest.skip("clang is not installed (.ci/setup.sh installs it)")
+    proc = subprocess.run(
+        ["make", "-s", "-C", os.path.join(HERE, "fuzz"), "run", "FUZZ_RUNS=30000",
+         f"BUILD={tmp_path}", f"PYTHON={sys.executable}"],
+        capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("stat::number_of_executed_units: 30000") == 2, proc.stdout
+    assert " 0 mismatches" in proc.stdout, proc.stdout
