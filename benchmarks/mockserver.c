@@ -18,6 +18,10 @@
  *     (HTTP/1.1 answers must come back in order). A disconnect while pending removes
  *     the connection from the heap and frees it.
  *   - Token buckets for --rpm/--tpm, seeded fault injection, GET /_stats.
+ *   - A "bare 429" limiter (--bare-rate/--bare-burst): a token bucket that answers 429 with
+ *     no Retry-After and no x-ratelimit-* headers, as an nginx limit_req or an API gateway
+ *     does; --bare-halve-at/--bare-restore-at halve its rate mid-run and restore it.
+ *     GET /_timeline gives the 200s and 429s per 100 ms since the first request.
  *   - Chat answers echo the last "content" string ("echo: <it>"), except for requests with
  *     response_format json_schema or json_object: those get a deterministic JSON object
  *     shaped by the schema, so extraction clients can check every value (rules in
@@ -82,6 +86,8 @@ static struct {
     uint64_t seed;
     int stdin_watch;
     int embed_dim;
+    double bare_rate, bare_burst;            /* requests/s, bucket size; 0: off */
+    double bare_halve_at, bare_restore_at;   /* seconds after the first request; 0: never */
 } cfg = {
     .host = "127.0.0.1",
     .port = 0,
@@ -89,6 +95,7 @@ static struct {
     .stall_timeout_ms = 60000.0,
     .seed = 42,
     .embed_dim = EMBED_DIM,
+    .bare_burst = 20,
 };
 
 static uint64_t g_created;          /* unix time at start: "created" of every completion */
@@ -314,6 +321,78 @@ static uint64_t ratelimit_take(uint64_t now, size_t body_len, buf_t *hdrs, int *
         buf_puts(hdrs, "\r\n");
     }
     return retry;
+}
+
+/* ------------------------------------------------ bare 429s and the timeline */
+
+/* nginx limit_req (burst=B nodelay) and most gateways: a bucket of B requests refilled at R
+ * per second; a request that finds it empty gets 429 and nothing else to go on. */
+static struct {
+    double tokens;
+    uint64_t last;
+    int started;
+} bare;
+
+static _Atomic uint64_t tl_first_ns;   /* first request, 0 until then */
+#define TL_SLOT_NS 100000000ull          /* 100 ms */
+#define TL_SLOTS 36000                   /* an hour */
+static _Atomic uint32_t tl_200[TL_SLOTS], tl_429[TL_SLOTS];
+
+static void timeline_start(uint64_t now) {
+    uint64_t zero = 0;
+    atomic_compare_exchange_strong(&tl_first_ns, &zero, now);
+}
+
+static void timeline_count(int status) {
+    uint64_t first = atomic_load(&tl_first_ns);
+    if (!first || (status != 200 && status != 429)) return;
+    uint64_t now = now_ns();
+    uint64_t slot = now > first ? (now - first) / TL_SLOT_NS : 0;
+    if (slot >= TL_SLOTS) return;
+    atomic_fetch_add(status == 200 ? &tl_200[slot] : &tl_429[slot], 1);
+}
+
+/* 1 if the request may pass the bare limiter (always, when it is off). */
+static int bare_take(uint64_t now) {
+    if (cfg.bare_rate <= 0) return 1;
+    pthread_mutex_lock(&rl_mu);
+    if (!bare.started) {
+        bare.started = 1;
+        bare.tokens = cfg.bare_burst;
+        bare.last = now;
+    }
+    double since = (double)(now - atomic_load(&tl_first_ns)) / 1e9;
+    double rate = cfg.bare_rate;
+    if (cfg.bare_halve_at > 0 && since >= cfg.bare_halve_at &&
+        !(cfg.bare_restore_at > 0 && since >= cfg.bare_restore_at))
+        rate /= 2;
+    if (now > bare.last) {
+        bare.tokens += (double)(now - bare.last) / 1e9 * rate;
+        if (bare.tokens > cfg.bare_burst) bare.tokens = cfg.bare_burst;
+        bare.last = now;
+    }
+    int ok = bare.tokens >= 1.0;
+    if (ok) bare.tokens -= 1.0;
+    pthread_mutex_unlock(&rl_mu);
+    return ok;
+}
+
+static void build_timeline(buf_t *b) {
+    b->len = 0;
+    size_t last = 0;
+    for (size_t i = 0; i < TL_SLOTS; i++)
+        if (atomic_load(&tl_200[i]) || atomic_load(&tl_429[i])) last = i + 1;
+    buf_puts(b, "{\"slot_ms\":100,\"ok\":[");
+    for (size_t i = 0; i < last; i++) {
+        if (i) buf_puts(b, ",");
+        buf_putu(b, atomic_load(&tl_200[i]));
+    }
+    buf_puts(b, "],\"r429\":[");
+    for (size_t i = 0; i < last; i++) {
+        if (i) buf_puts(b, ",");
+        buf_putu(b, atomic_load(&tl_429[i]));
+    }
+    buf_puts(b, "]}");
 }
 
 /* ------------------------------------------------------- connections, heap */
@@ -632,6 +711,7 @@ static void put_error_body(buf_t *b, const char *msg, const char *type, const ch
 }
 
 static void count_status(int status) {
+    timeline_count(status);
     if (status == 200) INC(st_200);
     else if (status == 429) INC(st_429);
     else if (status > 100) INC(st_other);
@@ -1757,7 +1837,15 @@ static void handle_request(worker_t *w, conn_t *c, const req_t *r, const char *b
         enqueue(w, c, c->out.len - start, 0, 0, r->keep_alive ? P_SEND : P_SEND_CLOSE);
         return;
     }
+    if (r->path_len == 10 && memcmp(r->path, "/_timeline", 10) == 0) {
+        build_timeline(&w->body);
+        size_t start = c->out.len;
+        put_response(c, 200, NULL, w->body.p, w->body.len, r->keep_alive);
+        enqueue(w, c, c->out.len - start, 0, 0, r->keep_alive ? P_SEND : P_SEND_CLOSE);
+        return;
+    }
     INC(st_requests);
+    timeline_start(w->now);
     int chat = path_ends(r, "/chat/completions");
     int emb = !chat && path_ends(r, "/embeddings");
     if (!chat && !emb) {
@@ -1766,6 +1854,17 @@ static void handle_request(worker_t *w, conn_t *c, const req_t *r, const char *b
     }
     if (!is_post) {
         respond_error_now(w, c, 405, "Method not allowed; use POST.", r->keep_alive);
+        return;
+    }
+
+    /* the bare limiter: 429, no headers, a short body like nginx's */
+    if (!bare_take(w->now)) {
+        static const char page[] = "<html><head><title>429 Too Many Requests</title></head>"
+                                   "<body><center><h1>429 Too Many Requests</h1></center>"
+                                   "</body></html>\n";
+        w->body.len = 0;
+        buf_put(&w->body, page, sizeof page - 1);
+        respond_now(w, c, 429, NULL, r->keep_alive);
         return;
     }
 
@@ -2073,6 +2172,10 @@ static void usage(FILE *f) {
           "  --latency-ms MS        mean response delay (default 0)\n"
           "  --jitter-ms MS         uniform jitter: delay in [MEAN-J, MEAN+J], clamped at 0\n"
           "  --rpm N / --tpm N      token-bucket rate limits (429 when exceeded)\n"
+          "  --bare-rate R          a limiter answering bare 429s (no headers) above R req/s\n"
+          "  --bare-burst B         its bucket size (default 20)\n"
+          "  --bare-halve-at S      halve its rate S seconds after the first request...\n"
+          "  --bare-restore-at S    ...and restore it at S seconds\n"
           "  --fail-rate P          reply 500/503 (alternating) with probability P\n"
           "  --drop-rate P          close the connection after reading the request\n"
           "  --truncate-rate P      send headers and half of the body, then close\n"
@@ -2127,7 +2230,8 @@ static double parse_num(const char *opt, const char *s, double lo, double hi) {
 
 static void parse_args(int argc, char **argv) {
     enum { OPT_HOST = 1, OPT_PORT, OPT_THREADS, OPT_LAT, OPT_JIT, OPT_RPM, OPT_TPM, OPT_FAIL, OPT_DROP,
-           OPT_TRUNC, OPT_STALL, OPT_STALL_T, OPT_SEED, OPT_STDIN, OPT_EMBED_DIM, OPT_HELP };
+           OPT_TRUNC, OPT_STALL, OPT_STALL_T, OPT_SEED, OPT_STDIN, OPT_EMBED_DIM, OPT_HELP,
+           OPT_BARE_RATE, OPT_BARE_BURST, OPT_BARE_HALVE, OPT_BARE_RESTORE };
     static const struct option opts[] = {
         {"host", required_argument, 0, OPT_HOST},
         {"port", required_argument, 0, OPT_PORT},
@@ -2145,6 +2249,10 @@ static void parse_args(int argc, char **argv) {
         {"stdin-watch", no_argument, 0, OPT_STDIN},
         {"embed-dim", required_argument, 0, OPT_EMBED_DIM},
         {"help", no_argument, 0, OPT_HELP},
+        {"bare-rate", required_argument, 0, OPT_BARE_RATE},
+        {"bare-burst", required_argument, 0, OPT_BARE_BURST},
+        {"bare-halve-at", required_argument, 0, OPT_BARE_HALVE},
+        {"bare-restore-at", required_argument, 0, OPT_BARE_RESTORE},
         {0, 0, 0, 0},
     };
     int o;
@@ -2176,6 +2284,12 @@ static void parse_args(int argc, char **argv) {
         case OPT_STDIN: cfg.stdin_watch = 1; break;
         case OPT_EMBED_DIM: cfg.embed_dim = (int)parse_num("embed-dim", optarg, 1, MAX_EMBED_DIM); break;
         case OPT_HELP: usage(stdout); exit(0);
+        case OPT_BARE_RATE: cfg.bare_rate = parse_num("bare-rate", optarg, 0, 1e9); break;
+        case OPT_BARE_BURST: cfg.bare_burst = parse_num("bare-burst", optarg, 1, 1e9); break;
+        case OPT_BARE_HALVE: cfg.bare_halve_at = parse_num("bare-halve-at", optarg, 0, 1e6); break;
+        case OPT_BARE_RESTORE:
+            cfg.bare_restore_at = parse_num("bare-restore-at", optarg, 0, 1e6);
+            break;
         default: usage(stderr); exit(2);
         }
     }

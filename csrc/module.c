@@ -401,7 +401,8 @@ static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored))
 PyDoc_STRVAR(Engine_stats_doc,
 "stats($self)\n--\n\nA dict snapshot of the scheduler: in_flight, window, queued, "
 "retry_waiting, cooldown_remaining, admitted, retries, http_429, timeouts, cooldowns, "
-"window_cuts.");
+"window_cuts, lease_waits, bare_429_episodes (overload episodes told only by 429s without hints),\n"
+"learned_rpm (the requests/min learned from them; 0 until the first).");
 
 static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -413,17 +414,20 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
     size_t in_flight = e->sched.in_flight, queued = e->sched.queued;
     size_t retrying = e->sched.heap_len;
     int window = sx_sched_window(&e->sched);
+    double learned = e->sched.pace.active ? e->sched.pace.rate * 60.0 : 0.0;
     double cooldown = e->sched.cooldown_until - sx_now();
     sx_engine_unlock(e);
     return Py_BuildValue(
-        "{s:n,s:i,s:n,s:n,s:d,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "in_flight", (Py_ssize_t)in_flight,
+        "{s:n,s:i,s:n,s:n,s:d,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:d}", "in_flight",
+        (Py_ssize_t)in_flight,
         "window", window, "queued", (Py_ssize_t)queued, "retry_waiting", (Py_ssize_t)retrying,
         "cooldown_remaining", cooldown > 0 ? cooldown : 0.0, "admitted",
         (unsigned long long)st.admitted, "retries", (unsigned long long)st.retries,
         "http_429", (unsigned long long)st.http_429, "timeouts",
         (unsigned long long)st.timeouts, "cooldowns", (unsigned long long)st.cooldowns,
         "window_cuts", (unsigned long long)st.window_cuts, "lease_waits",
-        (unsigned long long)st.lease_waits);
+        (unsigned long long)st.lease_waits, "bare_429_episodes",
+        (unsigned long long)st.bare_episodes, "learned_rpm", learned);
 }
 
 static PyObject *Engine_repr(EngineObject *self)

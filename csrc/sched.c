@@ -15,6 +15,9 @@ int sx_sched_init(sx_sched *s, const sx_sched_opts *opts, double now)
         s->opts.max_in_flight = 1;
     sx_bucket_init(&s->rpm, opts->rpm, now);
     sx_bucket_init(&s->tpm, opts->tpm, now);
+    sx_pace_init(&s->pace, opts->rpm);
+    if (s->rpm.rate > 0)
+        s->rpm.tokens = s->rpm.capacity / 10 > 1 ? s->rpm.capacity / 10 : 1;
     sx_window_init(&s->window, (double)s->opts.max_in_flight);
     return 0;
 }
@@ -398,6 +401,14 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
         sx_window_congestion(&s->window, slot->admit_seq, s->stats.admitted))
         s->stats.window_cuts++;
 
+    /* The first word on how much of the budget is left sets the burst (see sched.h). */
+    if (!s->rpm_seeded && a->hints.remaining_requests >= 0 && s->rpm.rate > 0 &&
+        !s->pace.active) {
+        s->rpm_seeded = 1;
+        sx_bucket_raise(&s->rpm, (double)a->hints.remaining_requests - (double)s->in_flight,
+                        now);
+    }
+
     /* A server that says a budget is used up is believed on any response, not only 429. */
     double max_hint = b->opts.max_hint_wait;
     double exhausted = sx_hints_exhausted_delay(&a->hints, slot->tokens, max_hint);
@@ -405,7 +416,8 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
         extend_cooldown(s, now + exhausted);
 
     if (a->verdict == SX_V_OK) {
-        s->consecutive_429 = 0;
+        if (sx_pace_success(&s->pace, slot->admit_seq, now))
+            sx_pace_apply(&s->pace, &s->rpm, now, 0);
         if (s->opts.adaptive)
             sx_window_success(&s->window);
         return SX_V_OK;
@@ -415,16 +427,23 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
 
     double hint = sx_hints_retry_delay(&a->hints, max_hint);
     double asked = sx_hints_asked_delay(&a->hints);
-    if (a->rate_limited) {
-        /* A 429 speaks for the whole account: everyone waits, not just this request. */
-        s->consecutive_429++;
-        double pause = hint;
-        if (pause < 0) {
-            int k = s->consecutive_429 > 30 ? 30 : s->consecutive_429;
-            pause = b->opts.backoff_base * ldexp(1.0, k - 1);
-            if (pause > b->opts.backoff_cap)
-                pause = b->opts.backoff_cap;
-        }
+    if (a->rate_limited && hint >= 0) {
+        /* A 429 speaks for the whole account: everyone waits what the server asked. */
+        extend_cooldown(s, now + hint);
+    } else if (a->rate_limited && exhausted < 0 &&
+               sx_pace_bare_429(&s->pace, slot->admit_seq, s->stats.admitted, now)) {
+        /* A new episode of bare 429s: pace at what the server was seen to take, and pause
+         * briefly, longer only while episodes follow each other with nothing getting
+         * through. The rest of this episode's 429s only retry. */
+        s->stats.bare_episodes++;
+        sx_pace_apply(&s->pace, &s->rpm, now, 1);
+        double pause = 1.0 / s->pace.rate;
+        if (pause > b->opts.backoff_base)
+            pause = b->opts.backoff_base;
+        int k = s->pace.level > 30 ? 30 : s->pace.level;
+        pause *= ldexp(1.0, k - 1);
+        if (pause > b->opts.backoff_cap)
+            pause = b->opts.backoff_cap;
         extend_cooldown(s, now + pause);
     }
     if (slot->attempts > b->opts.max_retries ||

@@ -6,6 +6,20 @@
  * any cool-down allow, and says when to ask again otherwise. Workers report each attempt's
  * outcome (sx_sched_outcome) and the scheduler decides: finish the slot, or retry it later.
  *
+ * A 429 that carries a usable hint (Retry-After, retry-after-ms, x-ratelimit-*) pauses
+ * everyone for what the server asked. A bare 429 (no usable hint) is one event per episode
+ * (sx_pace, ratelimit.h): the requests/min bucket is set to the rate and burst learned from
+ * such 429s (created if the user gave no rpm, never above the user's rpm), and the
+ * cool-down is short (one request's time at the learned rate, at most backoff_base) and
+ * doubles only per episode in a row without a success in between.
+ *
+ * The requests/min bucket starts a tenth full (at least one request), not with its whole
+ * second's burst: a gateway's burst is often far smaller than a second of its rate (nginx
+ * burst=20 at 200 r/s), and a first clump it refuses is the one thing learning cannot
+ * undo. The first response that says how much is left (x-ratelimit-remaining-requests)
+ * raises the level to that, less what is in flight, so a provider that sends the headers
+ * still gets its burst one round trip later.
+ *
  * It knows HTTP statuses, time and limits; nothing about prompts. It does no locking and no
  * I/O and takes `now` as an argument, so tests drive it with a fake clock. The engine calls it
  * with the engine lock held. */
@@ -50,6 +64,7 @@ typedef struct sx_sched_stats {
     uint64_t cooldowns;      /* times a cool-down was started or extended */
     uint64_t window_cuts;
     uint64_t lease_waits;    /* times admission stopped because the granted budget was spent */
+    uint64_t bare_episodes;  /* overload episodes told only by bare 429s (sx_pace) */
 } sx_sched_stats;
 
 typedef struct sx_sched {
@@ -62,8 +77,9 @@ typedef struct sx_sched {
     sx_bucket rpm, tpm;
     sx_window window;
     double cooldown_until;
-    int consecutive_429;
     sx_lease lease;
+    sx_pace pace;               /* what a server that only says 429 will take */
+    int rpm_seeded;             /* the rpm level was raised from a remaining header */
     sx_sched_stats stats;
 } sx_sched;
 

@@ -1052,7 +1052,7 @@ static void test_sched_rpm(void)
     sx_slot *out[64];
     double wake = -1;
     size_t n = sx_sched_take(&s, out, 64, T0, &wake);
-    CHECK(n == 10);
+    CHECK(n == 1);                      /* a tenth of the burst at first (sched.h) */
     CHECK_NEAR(wake, T0 + 0.1, 1e-6);
     wake = -1;
     n = sx_sched_take(&s, out, 64, T0, &wake);
@@ -1069,13 +1069,13 @@ static void test_sched_rpm(void)
     wake = -1;
     /* (a hair after 0.1 s: 1024.1 - 1024 rounds to just under 0.1) */
     n = sx_sched_take(&s, out, 64, T0 + 0.1 + 1e-6, &wake);
-    CHECK(n == 1 && out[0] == &b->slots[10]);
+    CHECK(n == 1 && out[0] == &b->slots[1]);
     CHECK_NEAR(wake, T0 + 0.2, 1e-5);
     /* After a long idle the bucket holds one burst, no more. */
     wake = -1;
     n = sx_sched_take(&s, out, 64, T0 + 60, &wake);
     CHECK(n == 10);
-    CHECK(s.stats.admitted == 21);
+    CHECK(s.stats.admitted == 12);
     sx_sched_destroy(&s);
     sx_batch_free(b);
 }
@@ -1087,6 +1087,7 @@ static void test_sched_tpm(void)
     so.tpm = 7680;   /* 128 tokens/s, burst 128 (binary-exact arithmetic) */
     so.rpm = 480;    /* 8/s, burst 8: must be refunded when tpm blocks */
     sx_sched_init(&s, &so, T0);
+    s.rpm.tokens = s.rpm.capacity;   /* as after an idle second (it starts a tenth full) */
     sx_request_opts ro = req_opts();
     const double tokens[] = {64, 64, 64, 16, 300, 1};
     sx_batch *b = mk_batch("t", 6, tokens, &ro);
@@ -1254,27 +1255,29 @@ static void test_sched_429_retry_and_cooldown(void)
     /* A retry keeps its first send time. */
     CHECK(slot->first_sent == T0);
 
-    /* A 429 without any hint still cools everyone down (base * 2^(k-1) for the k-th in a
-     * row), and a success resets the streak. */
+    /* A 429 without any hint is one episode for everything already in flight: a short
+     * cool-down (one request's time at the learned rate) and a paced bucket from then on;
+     * the second 429 of the same round adds nothing. */
     const double t2 = T0 + 10;
-    CHECK(s.consecutive_429 == 1);
+    CHECK(s.pace.level == 0 && !s.pace.active);
     finish_ok(&s, &a->slots[1], &rng, t2);
-    CHECK(s.consecutive_429 == 0);
     sx_attempt plain;
     mk_attempt(&plain, CURLE_OK, 429, NULL);
     v = sx_sched_outcome(&s, &b->slots[0], &plain, &rng, t2);
     CHECK(v == SX_V_RETRY);
-    CHECK_NEAR(s.cooldown_until, t2 + 0.5, EPS);
-    CHECK(b->slots[0].due >= t2 + 0.5 - EPS);
+    CHECK(s.pace.active && s.pace.level == 1 && s.stats.bare_episodes == 1);
+    CHECK(s.rpm.rate == s.pace.rate && s.pace.rate > 0);
+    CHECK_NEAR(s.cooldown_until, t2 + 1.0 / s.pace.rate, EPS);
+    CHECK(b->slots[0].due >= s.cooldown_until - EPS);
+    double until = s.cooldown_until;
     mk_attempt(&plain, CURLE_OK, 429, NULL);
     v = sx_sched_outcome(&s, &b->slots[1], &plain, &rng, t2);
     CHECK(v == SX_V_RETRY);
-    CHECK_NEAR(s.cooldown_until, t2 + 1.0, EPS);
-    CHECK(b->slots[1].due >= t2 + 1.0 - EPS);
+    CHECK(s.cooldown_until == until && s.stats.bare_episodes == 1 && s.pace.level == 1);
     CHECK(s.stats.http_429 == 3 && b->http_429 == 2);
     CHECK(heap_ok(&s));
     finish_ok(&s, &b->slots[2], &rng, t2);
-    CHECK(s.consecutive_429 == 0);
+    CHECK(s.pace.level == 1);   /* admitted before the episode: not a probe */
 
     /* An exhausted budget on a 200 starts a cool-down too. */
     sx_sched e;
@@ -1693,6 +1696,242 @@ static void test_sched_remove_batch(void)
     sx_batch_free(x);
     sx_batch_free(y);
     sx_batch_free(z);
+}
+
+/* ---- bare 429s: the scheduler against a simulated gateway (fake clock, 1 ms steps) ----
+ * The gateway is nginx limit_req with burst=B nodelay: a bucket of B refilled at R/s; a
+ * request that finds it empty is refused at once with a bare 429, one that passes is
+ * answered 200 after `latency`. Nothing but the scheduler and this loop. */
+typedef struct {
+    sx_slot *slot;
+    double due;
+    int status;
+} sim_reply;
+
+typedef struct {
+    double achieved;     /* 200s per second over the run */
+    double allowed;      /* what the gateway allowed over the same time */
+    uint64_t refused;    /* bare 429s */
+    uint64_t sent;
+    uint64_t episodes;
+    int done;            /* every row answered 200 */
+} sim_result;
+
+static sim_result sim_gateway(size_t n, int c, double user_rpm, double rate, double burst,
+                              double halve_from, double halve_to, uint64_t seed)
+{
+    sim_result res;
+    memset(&res, 0, sizeof res);
+    sx_sched s;
+    sx_sched_opts so = sched_opts(c);
+    so.rpm = user_rpm;
+    so.adaptive = 1;
+    sx_sched_init(&s, &so, T0);
+    sx_rng rng;
+    sx_rng_seed(&rng, seed);
+    sx_request_opts ro = req_opts();
+    ro.max_retries = 20;
+    ro.backoff_base = 0.5;
+    ro.backoff_cap = 10;
+    sx_batch *b = mk_batch("g", n, NULL, &ro);
+    sim_reply *pending = calloc((size_t)c + 1, sizeof *pending);
+    sx_slot **out = calloc((size_t)c + 1, sizeof *out);
+    if (!b || !pending || !out || sx_sched_push_batch(&s, b) != 0) {
+        CHECK(0);
+        goto done;
+    }
+    size_t npending = 0;
+    double tokens = burst, last = T0, now = T0;
+    const double latency = 0.020, step = 0.001;
+    double end = T0;
+    for (long tick = 0; b->done < n && tick < 600000; tick++) {
+        now = T0 + tick * step;
+        /* replies that are due */
+        for (size_t i = 0; i < npending;) {
+            if (pending[i].due > now) {
+                i++;
+                continue;
+            }
+            sim_reply r = pending[i];
+            pending[i] = pending[--npending];
+            sx_attempt a;
+            mk_attempt(&a, CURLE_OK, r.status, NULL);
+            sx_verdict v = sx_sched_outcome(&s, r.slot, &a, &rng, now);
+            if (v == SX_V_OK)
+                sx_batch_finish_slot(r.slot, SX_OK, SX_ERR_NONE, 200, NULL, 0, NULL, now);
+            else if (v != SX_V_RETRY)
+                sx_batch_finish_slot(r.slot, SX_FAILED, a.kind, r.status, NULL, 0, a.reason,
+                                     now);
+        }
+        double wake = -1;
+        size_t k = sx_sched_take(&s, out, (size_t)c, now, &wake);
+        double t = now - T0;
+        double r_now = (t >= halve_from && t < halve_to) ? rate / 2 : rate;
+        tokens += (now - last) * r_now;
+        if (tokens > burst)
+            tokens = burst;
+        last = now;
+        for (size_t i = 0; i < k; i++) {
+            res.sent++;
+            int ok = tokens >= 1.0;
+            if (ok)
+                tokens -= 1.0;
+            else
+                res.refused++;
+            pending[npending].slot = out[i];
+            pending[npending].due = now + (ok ? latency : 0.0005);
+            pending[npending].status = ok ? 200 : 429;
+            npending++;
+        }
+        end = now;
+    }
+    double wall = end - T0;
+    res.done = b->done == n && b->ok == n;
+    res.achieved = (double)b->ok / wall;
+    double allowed = rate * wall + burst;
+    if (halve_to > halve_from) {
+        double lo = halve_from, hi = halve_to < wall ? halve_to : wall;
+        if (hi > lo)
+            allowed -= rate / 2 * (hi - lo);
+    }
+    res.allowed = allowed / wall;
+    res.episodes = s.stats.bare_episodes;
+done:
+    sx_sched_destroy(&s);
+    if (b)
+        sx_batch_free(b);
+    free(pending);
+    free(out);
+    return res;
+}
+
+static void report_sim(const char *what, const sim_result *r)
+{
+    fprintf(stderr, "  %-34s %.1f of %.1f req/s allowed (%.1f%%), %llu of %llu refused "
+            "(%.2f%%), %llu episodes\n", what, r->achieved, r->allowed,
+            100 * r->achieved / r->allowed, (unsigned long long)r->refused,
+            (unsigned long long)r->sent, 100.0 * (double)r->refused / (double)r->sent,
+            (unsigned long long)r->episodes);
+}
+
+/* Issue 14 §1: the targets of benchmarks/bench_bare429.py, on a fake clock. */
+static void test_sched_bare_429_converges(void)
+{
+    sim_result r = sim_gateway(4000, 200, 12000, 200, 20, 0, 0, 1);
+    report_sim("rpm given, C=200", &r);
+    CHECK(r.done);
+    CHECK(r.achieved >= 0.95 * r.allowed);
+    CHECK(r.refused <= r.sent / 50);
+
+    r = sim_gateway(4000, 1000, 12000, 200, 20, 0, 0, 2);
+    report_sim("rpm given, C=1000", &r);
+    CHECK(r.done);
+    CHECK(r.achieved >= 0.95 * r.allowed);
+    CHECK(r.refused <= r.sent / 50);
+
+    /* A gateway burst below the tenth of a second the bucket starts with: learned. */
+    r = sim_gateway(4000, 200, 12000, 200, 5, 0, 0, 7);
+    report_sim("rpm given, burst 5", &r);
+    CHECK(r.done);
+    CHECK(r.achieved >= 0.95 * r.allowed);
+    CHECK(r.refused <= r.sent / 50);
+
+    /* No rpm: the first clump (C requests) is refused, then the limit is found. */
+    r = sim_gateway(4000, 200, 0, 200, 20, 0, 0, 3);
+    report_sim("no rpm, C=200", &r);
+    CHECK(r.done);
+    CHECK(r.achieved >= 0.90 * r.allowed);
+    CHECK(r.refused <= 200 + r.sent / 50);
+
+    r = sim_gateway(4000, 1000, 0, 200, 20, 0, 0, 4);
+    report_sim("no rpm, C=1000", &r);
+    CHECK(r.done);
+    CHECK(r.achieved >= 0.90 * r.allowed);
+    CHECK(r.refused <= 1000 + r.sent / 50);
+
+    /* The limit halves for 10 s, then comes back. */
+    r = sim_gateway(6000, 200, 0, 200, 20, 10, 20, 5);
+    report_sim("no rpm, halved 10-20 s", &r);
+    CHECK(r.done);
+    CHECK(r.achieved >= 0.90 * r.allowed);
+    CHECK(r.refused <= 200 + r.sent / 50);
+
+    /* A limit above the user's rpm: never exceed the rpm, never refused after the start. */
+    r = sim_gateway(1000, 200, 6000, 200, 20, 0, 0, 6);
+    report_sim("rpm below the gateway", &r);
+    CHECK(r.done && r.refused == 0 && r.achieved <= 100.0 * 1.01);
+}
+
+static void drop_slot(sx_slot *slot, void *arg)
+{
+    (void)slot;
+    (void)arg;
+}
+
+/* One clump refused together is one episode, not one per 429; escalation happens once per
+ * episode in a row with nothing getting through, and a probe's success ends it. */
+static void test_sched_bare_429_episodes(void)
+{
+    sx_sched s;
+    sx_sched_opts so = sched_opts(100);
+    sx_sched_init(&s, &so, T0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 9);
+    sx_request_opts ro = req_opts();
+    ro.max_retries = 10;
+    sx_batch *b = mk_batch("e", 100, NULL, &ro);
+    REQUIRE(b && sx_sched_push_batch(&s, b) == 0);
+    sx_slot *out[128];
+    double wake = -1;
+    REQUIRE(sx_sched_take(&s, out, 128, T0, &wake) == 100);
+    sx_attempt a;
+    for (int i = 0; i < 80; i++) {
+        mk_attempt(&a, CURLE_OK, 429, NULL);
+        CHECK(sx_sched_outcome(&s, out[i], &a, &rng, T0 + 0.001) == SX_V_RETRY);
+    }
+    CHECK(s.stats.bare_episodes == 1 && s.pace.level == 1);
+    CHECK(s.stats.http_429 == 80);
+    double first_pause = s.cooldown_until - (T0 + 0.001);
+    CHECK(first_pause > 0 && first_pause <= ro.backoff_base);
+    for (int i = 80; i < 100; i++)
+        finish_ok(&s, out[i], &rng, T0 + 0.02);
+    CHECK(s.pace.level == 1);          /* those were sent before the episode */
+
+    /* The probes after it are refused too: a second episode, a doubled pause. */
+    double t = s.cooldown_until > T0 + 0.6 ? s.cooldown_until : T0 + 0.6;
+    wake = -1;
+    size_t n = sx_sched_take(&s, out, 128, t, &wake);
+    REQUIRE(n >= 1);
+    mk_attempt(&a, CURLE_OK, 429, NULL);
+    CHECK(sx_sched_outcome(&s, out[0], &a, &rng, t) == SX_V_RETRY);
+    CHECK(s.stats.bare_episodes == 2 && s.pace.level == 2);
+    CHECK(s.cooldown_until - t >= 2 * (1.0 / s.pace.rate < ro.backoff_base ? 1.0 / s.pace.rate
+                                                                             : ro.backoff_base)
+                                     - EPS);
+    for (size_t i = 1; i < n; i++) {
+        mk_attempt(&a, CURLE_OK, 429, NULL);
+        sx_sched_outcome(&s, out[i], &a, &rng, t);
+    }
+    CHECK(s.stats.bare_episodes == 2);
+    /* A request sent after that episode gets through: the streak ends. */
+    double t2 = s.cooldown_until + 1.0;
+    wake = -1;
+    n = sx_sched_take(&s, out, 1, t2, &wake);
+    REQUIRE(n == 1);
+    finish_ok(&s, out[0], &rng, t2 + 0.02);
+    CHECK(s.pace.level == 0);
+    /* A 429 that carries a hint is not bare: the hint decides, the pace is untouched. */
+    double rate = s.pace.rate;
+    n = sx_sched_take(&s, out, 1, t2 + 1, &wake);
+    REQUIRE(n == 1);
+    const char *hinted[] = {"Retry-After: 2\r\n", NULL};
+    mk_attempt(&a, CURLE_OK, 429, hinted);
+    CHECK(sx_sched_outcome(&s, out[0], &a, &rng, t2 + 1) == SX_V_RETRY);
+    CHECK(s.stats.bare_episodes == 2 && s.pace.rate == rate);
+    CHECK_NEAR(s.cooldown_until, t2 + 3, EPS);
+    sx_sched_remove_batch(&s, b, drop_slot, NULL);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
 }
 
 static void test_sched_queue_limit(void)
@@ -3521,6 +3760,8 @@ static const test_case tests[] = {
     TEST(test_hints_hostile),
     TEST(test_backoff_hint_cap),
     TEST(test_sched_hostile_hints),
+    TEST(test_sched_bare_429_converges),
+    TEST(test_sched_bare_429_episodes),
     TEST(test_bug_lost_wakeup),
 };
 
