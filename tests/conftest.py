@@ -44,6 +44,12 @@ class FakeServer:
         return self._call("/_stats")
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory, monkeypatch):
+    """The CLI caches by default: each test gets its own cache folder (never ~/.cache)."""
+    monkeypatch.setenv("SEMEX_CACHE_DIR", str(tmp_path_factory.mktemp("semex-cache")))
+
+
 @pytest.fixture(scope="session")
 def fakeserver_port():
     errlog = tempfile.TemporaryFile()

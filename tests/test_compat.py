@@ -308,12 +308,18 @@ def test_strategy_keyword_and_enable_cache(server, make_lm, caplog):
     assert out.loc[0, "product"] == "product:p"
     with pytest.raises(E.ConfigurationError, match="strategy"):
         df.sem_extract(["text"], FIELDS, strategy="tree_of_thought", model=lm, progress=False)
-    with caplog.at_level(logging.WARNING, logger="semex"):
-        semex.settings.configure(enable_cache=True)
+    semex.settings.configure(enable_cache=True)  # LOTUS's switch: the default cache file
     try:
-        assert "no persistent cache" in caplog.text
+        assert isinstance(lm.cache, semex.Cache)
+        assert lm.cache.path == semex.cache.default_cache_path()
+        semex.llm_batch(["cached once"], model=lm)
+        lm.cache.flush()
+        before = server.stats()["requests"]
+        assert semex.llm_batch(["cached once"], model=lm) == ["echo: cached once"]
+        assert server.stats()["requests"] == before
     finally:
         semex.settings.configure(enable_cache=False)
+    assert lm.cache is None
     with semex.settings.context(lm=lm):
         assert semex.llm_query("ctx") == "echo: ctx"
 

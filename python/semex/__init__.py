@@ -9,6 +9,7 @@ import logging as _logging
 from . import errors
 from . import pricing
 from .embed import EmbeddingModel, EmbeddingOutput, embed, embed_async
+from .cache import Cache
 from .batch import (Results, llm_batch, llm_batch_async, llm_query, llm_query_async,
                     map_reduce, map_reduce_async, parallel_query, parallel_query_async)
 from .errors import ErrorText, RequestError, SemexError
@@ -26,6 +27,7 @@ __all__ = [
     "EmbeddingModel",
     "EmbeddingOutput",
     "IngestResult",
+    "Cache",
     "LM",
     "LMOutput",
     "Usage",

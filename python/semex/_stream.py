@@ -176,13 +176,15 @@ class DeltaPump:
         self.callback = callback
         self.delivered: Dict[int, int] = {}  # characters handed over per unfinished item
 
-    def drain(self, start: int, batch: Any) -> None:
+    def drain(self, start: int, batch: Any, rows: Optional[List[int]] = None) -> None:
+        """`rows`: the item of each slot when the batch holds only some of its window's
+        items (the cache answered the others); else slot k is item start + k."""
         deltas = batch.take_deltas()
         if not deltas:
             return
         callback, delivered = self.callback, self.delivered
         for offset, text in deltas:
-            i = start + offset
+            i = start + offset if rows is None else rows[offset]
             if text is None:
                 delivered.pop(i, None)
             else:

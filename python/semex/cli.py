@@ -5,8 +5,11 @@
 
 Reads the input, runs ``df.sem_extract`` on the C engine, writes the input columns plus the
 extracted ones (and ``{name}_quote`` with --quotes) plus ``extract_error`` (the reason a row
-failed, empty otherwise), and prints a summary on stderr. Exit codes: 0 every row succeeded,
-1 some row failed or the run could not proceed, 2 usage errors, 130 interrupted.
+failed, empty otherwise), and prints a summary on stderr. Every answer is stored in the
+cache (semex.cache) as it arrives, so the same command run again after a crash sends only
+the requests that had not finished (``--no-cache`` turns that off; ``semex cache
+info|clear|path``). Exit codes: 0 every row succeeded, 1 some row failed or the run could
+not proceed, 2 usage errors, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -87,7 +90,8 @@ def _nonnegative_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="semex", description="Fast, dependable LLM extraction over "
                      "documents and tables, on semex's C engine.",
-                     epilog="Run 'semex extract --help' for the extraction command.")
+                     epilog="Run 'semex extract --help' for the extraction command, 'semex cache --help' "
+                     "for the answer cache.")
     parser.add_argument("--version", action="version", version=f"semex {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -163,13 +167,65 @@ def build_parser() -> argparse.ArgumentParser:
                      " (default 6)")
     run.add_argument("--timeout", type=_positive_float, default=120.0, metavar="S",
                      help="seconds per request attempt (default 120)")
+    kept = p.add_argument_group("cache and resume")
+    kept.add_argument("--no-cache", action="store_true",
+                      help="neither reuse nor store answers (by default every answer is stored"
+                      " as it arrives, and a re-run of the same command, e.g. after a crash,"
+                      " sends only the requests that had not finished)")
+    kept.add_argument("--cache", dest="cache_path", metavar="PATH",
+                      help="the cache database (default: $SEMEX_CACHE_DIR/cache.sqlite3, else "
+                      "$XDG_CACHE_HOME/semex/cache.sqlite3, else ~/.cache/semex/...)")
     shown = p.add_argument_group("output on the terminal")
     shown.add_argument("--no-progress", action="store_true",
                        help="no progress bar (it is shown only when stderr is a terminal)")
     shown.add_argument("-v", "--verbose", action="store_true",
                        help="debug logging of the semex logger on stderr, and tracebacks "
                        "for errors")
+    c = commands.add_parser(
+        "cache", help="show, locate or empty the answer cache",
+        description="The answer cache semex extract uses: 'info' shows its size and entries, "
+        "'clear' deletes every entry, 'path' prints where it is.")
+    c.add_argument("action", choices=("info", "clear", "path"))
+    c.add_argument("--cache", dest="cache_path", metavar="PATH",
+                   help="the cache database (default: as for semex extract)")
     return parser
+
+
+def cache_command(args: argparse.Namespace) -> int:
+    from .cache import Cache, default_cache_path
+
+    path = os.path.abspath(os.path.expanduser(args.cache_path or default_cache_path()))
+    if args.action == "path":
+        print(path)
+        return 0
+    if not os.path.exists(path):
+        if args.action == "clear":
+            _say(f"no cache at {path}; nothing to clear")
+        else:
+            print(f"path: {path}\nentries: 0 (no cache file yet)")
+        return 0
+    import sqlite3
+
+    cache = Cache(path)
+    try:
+        if args.action == "clear":
+            n = cache.clear()
+            _say(f"removed {n:,} entr{'y' if n == 1 else 'ies'} from {path}")
+            return 0
+        info = cache.info()
+    except sqlite3.Error as exc:  # e.g. locked by a running job for longer than 10 s
+        raise RunError(f"cannot {args.action} the cache {path}: {exc} (is a semex job "
+                       "using it right now?)") from exc
+    finally:
+        cache.close()
+    when = (lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-")
+    print(f"path: {info['path']}\n"
+          f"entries: {info['entries']:,}\n"
+          f"size: {info['bytes_on_disk'] / 1e6:,.1f} MB on disk, {info['bytes_used'] / 1e6:,.1f}"
+          f" MB in use, limit {info['max_bytes'] / 1e6:,.0f} MB\n"
+          f"tokens stored: {info['total_tokens']:,}\n"
+          f"oldest entry: {when(info['oldest'])}\nnewest entry: {when(info['newest'])}")
+    return 0
 
 
 # -- files --------------------------------------------------------------------------------
@@ -329,6 +385,14 @@ def _make_lm(args: argparse.Namespace, stack: contextlib.ExitStack, n_fields: in
         options.update(api_base=args.api_base, api_key=key)
         model_name = args.model
     options["structured_output"] = structured if structured is not None else "json_schema"
+    options["cache"] = False
+    if not args.no_cache:
+        try:
+            cache = semex.Cache(args.cache_path)
+        except E.ConfigurationError as exc:
+            raise UsageError(f"{exc} (or run with --no-cache)") from None
+        stack.callback(cache.close)  # after lm.close: commits every answer received
+        options["cache"] = cache
     lm = semex.LM(model_name, **options)
     stack.callback(lm.close)
     logger.debug("model: %r, structured_output=%r", lm, lm.structured_output)
@@ -379,7 +443,7 @@ def _plural(n: int, word: str) -> str:
 
 
 def _summary(n: int, failed: int, usage: Any, wall: float,
-             errors: List[Optional[BaseException]], destination: str) -> None:
+             errors: List[Optional[BaseException]], destination: str, cache: Any) -> None:
     _say(f"{_plural(n, 'row')} in {wall:.2f} s: {n - failed:,} ok, {failed:,} failed")
     rate = usage.requests / wall if wall > 0 else 0.0
     retries = "1 retry" if usage.retries == 1 else f"{usage.retries:,} retries"
@@ -389,6 +453,14 @@ def _summary(n: int, failed: int, usage: Any, wall: float,
     if usage.cost is not None:
         line += f"; cost {usage.cost:.4f}"
     _say(line)
+    if cache is not None:
+        line = (f"cache: {_plural(usage.cached, 'answer')} reused from {cache.path}")
+        if usage.cached:
+            line += (f", saving {usage.cached_prompt_tokens:,} prompt + "
+                     f"{usage.cached_completion_tokens:,} completion tokens")
+            if usage.cost_saved is not None:
+                line += f" (cost {usage.cost_saved:.4f})"
+        _say(line)
     if failed:
         first = next(e for e in errors if e is not None)
         _say(f"{_plural(failed, 'row')} failed (first: {_one_line(first, 200)}); the reasons "
@@ -429,7 +501,7 @@ def extract(args: argparse.Namespace) -> int:
     frame[ERROR_COL] = frame[ERROR_COL].fillna("").astype(str)
     write_table(frame, args.output, out_fmt)
     failed = sum(e is not None for e in errors)
-    _summary(len(frame), failed, usage, wall, errors, destination)
+    _summary(len(frame), failed, usage, wall, errors, destination, lm.cache)
     return 1 if failed else 0
 
 
@@ -445,13 +517,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # --help, --version
             return exc.code if isinstance(exc.code, int) else 0
-        verbose = args.verbose
+        verbose = getattr(args, "verbose", False)
         if verbose:
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("semex %(levelname)s %(name)s: %(message)s"))
             semex_logger.addHandler(handler)
             semex_logger.setLevel(logging.DEBUG)
-        return extract(args)
+        return cache_command(args) if args.command == "cache" else extract(args)
     except UsageError as exc:
         hint = ""
         if isinstance(exc, _ArgumentError):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from . import _engine, _stream
+from . import cache as _cache
 from . import errors as E
 from ._runtime import EngineHolder, Windows, wait_async, wait_sync
 from .progress import progress_reporter
@@ -55,6 +56,12 @@ class Usage:
     failed: int = 0            # items that failed in the end
     cache_hits: int = 0        # items answered without a request (duplicates in one call)
     cost: Optional[float] = None  # in the currency of the prices given to LM, when known
+    # answered from the persistent cache (semex.Cache): no request, nothing paid this run;
+    # the tokens (and cost) those answers took when they were paid for
+    cached: int = 0
+    cached_prompt_tokens: int = 0
+    cached_completion_tokens: int = 0
+    cost_saved: Optional[float] = None
 
     def summary(self) -> str:
         """One line for people: tokens, requests, retries, 429s, failures, cost."""
@@ -65,6 +72,13 @@ class Usage:
             text += f", {self.cache_hits:,} answered from duplicates"
         if self.cost is not None:
             text += f", cost {self.cost:.4f}"
+        if self.cached:
+            text += (f"; {self.cached:,} answered from the cache (saved "
+                     f"{self.cached_prompt_tokens:,} prompt + "
+                     f"{self.cached_completion_tokens:,} completion tokens")
+            if self.cost_saved is not None:
+                text += f", cost {self.cost_saved:.4f}"
+            text += ")"
         return text
 
     def add(self, other: "Usage") -> None:
@@ -78,6 +92,11 @@ class Usage:
         self.cache_hits += other.cache_hits
         if other.cost is not None:
             self.cost = (self.cost or 0.0) + other.cost
+        self.cached += other.cached
+        self.cached_prompt_tokens += other.cached_prompt_tokens
+        self.cached_completion_tokens += other.cached_completion_tokens
+        if other.cost_saved is not None:
+            self.cost_saved = (self.cost_saved or 0.0) + other.cost_saved
 
 
 @dataclass
@@ -214,6 +233,12 @@ class LM:
         Other request body fields (``top_p=...``, ``reasoning_effort=...``), as LOTUS passes
         them on; merged like ``extra_body``. A near-miss of a parameter name above is an
         error, not a body field.
+    cache:
+        The persistent answer cache (semex.cache): None follows
+        ``settings.configure(cache=...)`` (off unless configured), False is off, True the
+        default file (``$XDG_CACHE_HOME/semex/cache.sqlite3``), a path that file, or a
+        ``semex.Cache(path, max_bytes=...)``. Answered requests are not sent again, so a
+        re-run after a crash sends only what had not finished.
 
     A LiteLLM-style ``"provider/model"`` name (``openai/``, ``anthropic/``, ``gemini/``,
     ``groq/``, ``ollama/``, ``openrouter/``, ``hosted_vllm/``...) selects that provider's
@@ -253,6 +278,7 @@ class LM:
         max_ctx_len: Optional[int] = None,
         provider: Optional[str] = None,
         api_version: Optional[str] = None,
+        cache: Any = None,
         **kwargs: Any,
     ):
         # What another process needs to build the same LM (semex.dask), key left out.
@@ -339,6 +365,7 @@ class LM:
         self.output_price_per_million = output_price_per_million
         self.total_usage = Usage()
         self._usage_lock = threading.Lock()
+        self._cache = _cache.resolve(cache)
         for name, value in self.extra_headers.items():
             if "\n" in f"{name}{value}" or "\r" in f"{name}{value}":
                 raise E.ConfigurationError(f"extra_headers[{name!r}] contains a line break")
@@ -443,6 +470,15 @@ class LM:
         lm._stop_local = weakref.finalize(lm, server.stop)
         lm.local_server = server
         return lm
+
+    @property
+    def cache(self) -> Optional[_cache.Cache]:
+        """The cache this LM's calls use now (its own, else the configured one), or None."""
+        option = self._cache
+        if option is None:
+            from .settings import settings
+            option = settings.cache
+        return option if isinstance(option, _cache.Cache) else None
 
     def engine_stats(self) -> dict:
         """The scheduler's counters: in-flight, window, queued, 429s, cool-downs..."""
@@ -578,7 +614,9 @@ def _drive_sync(job: "_Job") -> LMOutput:
             wait_sync(batch, job.ticker(windows), interval=_POLL_S)
             job.collect(start, batch)
     finally:
-        windows.close()
+        pending = list(windows.pending)
+        windows.close()  # cancel first: nothing is answered after keep_answers looked
+        job.keep_answers(pending)
         job.close_progress()
     return job.finish()
 
@@ -590,7 +628,9 @@ async def _drive_async(job: "_Job") -> LMOutput:
             await wait_async(batch, job.ticker(windows), interval=_POLL_S)
             job.collect(start, batch)
     finally:
-        windows.close()
+        pending = list(windows.pending)
+        windows.close()  # cancel first: nothing is answered after keep_answers looked
+        job.keep_answers(pending)
         job.close_progress()
     return job.finish()
 
@@ -745,6 +785,9 @@ class _Job:
         # Every body is the same prefix + this conversation's messages: encode the shared
         # part once.
         self.prefix = (encoded[:-1] + ', "messages": ') if fields else '{"messages": '
+        cache = lm.cache
+        self.cached: Optional[_cache.JobCache] = None if cache is None else _cache.JobCache(
+            cache, lm.url, fields, len(self.prefix.encode("utf-8")))
         # ... and a plain-string prompt's body is this + its JSON string + '}]}'.
         self.user_open = (self.prefix + (_ENCODE(self.system)[:-1] + ", " if self.system
                                          else "[") + '{"role": "user", "content": ')
@@ -777,6 +820,10 @@ class _Job:
             except (TypeError, ValueError) as exc:
                 raise E.ConfigurationError(
                     f"{self.name}[{i}] is not JSON-serializable: {exc}") from None
+        if self.cached is not None:
+            bodies, hits = self.cached.split(start, bodies)
+            if hits:
+                self.take_cached(hits)
         tokens = None
         if lm.tpm:
             tokens = [len(b) / 4.0 + self.token_extra for b in bodies]
@@ -795,9 +842,24 @@ class _Job:
             self.cap_holder = batch  # every later window counts against the same cap
         return batch
 
+    def take_cached(self, hits: List[tuple]) -> None:
+        """Rows the cache answered: no request, nothing paid (usage counts them as saved)."""
+        usage = self.usage
+        outputs, finish_reasons = self.outputs, self.finish_reasons
+        prompt = completion = 0
+        for i, (_, value, finish_reason, prompt_tokens, completion_tokens, *_) in hits:
+            outputs[i] = value
+            finish_reasons[i] = finish_reason
+            prompt += prompt_tokens
+            completion += completion_tokens
+        usage.cached += len(hits)
+        usage.cached_prompt_tokens += prompt
+        usage.cached_completion_tokens += completion
+
     def ticker(self, windows: Windows):
         """What a waiting call runs every _POLL_S (and, asynchronously, on each wake-up): top
-        up the engine's work, hand streamed text to on_chunk, report progress."""
+        up the engine's work, hand streamed text to on_chunk, queue the answers that arrived
+        for the cache, report progress."""
         hook = self.lm._tick_hook
         if hook is None:
             top_up = windows.top_up
@@ -807,26 +869,40 @@ class _Job:
             def top_up() -> None:
                 hook()
                 fill()
-        if self.progress is None and self.pump is None:
+        cached = self.cached
+        if self.progress is None and self.pump is None and cached is None:
             return top_up
         progress, n, pump = self.progress, self.n, self.pump
+        ok_state = _engine.OK
 
         def tick() -> None:
             top_up()
             if pump is not None:
                 for start, batch in windows.pending:
-                    pump.drain(start, batch)
+                    pump.drain(start, batch, None if cached is None else cached.rows(start))
+            if cached is not None:
+                cached.flush_pending(windows.pending, ok_state)
             if progress is not None:
-                progress(windows.completed(), n)
+                progress(windows.completed() + (cached.hits if cached else 0), n)
         return tick
+
+    def keep_answers(self, pending: List[tuple]) -> None:
+        """An interrupted call (Ctrl-C, cancellation, an error) still caches every answer it
+        received in its (now cancelled) windows; a finished call has none left."""
+        if self.cached is not None and pending:
+            self.cached.flush_pending(pending, _engine.OK, force=True)
 
     def collect(self, start: int, batch: _engine.Batch) -> None:
         pump = self.pump
         if pump is not None:
-            pump.drain(start, batch)
+            cached = self.cached
+            rows = None if cached is None else cached.rows(start)
+            pump.drain(start, batch, rows)
+            # the window's rows: those sent and (with a cache) those it answered whole
+            end = start + (len(batch) if cached is None else cached.size(start))
             self._collect(start, batch)
             outputs = self.outputs
-            for i in range(start, start + len(batch)):
+            for i in range(start, end):
                 pump.settle(i, outputs[i])
         else:
             self._collect(start, batch)
@@ -835,9 +911,12 @@ class _Job:
         usage = self.usage
         ok_state = _engine.OK
         outputs, finish_reasons = self.outputs, self.finish_reasons
+        cached = self.cached
+        rows = None if cached is None else cached.rows(start)  # the rows that were sent
+        answers: List[tuple] = []
         for offset, (state, kind, status, body, error, attempts, chat) in enumerate(
                 batch.chat_results()):
-            i = start + offset
+            i = start + offset if rows is None else rows[offset]
             usage.requests += attempts
             if attempts > 1:
                 usage.retries += attempts - 1
@@ -863,6 +942,10 @@ class _Job:
                 usage.failed += 1
             else:
                 outputs[i] = content
+                if cached is not None:
+                    answers.append((offset, chat))
+        if cached is not None:
+            cached.store(start, answers)
         progress = batch.progress()
         usage.rate_limited += progress[5]
         if progress[4] or progress[5]:
@@ -933,6 +1016,9 @@ class _Job:
     def finish(self) -> LMOutput:
         lm = self.lm
         self.usage.cost = lm._cost(self.usage.prompt_tokens, self.usage.completion_tokens)
+        if self.usage.cached:
+            self.usage.cost_saved = lm._cost(self.usage.cached_prompt_tokens,
+                                             self.usage.cached_completion_tokens)
         lm._record_usage(self.usage)
         failed = self.usage.failed
         if failed:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import logging
 import os
 import threading
 from typing import Any, Dict, Iterator, Optional
@@ -28,17 +27,21 @@ class Settings:
         sem_extract.
     rm: the default embedding ("retrieval") model for embed, sem_index and sem_search.
     helper_lm: LOTUS's second model setting; kept for programs that set it.
-    enable_cache: LOTUS's cache switch; semex has no persistent cache yet, so True is
-        accepted with a warning and changes nothing.
+    cache: the persistent answer cache (semex.cache) of every LM built without its own
+        ``cache=``: False (the default: off), True (the default file), a path, or a
+        ``semex.Cache``.
+    enable_cache: LOTUS's cache switch: True is ``cache=True`` (the default file), False
+        is ``cache=False``.
     """
 
-    _fields = ("lm", "rm", "helper_lm", "enable_cache")
+    _fields = ("lm", "rm", "helper_lm", "cache", "enable_cache")
 
     def __init__(self) -> None:
         self.lm: Any = None
         self.rm: Any = None
         self.helper_lm: Any = None
         self.enable_cache: bool = False
+        self.cache: Any = False
         self._env_lm: Any = None
         self._env_rm: Any = None
         self._guard = threading.Lock()
@@ -50,31 +53,36 @@ class Settings:
                 return overlay[name]
         return object.__getattribute__(self, name)
 
-    def _check(self, options: Dict[str, Any]) -> None:
+    def _check(self, options: Dict[str, Any]) -> Dict[str, Any]:
+        """The options checked, with cache/enable_cache turned into the Cache to use."""
         for name, value in options.items():
             if name not in self._fields:
                 raise ConfigurationError(
                     f"unknown setting {name!r}; known settings: {', '.join(self._fields)}")
-            if name == "enable_cache":
-                if not isinstance(value, bool):
-                    raise ConfigurationError(
-                        f"enable_cache must be True or False, got {value!r}")
-                if value:
-                    logging.getLogger("semex").warning(
-                        "settings.enable_cache=True: semex has no persistent cache yet; "
-                        "answers are not cached (identical documents in one sem_extract "
-                        "call are still sent once)")
+            if name == "enable_cache" and not isinstance(value, bool):
+                raise ConfigurationError(
+                    f"enable_cache must be True or False, got {value!r}")
+        options = dict(options)
+        if "enable_cache" in options and "cache" not in options:
+            options["cache"] = options["enable_cache"]
+        if "cache" in options:
+            from .cache import resolve  # here: cache imports errors only, but lazily opened
+
+            value = options["cache"]
+            options["cache"] = False if value is None else resolve(value, "settings cache")
+            options["enable_cache"] = options["cache"] is not False
+        return options
 
     def configure(self, **options: Any) -> None:
-        """Set defaults, e.g. ``configure(lm=LM("gpt-4o-mini"))``."""
-        self._check(options)
+        """Set defaults, e.g. ``configure(lm=LM("gpt-4o-mini"), cache=True)``."""
+        options = self._check(options)
         for name, value in options.items():
             setattr(self, name, value)
 
     @contextlib.contextmanager
     def context(self, **options: Any) -> Iterator["Settings"]:
         """Override settings in this thread or asyncio task only, until the block ends."""
-        self._check(options)
+        options = self._check(options)
         token = _overlay.set({**(_overlay.get() or {}), **options})
         try:
             yield self
@@ -82,8 +90,7 @@ class Settings:
             _overlay.reset(token)
 
     def __repr__(self) -> str:
-        return (f"Settings(lm={self.lm!r}, rm={self.rm!r}, "
-                f"enable_cache={self.enable_cache!r})")
+        return (f"Settings(lm={self.lm!r}, rm={self.rm!r}, cache={self.cache!r})")
 
     def resolve_lm(self, model: Optional[Any]) -> Any:
         """The model a call should use: the one given, else the configured default, else an
