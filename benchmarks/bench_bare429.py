@@ -130,7 +130,7 @@ def table(results):
     return "\n".join(lines)
 
 
-def plot(results, path):
+def plot(results, path, xmax=60.0):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -148,6 +148,7 @@ def plot(results, path):
                     label=f"{r['build']}: {100 * r['of_allowed']:.0f}% of allowed, "
                           f"{100 * r['share_429']:.1f}% 429")
         ax.set_title(name, fontsize=10)
+        ax.set_xlim(0, xmax)
         ax.set_ylabel("200s/s (1 s mean)")
         ax.axhline(200, color="grey", lw=0.6, ls="--")
         ax.legend(fontsize=8, loc="lower right")
@@ -158,7 +159,7 @@ def plot(results, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--python", action="append", required=True,
+    ap.add_argument("--python", action="append", default=[],
                     help="NAME=PATH[@N] of a venv python with semex installed (repeatable); "
                          "@N runs that build's bare-429 scenarios with N rows instead of --n "
                          "(an old build that holds a seventh of the rate would take minutes)")
@@ -173,7 +174,14 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--json")
     ap.add_argument("--png")
+    ap.add_argument("--plot-xmax", type=float, default=60.0,
+                    help="seconds shown in the plot (an old build may run for minutes)")
+    ap.add_argument("--from-json", help="only redraw --png from a saved --json")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            plot(json.load(f), args.png, args.plot_xmax)
+        return
     builds = []
     for spec in args.python:
         name, path = spec.split("=", 1)
@@ -208,7 +216,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump(results, f)
     if args.png:
-        plot(results, args.png)
+        plot(results, args.png, args.plot_xmax)
 
 
 if __name__ == "__main__":
