@@ -251,33 +251,49 @@ class Cache:
                                check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = [r[0] for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")]
-            if app_id != _APPLICATION_ID and tables:
-                raise ConfigurationError(
-                    f"cache path {self.path} is an SQLite database that semex did not create "
-                    f"(tables: {', '.join(tables[:5])}); choose another path")
-            if app_id == _APPLICATION_ID and version != _SCHEMA_VERSION:
-                logger.warning("semex cache %s has format %d, this semex uses %d: "
-                               "starting it afresh", self.path, version, _SCHEMA_VERSION)
-                conn.execute("DROP TABLE IF EXISTS entries")
-            conn.execute("PRAGMA journal_mode = WAL")
+            # Switching to WAL takes a lock the busy timeout does not wait for: retry it
+            # while another process is creating the same file.
+            deadline = time.monotonic() + _BUSY_MS / 1000.0
+            while True:
+                try:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable across a crash of
             # this process (a commit is in the OS once written); only a power cut can lose
             # the last commits, never the file
             conn.execute("PRAGMA journal_size_limit = 67108864")
-            if app_id != _APPLICATION_ID or version != _SCHEMA_VERSION:
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            # Look and create in one write transaction: two processes opening a new file at
+            # once must not see each other's half-made schema.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                tables = [r[0] for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'")]
+                if app_id != _APPLICATION_ID and tables:
+                    raise ConfigurationError(
+                        f"cache path {self.path} is an SQLite database that semex did not "
+                        f"create (tables: {', '.join(tables[:5])}); choose another path")
+                if app_id == _APPLICATION_ID and version != _SCHEMA_VERSION:
+                    logger.warning("semex cache %s has format %d, this semex uses %d: "
+                                   "starting it afresh", self.path, version, _SCHEMA_VERSION)
+                    conn.execute("DROP TABLE IF EXISTS entries")
+                if app_id != _APPLICATION_ID or version != _SCHEMA_VERSION:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+                    conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                else:
+                    conn.execute("SELECT 1 FROM entries LIMIT 1").fetchall()
                 conn.execute("COMMIT")
-            else:
-                conn.execute("SELECT 1 FROM entries LIMIT 1").fetchall()
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         except BaseException:
             conn.close()
             raise
