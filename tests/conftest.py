@@ -96,23 +96,29 @@ def server(fakeserver_port):
     yield s
 
 
-@pytest.fixture
-def make_lm(server):
-    """Build LMs pointed at the fake server with test-friendly backoff; closed afterwards."""
-    import semex
-
+def client_factory(server, build, backoff_base, backoff_cap):
+    """A fixture body: make(**options) builds a client pointed at the fake server with
+    test-friendly backoff; every one is closed afterwards."""
     made = []
 
     def make(**options):
         options.setdefault("api_base", server.base_url)
         options.setdefault("api_key", server.api_key)
-        options.setdefault("backoff_base", 0.05)
-        options.setdefault("backoff_cap", 0.5)
+        options.setdefault("backoff_base", backoff_base)
+        options.setdefault("backoff_cap", backoff_cap)
         options.setdefault("timeout", 10.0)
-        lm = semex.LM("test-model", **options)
-        made.append(lm)
-        return lm
+        client = build(**options)
+        made.append(client)
+        return client
 
     yield make
-    for lm in made:
-        lm.close()
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def make_lm(server):
+    """Build LMs pointed at the fake server with test-friendly backoff; closed afterwards."""
+    import semex
+
+    yield from client_factory(server, lambda **o: semex.LM("test-model", **o), 0.05, 0.5)

@@ -22,21 +22,10 @@ from fakeserver import embedding_of
 
 @pytest.fixture
 def make_rm(server):
-    made = []
+    from conftest import client_factory
 
-    def make(**options):
-        options.setdefault("api_base", server.base_url)
-        options.setdefault("api_key", server.api_key)
-        options.setdefault("backoff_base", 0.02)
-        options.setdefault("backoff_cap", 0.2)
-        options.setdefault("timeout", 10.0)
-        rm = semex.EmbeddingModel("test-embed", **options)
-        made.append(rm)
-        return rm
-
-    yield make
-    for rm in made:
-        rm.close()
+    yield from client_factory(
+        server, lambda **o: semex.EmbeddingModel("test-embed", **o), 0.02, 0.2)
 
 
 def expected(texts, dim=16):

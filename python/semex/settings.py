@@ -42,8 +42,7 @@ class Settings:
         self.helper_lm: Any = None
         self.enable_cache: bool = False
         self.cache: Any = False
-        self._env_lm: Any = None
-        self._env_rm: Any = None
+        self._built: Dict[tuple, Any] = {}  # (class, name or None) -> LM / EmbeddingModel
         self._guard = threading.Lock()
 
     def __getattribute__(self, name: str) -> Any:
@@ -93,45 +92,40 @@ class Settings:
         return (f"Settings(lm={self.lm!r}, rm={self.rm!r}, cache={self.cache!r})")
 
     def resolve_lm(self, model: Optional[Any]) -> Any:
-        """The model a call should use: the one given, else the configured default, else an
-        LM built from OPENAI_BASE_URL / OPENAI_API_KEY / SEMEX_MODEL when those are set."""
+        """The model a call should use: the one given (a name: this process's LM of that
+        name), else the configured default, else an LM built from OPENAI_BASE_URL /
+        OPENAI_API_KEY / SEMEX_MODEL when those are set."""
         from .lm import LM  # import here: lm imports settings' siblings
 
-        if model is not None:
-            if isinstance(model, str):
-                return LM(model)
-            return model
-        if self.lm is not None:
-            return self.lm
-        if os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL"):
-            with self._guard:
-                if self._env_lm is None:
-                    self._env_lm = LM()
-                return self._env_lm
-        raise ConfigurationError(
-            "no model: pass model=semex.LM(...) or call "
-            "semex.settings.configure(lm=semex.LM(...)) first "
-            "(or set OPENAI_API_KEY / OPENAI_BASE_URL)")
+        return self._resolve(model, self.lm, LM, "model", "lm=semex.LM(...)")
 
     def resolve_rm(self, model: Optional[Any]) -> Any:
         """The embedding model a call should use, by the same rules as resolve_lm."""
         from .embed import EmbeddingModel
 
-        if model is not None:
-            if isinstance(model, str):
-                return EmbeddingModel(model)
+        return self._resolve(model, self.rm, EmbeddingModel, "embedding model",
+                             "rm=semex.EmbeddingModel(...)")
+
+    def _resolve(self, model: Optional[Any], configured: Any, cls: type, what: str,
+                 hint: str) -> Any:
+        if model is not None and not isinstance(model, str):
             return model
-        if self.rm is not None:
-            return self.rm
-        if os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL"):
-            with self._guard:
-                if self._env_rm is None:
-                    self._env_rm = EmbeddingModel()
-                return self._env_rm
-        raise ConfigurationError(
-            "no embedding model: pass model=semex.EmbeddingModel(...) or call "
-            "semex.settings.configure(rm=semex.EmbeddingModel(...)) first "
-            "(or set OPENAI_API_KEY / OPENAI_BASE_URL)")
+        if model is None and configured is not None:
+            return configured
+        if model is None and not (os.environ.get("OPENAI_API_KEY")
+                                  or os.environ.get("OPENAI_BASE_URL")):
+            raise ConfigurationError(
+                f"no {what}: pass model=semex.{cls.__name__}(...) or call "
+                f"semex.settings.configure({hint}) first "
+                "(or set OPENAI_API_KEY / OPENAI_BASE_URL)")
+        # one object per class and name (None: from the environment), so a call that names
+        # its model does not start a new engine every time
+        key = (cls, model)
+        with self._guard:
+            built = self._built.get(key)
+            if built is None:
+                built = self._built[key] = cls(model) if model is not None else cls()
+            return built
 
 
 settings = Settings()
