@@ -9,7 +9,7 @@ CPU and memory this process used:
         -n 20000 -c 1000 [--uvloop]
 
 Request i carries the message "prompt <i>"; the mock provider
-(benchmarks/mockserver.c) answers "echo: prompt <i>", so a reply that landed on
+(benchmarks/mock/) answers "echo: prompt <i>", so a reply that landed on
 the wrong row counts as a mismatch. Non-200 answers, transport failures and
 unparseable replies count as errors.
 """

@@ -1,5 +1,5 @@
-"""Against a gateway that answers 429 with no headers at all (benchmarks/mockserver.c's
---bare-rate/--bare-burst, an nginx limit_req lookalike), llm_batch finds the limit: every
+"""Against a gateway that answers 429 with no headers at all (the C mock's --bare-rate/
+--bare-burst, an nginx limit_req lookalike), llm_batch finds the limit: every
 row comes back, the 429s come in few episodes, and the engine paces at a learned rate.
 benchmarks/bench_bare429.py measures the same at full scale."""
 import json

@@ -1,4 +1,4 @@
-"""The benchmark mock provider (benchmarks/mockserver.c) answers response_format requests
+"""The benchmark mock provider (benchmarks/mock/) answers response_format requests
 with schema-shaped JSON (see its --help). Builds it with `make -C benchmarks` (skipped
 without a C compiler); MOCKSERVER_BIN=path runs the tests against another build, e.g.
 benchmarks/build/mockserver-asan after `make -C benchmarks asan`."""

@@ -6,7 +6,7 @@ Every client script takes the same command line
         [--model mock] [--max-retries R] [--timeout S]
 
 sends one request per row (row i carries the user message "prompt i"; the mock provider,
-benchmarks/mockserver.c, answers "echo: prompt i"; requests with a response_format get a
+benchmarks/mock/, answers "echo: prompt i"; requests with a response_format get a
 schema-shaped JSON answer instead, see mock_string_value), and prints ONE JSON line on stdout:
 
     client, n, c, wall_s, rps (rows / wall), ok, errors, mismatches, rows_lost,

@@ -10,7 +10,7 @@ structured_output json_schema (semex's default: OpenAI's response_format json_sc
 json_object (llama.cpp's {"type": "json_object", "schema": ...}).
 
 The mock provider answers a response_format request with a JSON object shaped by its
-schema (benchmarks/mockserver.c --help): a string field is "<name>:<FNV-1a 32 hex of the
+schema (benchmarks/build/mockserver --help): a string field is "<name>:<FNV-1a 32 hex of the
 document's text>", where the document is the text semex rendered for the row
 (semex.extract.render_document: "[text]: prompt i") and put after "Document:" or under
 "Document <k>:", and a batch item's "id" is its k. So every row is checked: "mismatches"
