@@ -26,6 +26,17 @@ N is cut to budget × its throughput, projected from its previous run, never bel
 that C requests can be in flight) and is skipped where even N = C would take more than
 --max-run-s; a run that exceeds --timeout-s is killed and the client skipped at higher C.
 Every cut and skip is written into RESULTS.md.
+
+Side by side, one configuration (what compare_llm_batch.py and perf_matrix.py used to do):
+  harness.py --only semex,semex-raw,aiohttp --concurrency 1000 --repeat 3 \
+      --skip-workloads faults,ratelimit,memory,steady,inflight --out -
+prints the tables instead of writing RESULTS.md (semex-raw: the C engine alone, one
+Engine.submit of prebuilt bodies, so the gap to semex llm_batch is the Python layer). Two
+builds of semex in one run, e.g. before and after a change (each a venv with that build):
+  harness.py --variant old=/tmp/old-venv/bin/python --variant new=.venv/bin/python \
+      --only semex,semex-raw,aiohttp ... --out -
+runs every semex client once per variant (rows "semex llm_batch [old]", "... [new]"),
+interleaved with the other clients, against the same fresh mock per run.
 """
 from __future__ import annotations
 
@@ -37,6 +48,7 @@ import platform
 import re
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -59,6 +71,8 @@ RL_RPM, RL_TPM = 6000, 600000
 CLIENTS = {
     "semex": dict(label="semex llm_batch", argv=["semex_llm_batch.py"], retries=False,
                   prior=1200),
+    "semex-raw": dict(label="semex engine raw (no Python layer)",
+                      argv=["semex_engine_raw.py"], retries=False, prior=1500),
     "semex-w2": dict(label="semex llm_batch workers=2", argv=["semex_llm_batch.py",
                      "--workers", "2"], retries=False, prior=1200),
     "semex-extract-1": dict(label="semex sem_extract 1 doc/call",
@@ -83,9 +97,10 @@ CLIENTS = {
     "lotus": dict(label="LOTUS sem_extract", argv=["lotus_extract.py"], retries=True,
                   prior=130),
 }
-DEFAULT_CLIENTS = list(CLIENTS)
+# semex-raw is a profiling reference (no prompts, no parsing), not a client a user runs.
+DEFAULT_CLIENTS = [k for k in CLIENTS if k != "semex-raw"]
 # (c) is long per client: the uvloop twin of raw aiohttp adds nothing there.
-RL_EXCLUDE = {"aiohttp-uvloop", "semex-w2"}
+RL_EXCLUDE = {"aiohttp-uvloop", "semex-w2", "semex-raw"}
 # Rows/s a client can reach under (c)'s limits, to give each about --rl-seconds of work:
 # 100 req/s for plain chat calls (their ~20-token bodies keep the token bucket out of play);
 # the extraction prompts are long enough that --tpm (10,000 tokens/s, a call costing its body
@@ -104,6 +119,29 @@ RL_ROWS_PER_S = {"semex-extract-1": 59.0, "semex-extract-10": 295.0, "lotus": 70
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def base_key(key: str) -> str:
+    """The client a key runs: "semex@old" (a --variant's copy) -> "semex"."""
+    return key.split("@", 1)[0]
+
+
+def add_variants(keys, variants):
+    """keys with every semex client replaced by one copy per --variant LABEL=PYTHON (run
+    with that interpreter, labelled "[LABEL]")."""
+    if not variants:
+        return keys
+    out = []
+    for key in keys:
+        if not key.startswith("semex"):
+            out.append(key)
+            continue
+        for label, python in variants:
+            vk = f"{key}@{label}"
+            CLIENTS[vk] = dict(CLIENTS[key], label=f"{CLIENTS[key]['label']} [{label}]",
+                               python=python)
+            out.append(vk)
+    return out
+
 
 def sh(cmd: str) -> str:
     try:
@@ -290,7 +328,7 @@ class Harness:
                    max_retries=None, rnd=1):
         spec = CLIENTS[key]
         mock = Mock(mock_extra)
-        cmd = [self.python, os.path.join(CLIENT_DIR, spec["argv"][0])] + spec["argv"][1:] + [
+        cmd = [spec.get("python", self.python), os.path.join(CLIENT_DIR, spec["argv"][0])] + spec["argv"][1:] + [
             "--url", mock.base, "--n", str(n), "-c", str(c)] + list(extra_args)
         if spec["retries"] and max_retries is not None:
             cmd += ["--max-retries", str(max_retries)]
@@ -423,7 +461,7 @@ class Harness:
     def steady(self, keys, c, n, cfg_index):
         """(d) the same server as (a) at C, N large enough that start-up and the last
         requests' drain weigh little: the figure to hold beside wrk's steady state."""
-        for key in self.order([k for k in keys if k in STEADY_CLIENTS], cfg_index):
+        for key in self.order([k for k in keys if base_key(k) in STEADY_CLIENTS], cfg_index):
             for rnd in range(1, 3):
                 self.run_client(key, "steady", c, n, [], max_retries=6, rnd=rnd,
                                 note=f"N={n:,}: start-up and drain amortised")
@@ -434,7 +472,8 @@ class Harness:
         C/50 ms = 200,000 req/s that 10,000 in flight need, so the mock answers after
         latency_ms instead and N = 3 × C."""
         extra = ["--latency-ms", f"{latency_ms:g}", "--jitter-ms", "0"]
-        for key in self.order([k for k in keys if k in INFLIGHT_CLIENTS], cfg_index):
+        for key in self.order([k for k in keys if base_key(k) in INFLIGHT_CLIENTS],
+                              cfg_index):
             self.run_client(key, "inflight", c, n, extra, max_retries=6,
                             note=f"mock latency {latency_ms:g} ms, no jitter")
         return cfg_index + 1
@@ -463,14 +502,14 @@ class Harness:
 
     def ratelimit(self, keys, c, seconds, cfg_index):
         rate = RL_RPM / 60.0
-        for key in self.order([k for k in keys if k not in RL_EXCLUDE], cfg_index):
-            secs = self.args.rl_semex_seconds if key == "semex" else seconds
-            n = nice_n(RL_ROWS_PER_S.get(key, rate) * secs)
+        for key in self.order([k for k in keys if base_key(k) not in RL_EXCLUDE], cfg_index):
+            secs = self.args.rl_semex_seconds if base_key(key) == "semex" else seconds
+            n = nice_n(RL_ROWS_PER_S.get(base_key(key), rate) * secs)
             extra, note = [], f"~{secs:.0f} s of requests at the allowed rate"
             if key.startswith("semex"):
                 extra = ["--rpm", str(RL_RPM), "--tpm", str(RL_TPM)]
                 note += f"; LM(rpm={RL_RPM}, tpm={RL_TPM}), max_retries=6"
-            elif key == "lotus":
+            elif base_key(key) == "lotus":
                 extra = ["--rate-limit", str(RL_RPM)]
                 note += (f"; LM(rate_limit={RL_RPM}) (LOTUS's pacing), "
                          f"max_retries={self.args.rl_peer_retries}")
@@ -544,7 +583,10 @@ def throughput_table(records, workload, c, ref_rps):
     if workload == "throughput":
         w = next((r for r in records if r["workload"] == "throughput" and r["key"] == "wrk"
                   and r["c"] == c), None)
-        if w:
+        if w and "failure" in w:
+            out.append(f"| wrk -t1 -c{c} (reference) | — | — | — | — | — | — | — | — | — | — | "
+                       f"— | — | — | {w['failure'][:200].replace('|', '/')} |")
+        elif w:
             wr = w.get("result") or {}
             cpu = (wr["cpu_s"] / wr["requests"] * 1e6) if wr.get("requests") else None
             busy = wr["cpu_s"] / w["seconds"] if w.get("seconds") else None
@@ -830,7 +872,13 @@ def targets(records, conc):
 
 
 def plot(records, conc, path):
-    import matplotlib
+    if not path:
+        return
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: {path} not drawn", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -857,7 +905,7 @@ def plot(records, conc, path):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)],
                     color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
                     lw=2.2 if semex else 1.3, ls="-" if semex else "-.",
-                    label=CLIENTS[key]["label"])
+                    label=next(r["label"] for r in records if r["key"] == key))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(conc)
@@ -899,6 +947,9 @@ def write_report(h: Harness, meta: dict, path: str):
     L.append(f"- Python {meta['python']} ({a.python}); wrk: {meta['wrk']}")
     if meta.get("semex_source"):
         L.append(f"- semex under test: {meta['semex_source']}")
+    for v in meta.get("variants", []):
+        L.append(f"- variant [{v['label']}]: `{v['python']}`, semex {v.get('version')}, "
+                 f"{v.get('source')}")
     L.append("- packages: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v))
     L.append(f"- mock: `benchmarks/build/mockserver` (1 thread), a fresh one per run, latency "
              f"{LATENCY_MS:g}±{JITTER_MS:g} ms uniform; ideal wall = N × 50 ms / C")
@@ -1034,6 +1085,9 @@ def write_report(h: Harness, meta: dict, path: str):
         if "cmd" in r:
             L.append(f"{r['workload']:10s} {r['cmd']}    # mock {r['mock']}")
     L.append("```")
+    if path == "-":
+        sys.stdout.write("\n".join(L) + "\n")
+        return
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
 
@@ -1077,13 +1131,30 @@ def main(argv=None) -> int:
                    help="comma-separated: throughput,faults,steady,inflight,memory,ratelimit")
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for the clients (the venv with semex and the peers)")
-    p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
-    p.add_argument("--png", default=os.path.join(HERE, "throughput.png"))
-    p.add_argument("--json", default=os.path.join(HERE, "results.json"))
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=PYTHON",
+                   help="run every semex client with this interpreter too (repeatable; "
+                        "with it, semex clients run only under the variants): two builds "
+                        "side by side in one run")
+    p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"),
+                   help="the report; '-': print it (and write --png/--json only if given)")
+    p.add_argument("--png", default=None, help="default benchmarks/throughput.png")
+    p.add_argument("--json", default=None, help="default benchmarks/results.json")
     p.add_argument("--from-json", default=None, metavar="PATH",
                    help="run nothing: re-render RESULTS.md and the plot from a results.json "
                         "(pass the options of the run that wrote it)")
     a = p.parse_args(argv)
+    if a.out != "-":
+        a.png = a.png or os.path.join(HERE, "throughput.png")
+        a.json = a.json or os.path.join(HERE, "results.json")
+    variants = []
+    for v in a.variant:
+        label, sep, python = v.partition("=")
+        if not sep or not label or not python or "@" in label:
+            p.error(f"--variant wants LABEL=PYTHON, got {v!r}")
+        python = os.path.abspath(python) if os.sep in python else python
+        if not (os.access(python, os.X_OK) or shutil.which(python)):
+            p.error(f"--variant {label}: {python} is not an executable")
+        variants.append((label, python))
     if a.quick:
         a.n = a.n or 1000
         a.conc = [int(x) for x in (a.concurrency or "64,256").split(",")]
@@ -1113,6 +1184,7 @@ def main(argv=None) -> int:
     for k in keys:
         if k not in CLIENTS:
             p.error(f"unknown client {k!r}; known: {', '.join(CLIENTS)}")
+    keys = add_variants(keys, variants)
     if not os.access(MOCK, os.X_OK):
         p.error(f"{MOCK} is missing: run make -C benchmarks first")
     try:
@@ -1132,6 +1204,8 @@ def main(argv=None) -> int:
         "wrk": sh("wrk --version 2>&1 | head -1").split(" Copyright")[0],
         "versions": versions(a.python),
         "semex_source": semex_source(a.python),
+        "variants": [dict(label=lb, python=py, version=versions(py).get("semex"),
+                          source=semex_source(py)) for lb, py in variants],
     }
     h = Harness(a)
     if a.from_json:
@@ -1141,7 +1215,10 @@ def main(argv=None) -> int:
         for r in h.records:
             renote(r, a.n)
         meta = saved["meta"]
-        if a.from_json != a.json:
+        for r in h.records:  # a --variant copy's key, so that its rows find their label
+            if "@" in r["key"] and r["key"] not in CLIENTS and base_key(r["key"]) in CLIENTS:
+                CLIENTS[r["key"]] = dict(CLIENTS[base_key(r["key"])], label=r["label"])
+        if a.json and a.from_json != a.json:
             with open(a.json, "w") as f:
                 json.dump({"meta": meta, "records": h.records}, f, indent=1)
         if "throughput" not in skip:
@@ -1165,13 +1242,16 @@ def main(argv=None) -> int:
         k = h.ratelimit(keys, a.rl_c, a.rl_seconds, k)
     meta["load_end"] = loadavg()
     meta["wall_min"] = (time.time() - h.t_start) / 60.0
-    with open(a.json, "w") as f:
-        json.dump({"meta": meta, "records": h.records}, f, indent=1)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "records": h.records}, f, indent=1)
     if "throughput" not in skip:
         plot(h.records, a.conc, a.png)
     write_report(h, meta, a.out)
+    written = [x for x in (a.out if a.out != "-" else None,
+                           a.png if "throughput" not in skip else None, a.json) if x]
     h.log(f"done in {meta['wall_min']:.1f} min; load average at end: {meta['load_end']}; "
-          f"wrote {a.out}" + ("" if "throughput" in skip else f", {a.png}") + f", {a.json}")
+          + ("wrote " + ", ".join(written) if written else "printed the report"))
     return 0
 
 
