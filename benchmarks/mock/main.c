@@ -9,6 +9,8 @@ cfg_t cfg = {
     .seed = 42,
     .embed_dim = EMBED_DIM,
     .bare_burst = 20,
+    .batch_seconds = 1.0,
+    .batch_max_requests = 50000,
 };
 
 uint64_t g_created; /* unix time at start: "created" of every completion */
@@ -35,6 +37,13 @@ static void usage(FILE *f) {
           "  --seed N               PRNG seed for faults and jitter (default 42)\n"
           "  --stdin-watch          exit when stdin reaches EOF\n"
           "  --embed-dim N          embedding length when a request has no \"dimensions\" (default 8)\n"
+          "  --batch-seconds S      Batch API: a batch's life from created to completed (default 1)\n"
+          "  --batch-error-every K  Batch API: every K-th line is a 400 in the error file\n"
+          "  --batch-transient-every K  ... every K-th line is a 500 in the error file\n"
+          "  --batch-expire-at F    Batch API: batches expire with the first F (0-1) of their lines\n"
+          "                         done; the rest are batch_expired lines in the error file\n"
+          "  --batch-fail           Batch API: every batch fails validation\n"
+          "  --batch-max-requests N Batch API: a batch of more lines fails validation (default 50000)\n"
           "\n"
           "POST .../embeddings answers one vector per input (a string, or each element of an\n"
           "array), hashed from the input's JSON bytes: values in [-1, 1) with six decimals;\n"
@@ -82,7 +91,8 @@ static double parse_num(const char *opt, const char *s, double lo, double hi) {
 static void parse_args(int argc, char **argv) {
     enum { OPT_HOST = 1, OPT_PORT, OPT_THREADS, OPT_LAT, OPT_JIT, OPT_RPM, OPT_TPM, OPT_FAIL, OPT_DROP,
            OPT_TRUNC, OPT_STALL, OPT_STALL_T, OPT_SEED, OPT_STDIN, OPT_EMBED_DIM, OPT_HELP,
-           OPT_BARE_RATE, OPT_BARE_BURST, OPT_BARE_HALVE, OPT_BARE_RESTORE };
+           OPT_BARE_RATE, OPT_BARE_BURST, OPT_BARE_HALVE, OPT_BARE_RESTORE, OPT_BATCH_S,
+           OPT_BATCH_ERR, OPT_BATCH_TRANS, OPT_BATCH_EXP, OPT_BATCH_FAIL, OPT_BATCH_MAX };
     static const struct option opts[] = {
         {"host", required_argument, 0, OPT_HOST},
         {"port", required_argument, 0, OPT_PORT},
@@ -104,6 +114,12 @@ static void parse_args(int argc, char **argv) {
         {"bare-burst", required_argument, 0, OPT_BARE_BURST},
         {"bare-halve-at", required_argument, 0, OPT_BARE_HALVE},
         {"bare-restore-at", required_argument, 0, OPT_BARE_RESTORE},
+        {"batch-seconds", required_argument, 0, OPT_BATCH_S},
+        {"batch-error-every", required_argument, 0, OPT_BATCH_ERR},
+        {"batch-transient-every", required_argument, 0, OPT_BATCH_TRANS},
+        {"batch-expire-at", required_argument, 0, OPT_BATCH_EXP},
+        {"batch-fail", no_argument, 0, OPT_BATCH_FAIL},
+        {"batch-max-requests", required_argument, 0, OPT_BATCH_MAX},
         {0, 0, 0, 0},
     };
     int o;
@@ -140,6 +156,18 @@ static void parse_args(int argc, char **argv) {
         case OPT_BARE_HALVE: cfg.bare_halve_at = parse_num("bare-halve-at", optarg, 0, 1e6); break;
         case OPT_BARE_RESTORE:
             cfg.bare_restore_at = parse_num("bare-restore-at", optarg, 0, 1e6);
+            break;
+        case OPT_BATCH_S: cfg.batch_seconds = parse_num("batch-seconds", optarg, 0, 1e6); break;
+        case OPT_BATCH_ERR:
+            cfg.batch_error_every = (int)parse_num("batch-error-every", optarg, 0, 1e9);
+            break;
+        case OPT_BATCH_TRANS:
+            cfg.batch_transient_every = (int)parse_num("batch-transient-every", optarg, 0, 1e9);
+            break;
+        case OPT_BATCH_EXP: cfg.batch_expire_at = parse_num("batch-expire-at", optarg, 0, 1); break;
+        case OPT_BATCH_FAIL: cfg.batch_fail = 1; break;
+        case OPT_BATCH_MAX:
+            cfg.batch_max_requests = (int)parse_num("batch-max-requests", optarg, 0, 1e9);
             break;
         default: usage(stderr); exit(2);
         }

@@ -14,6 +14,7 @@
  *              limiter, the /_timeline counts
  *   json.c     JSON scanning on offsets into a body (scan_body, obj_get, json_unescape...)
  *   fill.c     response_format answers: a JSON object shaped by the request's schema
+ *   batches.c  the Batch API: /v1/files and /v1/batches on a fast-forward clock
  * A new route: a handler in routes.c (or a new file declared here) and a line in `routes[]`.
  *
  * Design
@@ -103,6 +104,9 @@ typedef struct {
     int embed_dim;
     double bare_rate, bare_burst;            /* requests/s, bucket size; 0: off */
     double bare_halve_at, bare_restore_at;   /* seconds after the first request; 0: never */
+    double batch_seconds;                    /* a batch's life, created to completed */
+    int batch_error_every, batch_transient_every, batch_fail, batch_max_requests;
+    double batch_expire_at;                  /* fraction of lines done when it expires */
 } cfg_t;
 
 extern cfg_t cfg;
@@ -426,6 +430,16 @@ void put_escaped(buf_t *b, const char *s, size_t n);
 void put_model(buf_t *b, const scan_t *sc);
 /* w->body = a chat.completion (or its event stream, with sc->stream) for the request */
 void build_chat(worker_t *w, const char *body, size_t blen, const scan_t *sc);
+/* w->body = the embeddings answer of a request body (routes.c) */
+void build_embeddings(worker_t *w, const char *body, size_t blen, const scan_t *sc);
+
+/* ------------------------------------------------------- the Batch API (batches.c) */
+
+/* /v1/files... and /v1/batches...: uploads, batches on a fast-forward clock, results */
+void route_files(worker_t *w, route_ctx_t *rc);
+void route_batches(worker_t *w, route_ctx_t *rc);
+/* appends ,"batch_files":N,"batches_created":N,"batch_lines":N to a /_stats body */
+void batches_stats(buf_t *b);
 /* The structured answer for the request's response_format into w->ans (JSON text, not yet
  * escaped). 0 if the request does not qualify (the caller echoes instead). fill.c. */
 int build_structured(worker_t *w, const char *p, size_t len, const scan_t *sc);

@@ -180,7 +180,7 @@ static void put_embedding(buf_t *b, size_t index, const char *p, size_t n, int d
 }
 
 /* One embedding per input: a string gives one, an array gives one per element. */
-static void build_embeddings(worker_t *w, const char *body, size_t blen, const scan_t *sc) {
+void build_embeddings(worker_t *w, const char *body, size_t blen, const scan_t *sc) {
     buf_t *b = &w->body;
     b->len = 0;
     int dim = sc->dimensions ? sc->dimensions : cfg.embed_dim, b64 = sc->base64;
@@ -231,6 +231,7 @@ static void build_stats(worker_t *w) {
     FIELD(",\"faults_truncate\":", LOAD(st_truncate));
     FIELD(",\"faults_stall\":", LOAD(st_stall));
     FIELD(",\"threads\":", cfg.threads);
+    batches_stats(b);
     buf_puts(b, "}");
 #undef FIELD
 }
@@ -271,6 +272,8 @@ static const route_t routes[] = {
     {NULL, MATCH_EXACT, "/_timeline", 0, route_timeline},
     {"POST", MATCH_SUFFIX, "/chat/completions", RT_API, route_chat},
     {"POST", MATCH_SUFFIX, "/embeddings", RT_API, route_embeddings},
+    {NULL, MATCH_PREFIX, "/v1/files", 0, route_files},     /* the Batch API (batches.c) */
+    {NULL, MATCH_PREFIX, "/v1/batches", 0, route_batches},
 };
 
 static int path_matches(const req_t *r, const route_t *rt) {

@@ -10,6 +10,7 @@ from . import errors
 from . import pricing
 from .embed import EmbeddingModel, EmbeddingOutput, embed, embed_async
 from .cache import Cache
+from .batch_api import BatchMode
 from .batch import (Results, llm_batch, llm_batch_async, llm_query, llm_query_async,
                     map_reduce, map_reduce_async, parallel_query, parallel_query_async)
 from .errors import ErrorText, RequestError, SemexError
@@ -24,6 +25,7 @@ _register_accessor()  # df.sem_extract, once pandas is (or gets) imported
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchMode",
     "EmbeddingModel",
     "EmbeddingOutput",
     "IngestResult",

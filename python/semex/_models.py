@@ -17,6 +17,7 @@ import inspect
 from typing import Any, Callable, List, Optional
 
 from . import errors as E
+from .batch_api import check_supported, resolve_mode
 from .lm import LM, LMOutput, Usage
 
 Progress = Optional[Callable[[int, int], None]]
@@ -84,7 +85,7 @@ def _failure(exc: BaseException, n: int, first_index: int = 0) -> LMOutput:
 class ModelRunner:
     """Runs one round of conversations through whatever model the user gave."""
 
-    def __init__(self, model: Any, max_concurrent: Optional[int]):
+    def __init__(self, model: Any, max_concurrent: Optional[int], mode: Any = None):
         if model is None or not (callable(model) or hasattr(model, "async_call")):
             raise E.ConfigurationError(
                 "model must be a semex.LM, an object with async_call(messages_batch), or a "
@@ -92,6 +93,16 @@ class ModelRunner:
         self.model = model
         self.max_concurrent = max_concurrent
         self.is_lm = isinstance(model, LM)
+        self.mode = resolve_mode(mode)
+        if self.mode is not None:
+            if not self.is_lm:
+                raise E.ConfigurationError(
+                    "mode='batch' needs a semex.LM (the provider's Batch API); got "
+                    f"{type(model).__name__}")
+            check_supported(model, "the model")
+        # the call keyword for the LM, given only when not online (a subclass's own
+        # __call__ need not know it)
+        self.mode_kw = {"mode": self.mode} if self.mode is not None else {}
         self.structured = getattr(model, "structured_output", False) if self.is_lm else False
         # semex's own LM (not a subclass with its own call): the prompt path, no dicts
         self.fast_sync = self.is_lm and type(model).__call__ is LM.__call__
@@ -103,9 +114,9 @@ class ModelRunner:
             fields = {"response_format": response_format} if response_format else {}
             if self.fast_sync:
                 return self.model._run_prompts(prompts.users, prompts.system, progress,
-                                               self.max_concurrent, fields)
+                                               self.max_concurrent, fields, mode=self.mode)
             return self.model(prompts.conversations(), progress=progress,
-                              max_concurrent=self.max_concurrent, **fields)
+                              max_concurrent=self.max_concurrent, **fields, **self.mode_kw)
         conversations = prompts.conversations()
         try:
             result = self.model(conversations)
@@ -129,9 +140,11 @@ class ModelRunner:
             fields = {"response_format": response_format} if response_format else {}
             if self.fast_async:
                 return await self.model._run_prompts_async(
-                    prompts.users, prompts.system, progress, self.max_concurrent, fields)
+                    prompts.users, prompts.system, progress, self.max_concurrent, fields,
+                    mode=self.mode)
             return await self.model.async_call(prompts.conversations(), progress=progress,
-                                               max_concurrent=self.max_concurrent, **fields)
+                                               max_concurrent=self.max_concurrent, **fields,
+                                               **self.mode_kw)
         conversations = prompts.conversations()
         if hasattr(self.model, "async_call"):
             try:

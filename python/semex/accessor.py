@@ -291,6 +291,8 @@ class SemExtractAccessor:
     on_error: "return" (default; failed rows have missing cells and an error) or "raise"
         (a ``semex.errors.BatchError`` after the run; its ``.results`` is the full frame).
     error_col: name of the error column (None: add it only when a row failed).
+    mode: "online" (default) or "batch" / a ``semex.BatchMode`` (the provider's Batch API),
+        as in sem_extract.
     overwrite: replace columns the frame already has (an output, quote, ``raw_output``,
         ``explanation`` or error column of the same name); by default such a clash is an
         error raised before anything is sent.
@@ -302,8 +304,8 @@ class SemExtractAccessor:
     def _begin(self, input_cols, output_cols, extract_quotes, postprocessor,
                return_raw_outputs, safe_mode, progress_bar_desc, return_explanations,
                strategy, model, use_batch_processing, batch_size,
-               max_concurrent_batches, progress, on_error, error_col, overwrite, unknown
-               ) -> Tuple[Optional[_Run], Callable[[Optional[_Run]], pd.DataFrame]]:
+               max_concurrent_batches, progress, on_error, error_col, overwrite, unknown,
+               mode=None) -> Tuple[Optional[_Run], Callable[[Optional[_Run]], pd.DataFrame]]:
         """Checks and set-up shared by the sync and async calls: (the run to drive, or None
         for an empty frame; what turns the driven run into the result frame)."""
         E.check_keywords("df.sem_extract", unknown, _KEYWORDS)
@@ -349,7 +351,7 @@ class SemExtractAccessor:
             _ColumnSink(spec, keep_raw=return_raw_outputs)
         run = _Run(documents, sink, model, output_cols, extract_quotes, batch_size,
                    use_batch_processing, max_concurrent_batches, progress,
-                   progress_bar_desc, safe_mode, "return", postprocessor, strategy)
+                   progress_bar_desc, safe_mode, "return", postprocessor, strategy, mode)
         return run, collect
 
     def __call__(self, input_cols: Union[str, Sequence[str]], output_cols: Any,
@@ -360,13 +362,14 @@ class SemExtractAccessor:
                  use_batch_processing: bool = True, batch_size: int = 10,
                  max_concurrent_batches: Optional[int] = None, progress: Any = True,
                  on_error: str = "return", error_col: Optional[str] = "extract_error",
-                 overwrite: bool = False, **unknown: Any) -> pd.DataFrame:
+                 overwrite: bool = False, mode: Any = None,
+                 **unknown: Any) -> pd.DataFrame:
         run, collect = self._begin(
             input_cols, output_cols, extract_quotes, postprocessor, return_raw_outputs,
             safe_mode, progress_bar_desc, return_explanations,
             _strategy(strategy, prompt_strategy), model,
             use_batch_processing, batch_size, max_concurrent_batches, progress, on_error,
-            error_col, overwrite, unknown)
+            error_col, overwrite, unknown, mode)
         if run is not None:
             _drive(run)
         return collect(run)
@@ -382,14 +385,15 @@ class SemExtractAccessor:
                             batch_size: int = 10, max_concurrent_batches: Optional[int] = 3,
                             progress: Any = True, on_error: str = "return",
                             error_col: Optional[str] = "extract_error",
-                            overwrite: bool = False, **unknown: Any) -> pd.DataFrame:
+                            overwrite: bool = False, mode: Any = None,
+                            **unknown: Any) -> pd.DataFrame:
         """Awaitable twin of ``df.sem_extract(...)`` for any running loop."""
         run, collect = self._begin(
             input_cols, output_cols, extract_quotes, postprocessor, return_raw_outputs,
             safe_mode, progress_bar_desc, return_explanations,
             _strategy(strategy, prompt_strategy), model,
             use_batch_processing, batch_size, max_concurrent_batches, progress, on_error,
-            error_col, overwrite, unknown)
+            error_col, overwrite, unknown, mode)
         if run is not None:
             await _drive_async(run)
         return collect(run)

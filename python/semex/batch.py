@@ -102,7 +102,7 @@ def _uses_prompt_path(lm: Any, method: str) -> bool:
 
 def llm_batch(prompts: Sequence[Prompt], model: Any = None, max_concurrent: int = 10, *,
               system_prompt: Optional[str] = None, progress: Any = None,
-              errors: str = "text", error_items: str = "pass",
+              errors: str = "text", error_items: str = "pass", mode: Any = None,
               **request_fields: Any) -> Results:
     """Answer every prompt; return the answers in input order.
 
@@ -115,6 +115,8 @@ def llm_batch(prompts: Sequence[Prompt], model: Any = None, max_concurrent: int 
         (the typed exception) or "raise" (one ``BatchError`` after the run).
     error_items: a prompt that is a failure from an earlier stage is passed through unsent
         ("pass") or sent as its text ("send").
+    mode: "online" (default) or "batch" / a ``semex.BatchMode``: the provider's Batch API
+        (half price; returns when the batch has ended; a re-run resumes it).
     request_fields: extra request body fields (``max_tokens=...``, ``response_format=...``).
 
     The result is a list (``.usage``, ``.errors`` attached). Works inside a running event
@@ -127,8 +129,10 @@ def llm_batch(prompts: Sequence[Prompt], model: Any = None, max_concurrent: int 
         lm = settings.resolve_lm(model)
         if _uses_prompt_path(lm, "__call__"):
             output = lm._run_prompts(send, system_prompt, progress, max_concurrent,
-                                     request_fields)
+                                     request_fields, mode=mode)
         else:
+            if mode is not None:
+                request_fields["mode"] = mode
             output = lm(_conversations(send, system_prompt), progress=progress,
                         max_concurrent=max_concurrent, **request_fields)
     return _finish(len(failures), positions, failures, output, errors)
@@ -137,7 +141,8 @@ def llm_batch(prompts: Sequence[Prompt], model: Any = None, max_concurrent: int 
 async def llm_batch_async(prompts: Sequence[Prompt], model: Any = None,
                           max_concurrent: int = 10, *, system_prompt: Optional[str] = None,
                           progress: Any = None, errors: str = "text",
-                          error_items: str = "pass", **request_fields: Any) -> Results:
+                          error_items: str = "pass", mode: Any = None,
+                          **request_fields: Any) -> Results:
     """Awaitable twin of :func:`llm_batch` for any running asyncio loop."""
     check_error_shape(errors)
     send, positions, failures = _upstream_failures(prompts, error_items)
@@ -146,8 +151,10 @@ async def llm_batch_async(prompts: Sequence[Prompt], model: Any = None,
         lm = settings.resolve_lm(model)
         if _uses_prompt_path(lm, "async_call"):
             output = await lm._run_prompts_async(send, system_prompt, progress,
-                                                 max_concurrent, request_fields)
+                                                 max_concurrent, request_fields, mode=mode)
         else:
+            if mode is not None:
+                request_fields["mode"] = mode
             output = await lm.async_call(_conversations(send, system_prompt),
                                          progress=progress, max_concurrent=max_concurrent,
                                          **request_fields)

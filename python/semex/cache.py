@@ -80,6 +80,30 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE INDEX IF NOT EXISTS entries_by_use ON entries (used_at);
 """
+# The provider batches of mode="batch" calls (semex.batch_api), with the keys of their
+# requests: another process (a re-run, `semex batch ...`) finds and resumes them. An id is
+# "file:<input file id>" between the upload and the batch's creation.
+_BATCH_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,
+    api_base TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    input_file_id TEXT,
+    output_file_id TEXT,
+    error_file_id TEXT,
+    status TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    collected INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batch_requests (
+    key BLOB NOT NULL,
+    batch TEXT NOT NULL,
+    PRIMARY KEY (batch, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS batch_requests_by_key ON batch_requests (key);
+"""
 # A rowid table, not WITHOUT ROWID: answers are often 1-4 KB, and a WITHOUT ROWID row over
 # ~1 KB spills into an overflow page of its own (measured: 4.7 KB per 1 KB answer, against
 # ~1.1 KB here).
@@ -175,6 +199,8 @@ class Cache:
         self._closed = False
         self._rebuilt = False
         self._tuned = False                 # the reader's lookup pragmas are set
+        self._batch_lock = threading.RLock()  # guards _batch_conn (mode="batch" records)
+        self._batch_conn: Optional[sqlite3.Connection] = None
         self._reader = self._connect()
         _live.add(self)
 
@@ -290,6 +316,10 @@ class Cache:
                     conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
                 else:
                     conn.execute("SELECT 1 FROM entries LIMIT 1").fetchall()
+                if not {"batches", "batch_requests"} <= set(tables):  # added in 0.1
+                    for statement in _BATCH_SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -305,6 +335,7 @@ class Cache:
             with self._lock:
                 if self._pid != os.getpid():
                     self._reader = None   # never close a connection inherited over fork
+                    self._batch_conn = None
                     self._writer = None
                     self._pid = os.getpid()
 
@@ -459,6 +490,132 @@ class Cache:
             conn.close()
         return n
 
+    # -- the batches of mode="batch" calls (semex.batch_api) -------------------------------
+    def _batches(self) -> sqlite3.Connection:
+        self._check_process()
+        conn = self._batch_conn
+        if conn is None:
+            conn = self._batch_conn = self._connect()
+        return conn
+
+    def _batch_keys_query(self, sql: str, keys: Sequence[bytes], *args: Any) -> List[tuple]:
+        with self._batch_lock:
+            conn = self._batches()
+            step = max(1, _variable_limit(conn) - len(args) - 4)
+            rows: List[tuple] = []
+            for at in range(0, len(keys), step):
+                part = keys[at:at + step]
+                marks = ",".join("?" * len(part))
+                rows += conn.execute(sql.format(marks=marks), (*part, *args)).fetchall()
+            return rows
+
+    def batches_holding(self, keys: Sequence[bytes], api_base: str,
+                        endpoint: str) -> List[Dict[str, Any]]:
+        """The recorded batches of `api_base`/`endpoint` that hold any of `keys`, oldest
+        first (failed ones are not kept)."""
+        ids = {row[0] for row in self._batch_keys_query(
+            "SELECT DISTINCT batch FROM batch_requests WHERE key IN ({marks})", keys)}
+        if not ids:
+            return []
+        with self._batch_lock:
+            conn = self._batches()
+            found = []
+            for batch_id in ids:
+                row = conn.execute(
+                    "SELECT id, input_file_id, status, requests, created_at FROM batches "
+                    "WHERE id = ? AND api_base = ? AND endpoint = ?",
+                    (batch_id, api_base, endpoint)).fetchone()
+                if row is not None:
+                    found.append({"id": row[0], "input_file_id": row[1], "status": row[2],
+                                  "requests": row[3], "created_at": row[4]})
+        return sorted(found, key=lambda r: r["created_at"])
+
+    def keys_in_batches(self, keys: Sequence[bytes], batch_ids: Sequence[str]) -> set:
+        if not batch_ids or not keys:
+            return set()
+        wanted = set(batch_ids)
+        return {row[0] for row in self._batch_keys_query(
+            "SELECT key, batch FROM batch_requests WHERE key IN ({marks})", keys)
+            if row[1] in wanted}
+
+    def keys_of_batch(self, batch_id: str) -> List[bytes]:
+        with self._batch_lock:
+            return [row[0] for row in self._batches().execute(
+                "SELECT key FROM batch_requests WHERE batch = ?", (batch_id,))]
+
+    def record_batch(self, batch_id: str, api_base: str, endpoint: str,
+                     input_file_id: Optional[str], keys: Sequence[bytes],
+                     status: str) -> None:
+        now = time.time()
+        with self._batch_lock:
+            conn = self._batches()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("INSERT OR REPLACE INTO batches (id, api_base, endpoint, "
+                             "input_file_id, status, requests, created_at, updated_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (batch_id, api_base, endpoint, input_file_id, status, len(keys),
+                              now, now))
+                conn.executemany("INSERT OR IGNORE INTO batch_requests (key, batch) "
+                                 "VALUES (?, ?)", [(k, batch_id) for k in keys])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def adopt_batch(self, old_id: str, batch_id: str, status: str) -> None:
+        """The placeholder `old_id` (file:...) is now the provider's batch `batch_id`."""
+        with self._batch_lock:
+            conn = self._batches()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("UPDATE batches SET id = ?, status = ?, updated_at = ? "
+                             "WHERE id = ?", (batch_id, status, time.time(), old_id))
+                conn.execute("UPDATE batch_requests SET batch = ? WHERE batch = ?",
+                             (batch_id, old_id))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def update_batch(self, batch: Dict[str, Any]) -> None:
+        """Keep a batch object's status and file ids (as the provider last said)."""
+        with self._batch_lock:
+            self._batches().execute(
+                "UPDATE batches SET status = ?, output_file_id = ?, error_file_id = ?, "
+                "updated_at = ? WHERE id = ?",
+                (batch.get("status"), batch.get("output_file_id"),
+                 batch.get("error_file_id"), time.time(), batch.get("id")))
+
+    def mark_collected(self, batch_id: str) -> None:
+        with self._batch_lock:
+            self._batches().execute("UPDATE batches SET collected = 1 WHERE id = ?",
+                                    (batch_id,))
+
+    def forget_batch(self, batch_id: str) -> None:
+        with self._batch_lock:
+            conn = self._batches()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("DELETE FROM batch_requests WHERE batch = ?", (batch_id,))
+                conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def list_batches(self) -> List[Dict[str, Any]]:
+        """Every recorded batch, newest first (for `semex batch status`)."""
+        with self._batch_lock:
+            rows = self._batches().execute(
+                "SELECT id, api_base, endpoint, status, requests, collected, created_at, "
+                "updated_at, input_file_id, output_file_id, error_file_id FROM batches "
+                "ORDER BY created_at DESC").fetchall()
+        names = ("id", "api_base", "endpoint", "status", "requests", "collected",
+                 "created_at", "updated_at", "input_file_id", "output_file_id",
+                 "error_file_id")
+        return [dict(zip(names, row)) for row in rows]
+
     def close(self, timeout: Optional[float] = 30.0) -> None:
         """Commit what is queued, stop the writer thread and close the connections."""
         if self._closed:
@@ -472,6 +629,10 @@ class Cache:
             if self._reader is not None and self._pid == os.getpid():
                 self._reader.close()
             self._reader = None
+        with self._batch_lock:
+            if self._batch_conn is not None and self._pid == os.getpid():
+                self._batch_conn.close()
+            self._batch_conn = None
         with _shared_lock:
             for name, cache in list(_shared.items()):
                 if cache is self:
@@ -643,6 +804,25 @@ _STREAM_FIELDS = ("stream", "stream_options")
 _FLUSH_S = 0.2  # while a call waits, answers of unfinished windows are queued this often
 
 
+def chat_key_base(url: str, fields: Dict[str, Any]) -> "hashlib.blake2b":
+    """The hash state every chat key of one call starts from (see JobCache)."""
+    canonical = json.dumps({k: v for k, v in fields.items() if k not in _STREAM_FIELDS},
+                           sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(b"chat\0" + url.encode("utf-8") + b"\0"
+                           + canonical.encode("utf-8") + b"\0", digest_size=16)
+
+
+def chat_keys(base: "hashlib.blake2b", skip: int, bodies: Sequence[bytes]) -> List[bytes]:
+    """The key of each body: `base` + the body after its first `skip` bytes."""
+    copy, view = base.copy, memoryview
+    keys = []
+    for body in bodies:
+        h = copy()
+        h.update(view(body)[skip:])
+        keys.append(h.digest())
+    return keys
+
+
 class JobCache:
     """The cache seam of one chat call (lm._Job): keys a window's bodies, answers its hits,
     remembers which rows the engine got, and queues answers for writing as they arrive.
@@ -654,10 +834,7 @@ class JobCache:
 
     def __init__(self, cache: Cache, url: str, fields: Dict[str, Any], skip: int):
         self.cache = cache
-        canonical = json.dumps({k: v for k, v in fields.items() if k not in _STREAM_FIELDS},
-                               sort_keys=True, ensure_ascii=False)
-        self.base = hashlib.blake2b(b"chat\0" + url.encode("utf-8") + b"\0"
-                                    + canonical.encode("utf-8") + b"\0", digest_size=16)
+        self.base = chat_key_base(url, fields)
         self.skip = skip
         # start -> [rows sent, their keys, written flags, completions seen]
         self.windows: Dict[int, list] = {}
@@ -668,12 +845,7 @@ class JobCache:
               ) -> Tuple[List[bytes], List[Tuple[int, tuple]]]:
         """(the bodies to send, [(row, found) answered by the cache]) of one window;
         `found` is (key, value, finish_reason, prompt_tokens, completion_tokens, ...)."""
-        copy, skip, view = self.base.copy, self.skip, memoryview
-        keys = []
-        for body in bodies:
-            h = copy()
-            h.update(view(body)[skip:])
-            keys.append(h.digest())
+        keys = chat_keys(self.base, self.skip, bodies)
         get = self.cache._lookup(keys).get
         hits: List[Tuple[int, tuple]] = []
         rows: List[int] = []

@@ -90,7 +90,8 @@ def _nonnegative_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="semex", description="Fast, dependable LLM extraction over "
                      "documents and tables, on semex's C engine.",
-                     epilog="Run 'semex extract --help' for the extraction command, 'semex cache --help' "
+                     epilog="Run 'semex extract --help' for the extraction command, "
+                     "'semex batch --help' for provider batches, 'semex cache --help' "
                      "for the answer cache.")
     parser.add_argument("--version", action="version", version=f"semex {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -175,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     kept.add_argument("--cache", dest="cache_path", metavar="PATH",
                       help="the cache database (default: $SEMEX_CACHE_DIR/cache.sqlite3, else "
                       "$XDG_CACHE_HOME/semex/cache.sqlite3, else ~/.cache/semex/...)")
+    offline = p.add_argument_group("the provider's Batch API (half price, within 24 h)")
+    offline.add_argument("--batch", action="store_true",
+                         help="send the requests as a provider batch (OpenAI's Batch API) "
+                         "and wait for it; interrupted, the same command run again picks the "
+                         "batch up where it is")
+    offline.add_argument("--no-wait", action="store_true",
+                         help="with --batch: create the batch and exit; run the same command "
+                         "again later to write the output ('semex batch status' shows it)")
+    offline.add_argument("--poll-interval", type=_positive_float, default=5.0, metavar="S",
+                         help="with --batch: seconds between status checks at first, growing "
+                         "to 60 (default 5)")
     shown = p.add_argument_group("output on the terminal")
     shown.add_argument("--no-progress", action="store_true",
                        help="no progress bar (it is shown only when stderr is a terminal)")
@@ -188,7 +200,71 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=("info", "clear", "path"))
     c.add_argument("--cache", dest="cache_path", metavar="PATH",
                    help="the cache database (default: as for semex extract)")
+    b = commands.add_parser(
+        "batch", help="look after the provider batches of 'semex extract --batch'",
+        description="The provider batches recorded in the cache database: 'status' asks the "
+        "provider how far each is, 'fetch' downloads the answers of ended batches into the "
+        "answer cache (the extract command run again then writes its output from there), "
+        "'cancel' stops batches (what they finished stays usable).")
+    b.add_argument("action", choices=("status", "fetch", "cancel"))
+    b.add_argument("ids", nargs="*", metavar="BATCH_ID",
+                   help="the batches (default: all recorded; cancel needs ids)")
+    b.add_argument("--cache", dest="cache_path", metavar="PATH",
+                   help="the cache database (default: as for semex extract)")
+    b.add_argument("--api-key-env", metavar="NAME", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default OPENAI_API_KEY)")
+    b.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     return parser
+
+
+def batch_command(args: argparse.Namespace) -> int:
+    import semex
+    from . import batch_api
+    from .cache import Cache, default_cache_path
+
+    path = os.path.abspath(os.path.expanduser(args.cache_path or default_cache_path()))
+    if args.action == "cancel" and not args.ids:
+        raise UsageError("batch cancel: name the batch id(s) to cancel")
+    if not os.path.exists(path):
+        _say(f"no cache database at {path}: no batches recorded")
+        return 0 if args.action == "status" else 1
+    key = os.environ.get(args.api_key_env) or ""
+    models: Dict[str, Any] = {}
+
+    def model_for(api_base: str) -> Any:
+        if api_base not in models:
+            models[api_base] = semex.LM("batch-control", api_base=api_base, api_key=key,
+                                        cache=False)
+        return models[api_base]
+    cache = Cache(path)
+    try:
+        if args.action == "status":
+            records = batch_api.refresh(cache, model_for, args.ids)
+            if not records:
+                _say(f"no batches recorded in {path}")
+            when = (lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t)))
+            for r in records:
+                counts = r.get("counts") or {}
+                done = (f" ({counts.get('completed', 0):,} done, {counts.get('failed', 0):,} "
+                        "failed)") if counts else ""
+                note = "" if not r.get("problem") else f"  [could not ask: {r['problem']}]"
+                kept = "  answers collected" if r["collected"] else ""
+                print(f"{r['id']}  {r['status']}{done}  {r['requests']:,} requests  "
+                      f"{r['endpoint']}  {r['api_base']}  created {when(r['created_at'])}"
+                      f"{kept}{note}")
+        elif args.action == "fetch":
+            for batch_id, n, note in batch_api.fetch_into_cache(cache, model_for, args.ids):
+                print(f"{batch_id}  {note}: {n:,} answers stored in the cache")
+        else:
+            for batch in batch_api.cancel(cache, model_for, args.ids):
+                print(f"{batch['id']}  {batch['status']}")
+    except E.RequestError as exc:
+        raise RunError(_one_line(exc)) from exc
+    finally:
+        for lm in models.values():
+            lm.close()
+        cache.close()
+    return 0
 
 
 def cache_command(args: argparse.Namespace) -> int:
@@ -453,6 +529,9 @@ def _summary(n: int, failed: int, usage: Any, wall: float,
     if usage.cost is not None:
         line += f"; cost {usage.cost:.4f}"
     _say(line)
+    if usage.batched:
+        _say(f"batch: {_plural(usage.batched, 'answer')} from the provider's Batch API "
+             "(billed at the batch price)")
     if cache is not None:
         line = (f"cache: {_plural(usage.cached, 'answer')} reused from {cache.path}")
         if usage.cached:
@@ -471,9 +550,20 @@ def _summary(n: int, failed: int, usage: Any, wall: float,
         _say(f"all {_plural(n, 'row')} extracted to {destination}")
 
 
+def semex_batch_mode(**options: Any) -> Any:
+    from .batch_api import BatchMode
+
+    return BatchMode(**options)
+
+
 def extract(args: argparse.Namespace) -> int:
     if args.local and args.api_base:
         raise UsageError("--local and --api-base exclude each other")
+    if args.batch and args.local:
+        raise UsageError("--batch and --local exclude each other (the local server has no "
+                         "Batch API)")
+    if args.no_wait and not args.batch:
+        raise UsageError("--no-wait goes with --batch")
     args.cols = list(dict.fromkeys(args.cols))
     fields = output_fields(args.outs)
     out_fmt = _check_writable(args.output)
@@ -488,13 +578,28 @@ def extract(args: argparse.Namespace) -> int:
                      args.cols, list(fields), batch_size)
         started = time.monotonic()
         errors: List[Optional[BaseException]] = [None] * len(df)
+        mode = None
+        if args.batch:
+            mode = semex_batch_mode(poll_interval=args.poll_interval,
+                                    max_poll_interval=max(60.0, args.poll_interval),
+                                    wait=not args.no_wait)
         try:
             frame = df.sem_extract(args.cols, fields, extract_quotes=args.quotes, model=lm,
                                    batch_size=batch_size,
                                    use_batch_processing=batch_size > 1, progress=progress,
-                                   on_error="raise", error_col=ERROR_COL)
+                                   on_error="raise", error_col=ERROR_COL, mode=mode)
         except E.BatchError as exc:  # failed rows: the full frame and the typed errors
             frame, errors = exc.results, list(exc.errors)
+        except E.BatchSubmitted as exc:
+            _say(f"created {_plural(len(exc.batch_ids), 'batch')}: {', '.join(exc.batch_ids)}"
+                 "; run the same command again to write the output once "
+                 "'semex batch status' says completed")
+            return 0
+        except KeyboardInterrupt:
+            if args.batch:
+                _say("interrupted; the batch keeps running at the provider: run the same "
+                     "command again to pick it up ('semex batch status' shows it)")
+            raise
         wall = time.monotonic() - started
         usage = lm.total_usage
     _fatal(errors, lm, args)
@@ -523,7 +628,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             handler.setFormatter(logging.Formatter("semex %(levelname)s %(name)s: %(message)s"))
             semex_logger.addHandler(handler)
             semex_logger.setLevel(logging.DEBUG)
-        return cache_command(args) if args.command == "cache" else extract(args)
+        if args.command == "cache":
+            return cache_command(args)
+        if args.command == "batch":
+            return batch_command(args)
+        return extract(args)
     except UsageError as exc:
         hint = ""
         if isinstance(exc, _ArgumentError):

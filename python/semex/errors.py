@@ -36,6 +36,8 @@ __all__ = [
     "ResponseFormatError",
     "InputTooLargeError",
     "BatchError",
+    "BatchJobError",
+    "BatchSubmitted",
     "ErrorText",
     "PartialFailureWarning",
     "UnknownParameterError",
@@ -137,6 +139,26 @@ class ResponseFormatError(RequestError):
 class InputTooLargeError(RequestError):
     """An input is estimated above the model's per-input limit: not sent (embeddings'
     ``max_input_tokens``); split it into smaller chunks."""
+
+
+class BatchJobError(RequestError):
+    """``mode="batch"``: the provider's batch did not answer this request (it expired, was
+    cancelled or failed validation, or the line carries an error). Running the same call
+    again sends the requests that were not answered in a new batch."""
+
+
+class BatchSubmitted(SemexError):
+    """``BatchMode(wait=False)``: the batches were created and are running at the provider;
+    ``batch_ids`` names them. Run the same call again later to collect the answers."""
+
+    def __init__(self, batch_ids: Any):
+        self.batch_ids = list(batch_ids)
+        super().__init__(f"{len(self.batch_ids)} batch(es) submitted and running at the "
+                         f"provider: {', '.join(self.batch_ids)}; run the same call again "
+                         "to collect the answers (or see `semex batch status`)")
+
+    def __reduce__(self):
+        return (type(self), (self.batch_ids,))
 
 
 class BatchError(SemexError):

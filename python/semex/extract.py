@@ -627,10 +627,10 @@ class _Run:
 
     def __init__(self, documents, sink, model, output_cols, extract_quotes, batch_size,
                  use_batch_processing, max_concurrent_batches, progress, progress_bar_desc,
-                 safe_mode, on_error, postprocessor, strategy=None):
+                 safe_mode, on_error, postprocessor, strategy=None, mode=None):
         self.spec = OutputSpec(output_cols, extract_quotes, reasoning=strategy == "cot")
         model = settings.resolve_lm(model)
-        self.runner = ModelRunner(model, max_concurrent_batches)
+        self.runner = ModelRunner(model, max_concurrent_batches, mode)
         self.model = model
         self.on_error = on_error
         self.postprocessor = postprocessor
@@ -644,6 +644,8 @@ class _Run:
         self.overlap = own is not None and self.cap >= own
         chunk_rows = _CHUNK_ROWS or size * max(_CHUNK_CALLS_MIN,
                                                _CHUNK_CALLS_PER_SLOT * self.cap)
+        if self.runner.mode is not None:  # one batch for every row (then one per round
+            chunk_rows = max(1, documents.n)  # of retries/splits), not one per chunk
         self.state = _Extraction(documents, sink, self.spec, size, self.runner.structured,
                                  chunk_rows)
         self.n = documents.n
@@ -917,7 +919,7 @@ def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
                 strategy: Any = None, *, return_raw_outputs: bool = False,
                 use_batch_processing: bool = True, batch_size: int = 10,
                 prompt_strategy: Any = None, max_concurrent_batches: Optional[int] = None,
-                progress: Any = True, on_error: str = "return",
+                progress: Any = True, on_error: str = "return", mode: Any = None,
                 **unknown: Any) -> SemanticExtractOutput:
     """Extract ``output_cols`` from every document; rows come back in input order.
 
@@ -946,6 +948,9 @@ def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
         callable is called as ``progress(done_rows, total_rows)`` as rows finish.
     on_error: "return" (failed rows carry typed errors in ``errors``) or "raise" (one
         ``BatchError`` after the run, carrying every partial result).
+    mode: "online" (default) or "batch" / a ``semex.BatchMode``: every prompt goes in one
+        provider batch (half price; a round of validation retries or splits in another);
+        returns when the batches have ended; the same call run again resumes them.
 
     Works inside a running event loop (a notebook cell): no event loop is used.
     """
@@ -954,7 +959,8 @@ def sem_extract(docs: Sequence[Mapping[str, Any]], model: Any = None,
     _check_call(output_cols, strategy, batch_size, on_error, max_concurrent_batches, progress)
     run = _Run(_ListDocuments(_check_docs(docs)), _ListSink(), model, output_cols,
                extract_quotes, batch_size, use_batch_processing, max_concurrent_batches,
-               progress, progress_bar_desc, safe_mode, on_error, postprocessor, strategy)
+               progress, progress_bar_desc, safe_mode, on_error, postprocessor, strategy,
+               mode)
     _drive(run)
     return run.finish()
 
@@ -969,6 +975,7 @@ async def sem_extract_async(docs: Sequence[Mapping[str, Any]], model: Any = None
                             prompt_strategy: Any = None,
                             max_concurrent_batches: Optional[int] = 3,
                             progress: Any = True, on_error: str = "return",
+                            mode: Any = None,
                             **unknown: Any) -> SemanticExtractOutput:
     """Awaitable twin of :func:`sem_extract` for any running asyncio loop (Jupyter
     included). ``max_concurrent_batches`` (default 3) limits prompts in flight;
@@ -978,7 +985,8 @@ async def sem_extract_async(docs: Sequence[Mapping[str, Any]], model: Any = None
     _check_call(output_cols, strategy, batch_size, on_error, max_concurrent_batches, progress)
     run = _Run(_ListDocuments(_check_docs(docs)), _ListSink(), model, output_cols,
                extract_quotes, batch_size, use_batch_processing, max_concurrent_batches,
-               progress, progress_bar_desc, safe_mode, on_error, postprocessor, strategy)
+               progress, progress_bar_desc, safe_mode, on_error, postprocessor, strategy,
+               mode)
     await _drive_async(run)
     return run.finish()
 

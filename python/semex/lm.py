@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from . import _engine, _stream
+from . import batch_api as _batch_api
 from . import cache as _cache
 from . import errors as E
 from ._runtime import EngineHolder, Windows, wait_async, wait_sync
@@ -62,6 +63,7 @@ class Usage:
     cached_prompt_tokens: int = 0
     cached_completion_tokens: int = 0
     cost_saved: Optional[float] = None
+    batched: int = 0           # answered through the provider's Batch API (mode="batch")
 
     def summary(self) -> str:
         """One line for people: tokens, requests, retries, 429s, failures, cost."""
@@ -70,6 +72,8 @@ class Usage:
                 f"{self.rate_limited:,} rate-limited), {self.failed:,} failed")
         if self.cache_hits:
             text += f", {self.cache_hits:,} answered from duplicates"
+        if self.batched:
+            text += f", {self.batched:,} answered by the Batch API"
         if self.cost is not None:
             text += f", cost {self.cost:.4f}"
         if self.cached:
@@ -93,6 +97,7 @@ class Usage:
         if other.cost is not None:
             self.cost = (self.cost or 0.0) + other.cost
         self.cached += other.cached
+        self.batched += other.batched
         self.cached_prompt_tokens += other.cached_prompt_tokens
         self.cached_completion_tokens += other.cached_completion_tokens
         if other.cost_saved is not None:
@@ -488,7 +493,8 @@ class LM:
     def __call__(self, messages_batch: Sequence[Messages], show_progress_bar: bool = False,
                  progress_bar_desc: str = "Requests", *, progress: Any = None,
                  max_concurrent: Optional[int] = None,
-                 on_chunk: Optional[ChunkCallback] = None, **request_fields) -> LMOutput:
+                 on_chunk: Optional[ChunkCallback] = None, mode: Any = None,
+                 **request_fields) -> LMOutput:
         """Send every conversation of ``messages_batch``; block until all are answered.
 
         Works inside a running event loop (e.g. a notebook cell): no event loop is used.
@@ -505,40 +511,45 @@ class LM:
         this thread with each item's text as it arrives: in order per item, joining to its
         output; ``text`` None means that item's attempt failed after streaming some text
         (it is retried, or fails): drop what was shown for it.
+
+        ``mode="batch"`` (or a ``semex.BatchMode``) sends the requests through the
+        provider's Batch API (half price, answers within its 24 h window) and returns when
+        the batch has ended; see the README's "Batch API".
         """
         job = _Job(self, messages_batch, request_fields,
                    show_progress_bar if progress is None else progress, max_concurrent,
-                   desc=progress_bar_desc, on_chunk=on_chunk)
+                   desc=progress_bar_desc, on_chunk=on_chunk, mode=mode)
         return _drive_sync(job)
 
     def _run_prompts(self, prompts: Sequence[Any], system_prompt: Optional[str],
                      progress: Optional[ProgressCallback], max_concurrent: Optional[int],
-                     request_fields: Dict[str, Any]) -> LMOutput:
+                     request_fields: Dict[str, Any], mode: Any = None) -> LMOutput:
         """llm_batch's path: plain-string prompts never become message dicts."""
         job = _Job(self, prompts, request_fields, progress, max_concurrent,
-                   prompts=True, system_prompt=system_prompt)
+                   prompts=True, system_prompt=system_prompt, mode=mode)
         return _drive_sync(job)
 
     async def _run_prompts_async(self, prompts: Sequence[Any], system_prompt: Optional[str],
                                  progress: Optional[ProgressCallback],
                                  max_concurrent: Optional[int],
-                                 request_fields: Dict[str, Any]) -> LMOutput:
+                                 request_fields: Dict[str, Any], mode: Any = None) -> LMOutput:
         job = _Job(self, prompts, request_fields, progress, max_concurrent,
-                   prompts=True, system_prompt=system_prompt)
+                   prompts=True, system_prompt=system_prompt, mode=mode)
         return await _drive_async(job)
 
     async def async_call(self, messages_batch: Sequence[Messages],
                          show_progress_bar: bool = False,
                          progress_bar_desc: str = "Requests", *, progress: Any = None,
                          max_concurrent: Optional[int] = None,
-                         on_chunk: Optional[ChunkCallback] = None,
+                         on_chunk: Optional[ChunkCallback] = None, mode: Any = None,
                          **request_fields) -> LMOutput:
         """Awaitable twin of ``lm(messages_batch)``; works on any running asyncio loop.
-        Cancelling the awaiting task cancels the in-flight requests. ``on_chunk`` is called
-        on the loop's thread."""
+        Cancelling the awaiting task cancels the in-flight requests (a ``mode="batch"``
+        call's batches keep running at the provider: the same call run again collects
+        them). ``on_chunk`` is called on the loop's thread."""
         job = _Job(self, messages_batch, request_fields,
                    show_progress_bar if progress is None else progress, max_concurrent,
-                   desc=progress_bar_desc, on_chunk=on_chunk)
+                   desc=progress_bar_desc, on_chunk=on_chunk, mode=mode)
         return await _drive_async(job)
 
     # -- single prompts and the batch helpers of RLM-style programs ----------------------------
@@ -608,6 +619,14 @@ def _as_prompts(items: Sequence[Any]) -> List[Any]:
 
 def _drive_sync(job: "_Job") -> LMOutput:
     """Run a job's windows in order; while waiting on the oldest, keep the engine fed."""
+    if job.batch_mode is not None:
+        try:
+            _batch_api.drive_sync(_batch_plan(job), job.batch_mode, _drive_sync)
+        finally:
+            job.close_progress()
+            if job.lm.cache is not None:  # a batch's answers are committed when it returns
+                job.lm.cache.flush()
+        return job.finish()
     windows = Windows(job.submit, job.n, job.window_size)
     try:
         for start, batch in windows:
@@ -622,6 +641,14 @@ def _drive_sync(job: "_Job") -> LMOutput:
 
 
 async def _drive_async(job: "_Job") -> LMOutput:
+    if job.batch_mode is not None:
+        try:
+            await _batch_api.drive_async(_batch_plan(job), job.batch_mode, _drive_async)
+        finally:
+            job.close_progress()
+            if job.lm.cache is not None:
+                job.lm.cache.flush()
+        return job.finish()
     windows = Windows(job.submit, job.n, job.window_size)
     try:
         for start, batch in windows:
@@ -633,6 +660,110 @@ async def _drive_async(job: "_Job") -> LMOutput:
         job.keep_answers(pending)
         job.close_progress()
     return job.finish()
+
+
+def _batch_plan(job: "_Job") -> "_batch_api.Plan":
+    """What the Batch API path needs of a chat job: its unique requests by key (the answer
+    cache's hits taken first), and how an answer, a failure or an online fallback lands in
+    the job's rows -- the same reading and per-row errors as the online path."""
+    lm = job.lm
+    bodies = job.bodies(0, job.n)
+    keys = _cache.chat_keys(_cache.chat_key_base(lm.url, job.key_fields),
+                            len(job.prefix.encode("utf-8")), bodies)
+    cache = lm.cache
+    found = cache._lookup(keys) if cache is not None else {}
+    hits = []
+    requests: Dict[bytes, _batch_api.Request] = {}
+    usage = job.usage
+    for i, (key, body) in enumerate(zip(keys, bodies)):
+        row = found.get(key)
+        if row is not None:
+            hits.append((i, row))
+        elif key in requests:
+            requests[key].rows.append(i)
+            usage.cache_hits += 1
+        else:
+            requests[key] = _batch_api.Request(key, body, i)
+    del bodies
+    if hits:
+        job.take_cached(hits)
+    outputs, errors, finish_reasons = job.outputs, job.errors, job.finish_reasons
+    progress = job.progress
+    n_hits = len(hits)
+
+    def absorb(request: _batch_api.Request, answer: Any, status: int) -> None:
+        first = request.rows[0]
+        usage.requests += 1
+        chat = job.read_parsed(first, answer, status, 1)
+        if chat is None:
+            _fan_out_error(request)
+            return
+        content, finish_reason, prompt_tokens, completion_tokens, total_tokens = chat
+        usage.prompt_tokens += prompt_tokens
+        usage.completion_tokens += completion_tokens
+        usage.total_tokens += total_tokens
+        usage.batched += 1
+        job.batched_tokens[0] += prompt_tokens
+        job.batched_tokens[1] += completion_tokens
+        if content is None:
+            errors[first] = E.ResponseFormatError(
+                f"item {first}: the answer has no text content (finish_reason="
+                f"{finish_reason!r})", index=first, status=status, attempts=1)
+            _fan_out_error(request)
+            return
+        for i in request.rows:
+            outputs[i] = content
+            finish_reasons[i] = finish_reason
+        if cache is not None:
+            cache.put_many([(request.key, content, finish_reason, prompt_tokens,
+                             completion_tokens, total_tokens)])
+
+    def _fan_out_error(request: _batch_api.Request) -> None:
+        first = request.rows[0]
+        usage.failed += len(request.rows)
+        for i in request.rows[1:]:
+            errors[i] = errors[first]
+
+    def fail(request: _batch_api.Request, cls: type, message: str, status: int,
+             body: Optional[bytes]) -> None:
+        text = lm._redact(body.decode("utf-8", "replace")) if body else None
+        for i in request.rows:
+            errors[i] = cls(lm._redact(f"item {i}: {message}"), index=i, status=status,
+                            attempts=1, body=text)
+        usage.failed += len(request.rows)
+
+    def online(rest: List[_batch_api.Request]):
+        request_fields, max_concurrent, prompts, system_prompt = job.remake
+        sub = _Job(lm, [job.batch[r.rows[0]] for r in rest], request_fields, None,
+                   max_concurrent, prompts=prompts, system_prompt=system_prompt)
+        sub.record = False
+
+        def merge(out: LMOutput) -> None:
+            usage.add(out.usage)
+            for j, request in enumerate(rest):
+                for i in request.rows:
+                    outputs[i] = out.outputs[j]
+                    finish_reasons[i] = out.finish_reasons[j]
+                    error = out.errors[j]
+                    if error is not None:  # renumbered: the sub-call's item j is row i
+                        text = str(error)
+                        if text.startswith(f"item {j}: "):
+                            text = text[len(f"item {j}: "):]
+                        error = type(error)(f"item {i}: {text}", index=i,
+                                            status=error.status, attempts=error.attempts,
+                                            body=error.body)
+                    errors[i] = error
+            usage.failed += sum(len(r.rows) - 1 for j, r in enumerate(rest)
+                                if out.errors[j] is not None)
+        return sub, merge
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress(min(job.n, n_hits + done), job.n)
+
+    store = cache if cache is not None else _cache.resolve(True)
+    return _batch_api.Plan(lm, "/v1/chat/completions", list(requests.values()), absorb, fail,
+                           online, report, f"LM({lm.model!r}) batch", store)
 
 
 # How often a waiting call checks whether the engine needs another window (Windows.top_up).
@@ -712,10 +843,16 @@ class _Job:
                  request_fields: Dict[str, Any], progress: Any,
                  max_concurrent: Optional[int] = None, *, prompts: bool = False,
                  system_prompt: Optional[str] = None, desc: str = "Requests",
-                 on_chunk: Optional[ChunkCallback] = None):
+                 on_chunk: Optional[ChunkCallback] = None, mode: Any = None):
         """prompts=True (llm_batch): items are plain strings (the user message) or
         conversations, and `system_prompt` goes first in each; a string's body is written
-        around its JSON string directly, with no message dicts built for it."""
+        around its JSON string directly, with no message dicts built for it.
+        mode: "online" (None) or "batch"/a BatchMode (the provider's Batch API)."""
+        self.batch_mode = _batch_api.resolve_mode(mode)
+        if self.batch_mode is not None:
+            _batch_api.check_supported(lm, "this LM")
+        self.remake = (request_fields, max_concurrent, prompts, system_prompt)
+        self.record = True  # add this call's usage to lm.total_usage
         if max_concurrent is not None:
             _check_int("max_concurrent", max_concurrent, 1)
         self.max_concurrent = max_concurrent or 0
@@ -764,6 +901,10 @@ class _Job:
         on_chunk = _chunk_callback(on_chunk, request_fields)  # llm_batch passes it here
         fields.update(request_fields)
         fields.pop("messages", None)
+        if self.batch_mode is not None and (on_chunk is not None or fields.get("stream")):
+            raise E.ConfigurationError(
+                "mode='batch' answers arrive all at once when the batch ends: drop "
+                "stream=True / on_chunk (or use the online mode)")
         self.pump = _stream.DeltaPump(on_chunk) if on_chunk is not None else None
         self.headers = lm._headers
         if on_chunk is not None:
@@ -786,6 +927,7 @@ class _Job:
         # part once.
         self.prefix = (encoded[:-1] + ', "messages": ') if fields else '{"messages": '
         cache = lm.cache
+        self.key_fields = fields
         self.cached: Optional[_cache.JobCache] = None if cache is None else _cache.JobCache(
             cache, lm.url, fields, len(self.prefix.encode("utf-8")))
         # ... and a plain-string prompt's body is this + its JSON string + '}]}'.
@@ -802,24 +944,11 @@ class _Job:
         self.errors: List[Optional[E.RequestError]] = [None] * self.n
         self.finish_reasons: List[Optional[str]] = [None] * self.n
         self.usage = Usage()
+        self.batched_tokens = [0, 0]  # prompt, completion tokens answered by a batch
 
     def submit(self, start: int, end: int) -> _engine.Batch:
         lm = self.lm
-        prefix = self.prefix
-        encode = _ENCODE  # json.dumps(..., ensure_ascii=False) without its per-call set-up
-        bodies = []
-        items, user_open, system = self.batch, self.user_open, self.system
-        for i in range(start, end):
-            item = items[i]
-            if type(item) is str:  # a plain prompt (llm_batch): no message dicts built
-                bodies.append((user_open + encode(item) + "}]}").encode("utf-8"))
-                continue
-            try:
-                bodies.append((prefix + encode(system + list(item) if system else item)
-                               + "}").encode("utf-8"))
-            except (TypeError, ValueError) as exc:
-                raise E.ConfigurationError(
-                    f"{self.name}[{i}] is not JSON-serializable: {exc}") from None
+        bodies = self.bodies(start, end)
         if self.cached is not None:
             bodies, hits = self.cached.split(start, bodies)
             if hits:
@@ -841,6 +970,25 @@ class _Job:
         if self.max_concurrent and self.cap_holder is None:
             self.cap_holder = batch  # every later window counts against the same cap
         return batch
+
+    def bodies(self, start: int, end: int) -> List[bytes]:
+        """The request bodies of rows start..end."""
+        prefix = self.prefix
+        encode = _ENCODE  # json.dumps(..., ensure_ascii=False) without its per-call set-up
+        bodies = []
+        items, user_open, system = self.batch, self.user_open, self.system
+        for i in range(start, end):
+            item = items[i]
+            if type(item) is str:  # a plain prompt (llm_batch): no message dicts built
+                bodies.append((user_open + encode(item) + "}]}").encode("utf-8"))
+                continue
+            try:
+                bodies.append((prefix + encode(system + list(item) if system else item)
+                               + "}").encode("utf-8"))
+            except (TypeError, ValueError) as exc:
+                raise E.ConfigurationError(
+                    f"{self.name}[{i}] is not JSON-serializable: {exc}") from None
+        return bodies
 
     def take_cached(self, hits: List[tuple]) -> None:
         """Rows the cache answered: no request, nothing paid (usage counts them as saved)."""
@@ -964,9 +1112,23 @@ class _Job:
             return self.read_stream(i, body, status, attempts)
         try:
             answer = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            self.errors[i] = E.ResponseFormatError(
+                f"item {i}: the provider's answer could not be read "
+                f"({type(exc).__name__}: {exc})", index=i, status=status, attempts=attempts,
+                body=self.lm._redact(body[:500].decode("utf-8", "replace")))
+            return None
+        return self.read_parsed(i, answer, status, attempts, body)
+
+    def read_parsed(self, i: int, answer: Any, status: int, attempts: int,
+                    body: Optional[bytes] = None) -> Optional[tuple]:
+        """read_answer of an answer already parsed (a batch output line's body)."""
+        try:
             choice = answer["choices"][0]
             content = choice["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:
+        except (KeyError, IndexError, TypeError) as exc:
+            if body is None:
+                body = json.dumps(answer, ensure_ascii=False).encode("utf-8")
             self.errors[i] = E.ResponseFormatError(
                 f"item {i}: the provider's answer could not be read "
                 f"({type(exc).__name__}: {exc})", index=i, status=status, attempts=attempts,
@@ -1015,11 +1177,17 @@ class _Job:
 
     def finish(self) -> LMOutput:
         lm = self.lm
-        self.usage.cost = lm._cost(self.usage.prompt_tokens, self.usage.completion_tokens)
+        usage = self.usage
+        batch_prompt, batch_completion = self.batched_tokens
+        usage.cost = lm._cost(usage.prompt_tokens - batch_prompt,
+                              usage.completion_tokens - batch_completion)
+        if usage.cost is not None and (batch_prompt or batch_completion):
+            usage.cost += self.batch_mode.discount * lm._cost(batch_prompt, batch_completion)
         if self.usage.cached:
             self.usage.cost_saved = lm._cost(self.usage.cached_prompt_tokens,
                                              self.usage.cached_completion_tokens)
-        lm._record_usage(self.usage)
+        if self.record:
+            lm._record_usage(self.usage)
         failed = self.usage.failed
         if failed:
             first = next(e for e in self.errors if e is not None)
