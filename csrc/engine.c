@@ -32,7 +32,14 @@ sx_engine *sx_engine_new(const sx_engine_opts *opts, char *err, size_t errlen)
         free(e);
         return NULL;
     }
-    sx_sched_init(&e->sched, &e->opts.sched, sx_now());
+    if (sx_sched_init(&e->sched, &e->opts.sched, sx_now()) != 0) {
+        snprintf(err, errlen, "out of memory");
+        sx_sched_destroy(&e->sched);
+        pthread_mutex_destroy(&e->lock);
+        free(e);
+        return NULL;
+    }
+    e->opts.sched.deploys = NULL;  /* the caller's: the scheduler keeps its own copy */
     e->workers = calloc((size_t)e->opts.workers, sizeof *e->workers);
     if (!e->workers) {
         snprintf(err, errlen, "out of memory");
@@ -123,6 +130,10 @@ int sx_engine_submit(sx_engine *e, sx_batch *b)
     if (e->stopping) {
         pthread_mutex_unlock(&e->lock);
         return -2;
+    }
+    if (b->ntargets != e->sched.ndeploy) {
+        pthread_mutex_unlock(&e->lock);
+        return -3;
     }
     if (b->n == 0) {
         sx_batch_notify(b);

@@ -62,7 +62,8 @@ void sx_engine_free(sx_engine *e);
 int sx_engine_owned(const sx_engine *e);
 
 /* Hand a batch to the engine. Returns 0, -1 if the queue limit would be exceeded, -2 if the
- * engine is closed. An empty batch completes at once. */
+ * engine is closed, -3 if the batch has not one target per deployment of the engine (none
+ * for an engine of one target). An empty batch completes at once. */
 int sx_engine_submit(sx_engine *e, sx_batch *b);
 
 /* Cancel whatever of the batch is not finished: waiting slots end cancelled at once,

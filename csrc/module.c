@@ -32,6 +32,7 @@ typedef struct {
     sx_engine *engine;
     PyObject *error_type;     /* borrowed from the module state, kept alive by a reference */
     int max_in_flight, workers;
+    int ndeploys;             /* 0: one target; else batches need one target per deployment */
     double rpm, tpm;
     PyObject *weakreflist;    /* the Python layer keeps a WeakSet of live engines */
 } EngineObject;
@@ -62,26 +63,139 @@ static int engine_usable(EngineObject *self)
 
 /* ------------------------------------------------------------------ Engine */
 
+/* Engine(deployments=[(rpm, tpm, weight, max_in_flight), ...]): 2 or more, checked here. */
+static int parse_deploys(PyObject *obj, sx_deploy_opts **out, Py_ssize_t *count)
+{
+    PyObject *seq = PySequence_Fast(obj, "deployments must be a list of (rpm, tpm, weight, "
+                                         "max_in_flight) tuples");
+    if (!seq)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 2 || n > 1000) {
+        PyErr_Format(PyExc_ValueError, "deployments needs 2 to 1000 entries, got %zd", n);
+        Py_DECREF(seq);
+        return -1;
+    }
+    sx_deploy_opts *d = PyMem_Calloc((size_t)n, sizeof *d);
+    if (!d) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(item) ||
+            !PyArg_ParseTuple(item, "dddi", &d[i].rpm, &d[i].tpm, &d[i].weight,
+                              &d[i].max_in_flight)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "deployments[%zd] must be a tuple (rpm, tpm, "
+                         "weight, max_in_flight) of numbers", i);
+            goto fail;
+        }
+        if (!(d[i].weight > 0) || !(d[i].rpm >= 0) || !(d[i].tpm >= 0) ||
+            d[i].max_in_flight < 0) {
+            PyErr_Format(PyExc_ValueError, "deployments[%zd]: weight must be > 0, rpm/tpm "
+                         "and max_in_flight >= 0 (0: unlimited / the engine's cap)", i);
+            goto fail;
+        }
+    }
+    Py_DECREF(seq);
+    *out = d;
+    *count = n;
+    return 0;
+fail:
+    Py_DECREF(seq);
+    PyMem_Free(d);
+    return -1;
+}
+
+/* submit(targets=[(url, [headers...]), ...]): one per deployment, added to batch b. */
+static int add_targets(sx_batch *b, PyObject *obj, int ndeploys)
+{
+    PyObject *seq = PySequence_Fast(obj, "targets must be a list of (url, headers) tuples");
+    if (!seq)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n != ndeploys) {
+        PyErr_Format(PyExc_ValueError, "targets has %zd entries but the engine has %d "
+                     "deployments", n, ndeploys);
+        Py_DECREF(seq);
+        return -1;
+    }
+    int rc = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        const char *url;
+        PyObject *hdrs_obj;
+        if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "sO", &url, &hdrs_obj)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "targets[%zd] must be a tuple (url, headers)", i);
+            goto done;
+        }
+        PyObject *hdrs = PySequence_Fast(hdrs_obj, "a target's headers must be a list");
+        if (!hdrs)
+            goto done;
+        Py_ssize_t nh = PySequence_Fast_GET_SIZE(hdrs);
+        const char **ptrs = PyMem_Calloc((size_t)nh + 1, sizeof *ptrs);
+        int ok = ptrs != NULL;
+        if (!ok)
+            PyErr_NoMemory();
+        for (Py_ssize_t k = 0; ok && k < nh; k++) {
+            PyObject *h = PySequence_Fast_GET_ITEM(hdrs, k);
+            ptrs[k] = PyUnicode_Check(h) ? PyUnicode_AsUTF8(h) : NULL;
+            if (!ptrs[k]) {
+                if (!PyErr_Occurred())
+                    PyErr_Format(PyExc_TypeError, "targets[%zd] headers[%zd] must be a str",
+                                 i, k);
+                ok = 0;
+            } else if (strpbrk(ptrs[k], "\r\n")) {
+                PyErr_Format(PyExc_ValueError, "targets[%zd] headers[%zd] contains a line "
+                             "break", i, k);
+                ok = 0;
+            }
+        }
+        if (ok && sx_batch_add_target(b, url, ptrs, (size_t)nh) != 0) {
+            PyErr_NoMemory();
+            ok = 0;
+        }
+        PyMem_Free(ptrs);
+        Py_DECREF(hdrs);
+        if (!ok)
+            goto done;
+    }
+    rc = 0;
+done:
+    Py_DECREF(seq);
+    return rc;
+}
+
 PyDoc_STRVAR(Engine_doc,
 "Engine(*, workers=1, max_in_flight=64, rpm=0.0, tpm=0.0, adaptive=True, "
-"queue_limit=1000000, http2=True, max_connections=0)\n"
+"queue_limit=1000000, http2=True, max_connections=0, lease=False, lease_tokens=False, "
+"deployments=None)\n"
 "--\n\n"
 "The C concurrency engine: `workers` I/O threads, each with its own libcurl multi handle,\n"
 "sharing one scheduler (in-flight cap, requests/min and tokens/min limits, cool-down after\n"
-"429, adaptive concurrency, retries). rpm/tpm <= 0 mean unlimited.");
+"429, adaptive concurrency, retries). rpm/tpm <= 0 mean unlimited.\n"
+"deployments: 2 or more (rpm, tpm, weight, max_in_flight) tuples, one per deployment of\n"
+"the same model; each keeps its own limits, window, cool-down and health, and every\n"
+"attempt goes to one of them (see csrc/sched.h). rpm/tpm/max_in_flight above then bound\n"
+"their sum; each batch gives one target (url, headers) per deployment.");
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"workers", "max_in_flight", "rpm", "tpm", "adaptive",
                              "queue_limit", "http2", "max_connections", "lease",
-                             "lease_tokens", NULL};
+                             "lease_tokens", "deployments", NULL};
     int workers = 1, max_in_flight = 64, adaptive = 1, http2 = 1, lease = 0, lease_tokens = 0;
     double rpm = 0.0, tpm = 0.0;
     Py_ssize_t queue_limit = 1000000;
     long max_connections = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$iiddpnplpp:Engine", kwlist, &workers,
+    PyObject *deploys_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$iiddpnplppO:Engine", kwlist, &workers,
                                      &max_in_flight, &rpm, &tpm, &adaptive, &queue_limit,
-                                     &http2, &max_connections, &lease, &lease_tokens))
+                                     &http2, &max_connections, &lease, &lease_tokens,
+                                     &deploys_obj))
         return NULL;
     if (workers < 1 || workers > 64) {
         PyErr_Format(PyExc_ValueError, "workers must be between 1 and 64, got %d", workers);
@@ -95,9 +209,15 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "queue_limit must be >= 1");
         return NULL;
     }
-    EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
-    if (!self)
+    sx_deploy_opts *deploys = NULL;
+    Py_ssize_t ndeploys = 0;
+    if (deploys_obj != Py_None && parse_deploys(deploys_obj, &deploys, &ndeploys) < 0)
         return NULL;
+    EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
+    if (!self) {
+        PyMem_Free(deploys);
+        return NULL;
+    }
     PyObject *mod = PyType_GetModule(type);
     self->error_type = Py_NewRef(state_of(mod)->engine_error);
     sx_engine_opts opts;
@@ -110,17 +230,21 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     opts.sched.queue_limit = (size_t)queue_limit;
     opts.sched.lease = lease;
     opts.sched.lease_tokens = lease && lease_tokens;
+    opts.sched.deploys = deploys;
+    opts.sched.ndeploys = (size_t)ndeploys;
     opts.http2 = http2;
     opts.max_connections = max_connections;
     self->max_in_flight = max_in_flight;
     self->workers = workers;
     self->rpm = rpm;
     self->tpm = tpm;
+    self->ndeploys = (int)ndeploys;
     char err[256] = "";
     sx_engine *engine;
     Py_BEGIN_ALLOW_THREADS
     engine = sx_engine_new(&opts, err, sizeof err);
     Py_END_ALLOW_THREADS
+    PyMem_Free(deploys);  /* the scheduler copied them */
     if (!engine) {
         PyErr_Format(self->error_type, "could not start the engine: %s", err);
         Py_DECREF(self);
@@ -173,7 +297,7 @@ PyDoc_STRVAR(Engine_submit_doc,
 "       max_retries=5, max_body=67108864, verify=True, backoff_base=0.5, backoff_cap=30.0,\n"
 "       notify_each=False, max_in_flight=0, parse_chat=False, share_cap_with=None,\n"
 "       total_timeout=0.0, stream_deltas=False, ca_file=None, ca_path=None,\n"
-"       max_hint_wait=120.0)\n"
+"       max_hint_wait=120.0, targets=None)\n"
 "--\n\n"
 "Submit one batch: a request per item of `bodies` (bytes to POST, or None to GET), all to\n"
 "`url` with `headers` (a list of 'Name: value' strings). `tokens` gives each request's\n"
@@ -189,7 +313,9 @@ PyDoc_STRVAR(Engine_submit_doc,
 "ca_file / ca_path: a CA bundle file / a directory of CA certificates to verify servers\n"
 "with instead of libcurl's default.\n"
 "max_hint_wait: a server's Retry-After / retry-after-ms / x-ratelimit-reset-* asking for a\n"
-"longer wait (seconds) is ignored, as if absent, so no response can stall the engine.");
+"longer wait (seconds) is ignored, as if absent, so no response can stall the engine.\n"
+"targets: for an engine with deployments, one (url, headers) per deployment, in its order:\n"
+"where the requests that deployment is chosen for go (`url`/`headers` are then unused).");
 
 static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwds)
 {
@@ -197,9 +323,10 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
                              "connect_timeout", "max_retries", "max_body", "verify",
                              "backoff_base", "backoff_cap", "notify_each", "max_in_flight",
                              "parse_chat", "share_cap_with", "total_timeout", "stream_deltas",
-                             "ca_file", "ca_path", "max_hint_wait", NULL};
+                             "ca_file", "ca_path", "max_hint_wait", "targets", NULL};
     const char *url;
     PyObject *headers_obj, *bodies_obj, *tokens_obj = Py_None, *share_obj = Py_None;
+    PyObject *targets_obj = Py_None;
     double timeout = 60.0, connect_timeout = 10.0, backoff_base = 0.5, backoff_cap = 30.0;
     double total_timeout = 0.0;
     double max_hint_wait = SX_HINT_WAIT_DEFAULT;
@@ -207,13 +334,19 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
     int stream_deltas = 0;
     const char *ca_file = NULL, *ca_path = NULL;
     Py_ssize_t max_body = 64 * 1024 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpipOdpzzd:submit", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpipOdpzzdO:submit", kwlist,
                                      &url, &headers_obj, &bodies_obj, &tokens_obj, &timeout,
                                      &connect_timeout, &max_retries, &max_body, &verify,
                                      &backoff_base, &backoff_cap, &notify_each, &batch_cap,
                                      &parse_chat, &share_obj, &total_timeout, &stream_deltas,
-                                     &ca_file, &ca_path, &max_hint_wait))
+                                     &ca_file, &ca_path, &max_hint_wait, &targets_obj))
         return NULL;
+    if ((targets_obj == Py_None) != (self->ndeploys == 0)) {
+        PyErr_SetString(PyExc_ValueError,
+                        self->ndeploys ? "this engine has deployments: submit needs targets="
+                                       : "targets= is for an engine built with deployments=");
+        return NULL;
+    }
     sx_batch *share_with = NULL;
     if (share_obj != Py_None) {
         PyObject *mod_ = PyType_GetModule(Py_TYPE(self));
@@ -352,6 +485,11 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
         PyErr_NoMemory();
         goto done;
     }
+    if (targets_obj != Py_None && add_targets(batch, targets_obj, self->ndeploys) < 0) {
+        sx_batch_free(batch);
+        batch = NULL;
+        goto done;
+    }
     if (share_with)
         sx_batch_share_cap(batch, share_with);
     PyObject *mod = PyType_GetModule(Py_TYPE(self));
@@ -369,6 +507,8 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
             PyErr_Format(self->error_type,
                          "the engine's queue is full (queue_limit); submit %zd requests "
                          "in smaller windows", n);
+        else if (rc == -3)
+            PyErr_SetString(PyExc_ValueError, "the batch needs one target per deployment");
         else
             PyErr_SetString(self->error_type, "the engine is closed");
         Py_DECREF(bo);
@@ -402,7 +542,9 @@ PyDoc_STRVAR(Engine_stats_doc,
 "stats($self)\n--\n\nA dict snapshot of the scheduler: in_flight, window, queued, "
 "retry_waiting, cooldown_remaining, admitted, retries, http_429, timeouts, cooldowns, "
 "window_cuts, lease_waits, bare_429_episodes (overload episodes told only by 429s without hints),\n"
-"learned_rpm (the requests/min learned from them; 0 until the first).");
+"learned_rpm (the requests/min learned from them; 0 until the first). With deployments, also\n"
+"deployments: one dict each (in_flight, window, cooldown_remaining, in_service,\n"
+"out_of_service_remaining, admitted, ok, failed, http_429, trips, learned_rpm).");
 
 static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -415,9 +557,20 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
     size_t retrying = e->sched.heap_len;
     int window = sx_sched_window(&e->sched);
     double learned = e->sched.pace.active ? e->sched.pace.rate * 60.0 : 0.0;
-    double cooldown = e->sched.cooldown_until - sx_now();
+    double now = sx_now();
+    double cooldown = e->sched.cooldown_until - now;
+    size_t nd = e->sched.ndeploy;
+    sx_deploy *deploys = nd ? PyMem_RawMalloc(nd * sizeof *deploys) : NULL;
+    int windows[1000];
+    if (deploys) {
+        memcpy(deploys, e->sched.deploy, nd * sizeof *deploys);
+        for (size_t i = 0; i < nd && i < 1000; i++)
+            windows[i] = sx_deploy_window(&e->sched, &e->sched.deploy[i]);
+    }
     sx_engine_unlock(e);
-    return Py_BuildValue(
+    if (nd && !deploys)
+        return PyErr_NoMemory();
+    PyObject *result = Py_BuildValue(
         "{s:n,s:i,s:n,s:n,s:d,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:d}", "in_flight",
         (Py_ssize_t)in_flight,
         "window", window, "queued", (Py_ssize_t)queued, "retry_waiting", (Py_ssize_t)retrying,
@@ -428,6 +581,34 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
         "window_cuts", (unsigned long long)st.window_cuts, "lease_waits",
         (unsigned long long)st.lease_waits, "bare_429_episodes",
         (unsigned long long)st.bare_episodes, "learned_rpm", learned);
+    if (result && nd) {
+        PyObject *list = PyList_New((Py_ssize_t)nd);
+        for (size_t i = 0; list && i < nd; i++) {
+            const sx_deploy *d = &deploys[i];
+            double cool = d->cooldown_until - now, down = d->down_until - now;
+            PyObject *item = Py_BuildValue(
+                "{s:n,s:i,s:d,s:O,s:d,s:K,s:K,s:K,s:K,s:K,s:d}", "in_flight",
+                (Py_ssize_t)d->in_flight, "window", windows[i], "cooldown_remaining",
+                cool > 0 ? cool : 0.0, "in_service",
+                sx_deploy_in_service(d, now) ? Py_True : Py_False, "out_of_service_remaining",
+                !sx_deploy_in_service(d, now) && down > 0 ? down : 0.0, "admitted",
+                (unsigned long long)d->stats.admitted, "ok", (unsigned long long)d->stats.ok,
+                "failed", (unsigned long long)d->stats.failed, "http_429",
+                (unsigned long long)d->stats.http_429, "trips",
+                (unsigned long long)d->stats.trips, "learned_rpm",
+                d->pace.active ? d->pace.rate * 60.0 : 0.0);
+            if (!item) {
+                Py_CLEAR(list);
+                break;
+            }
+            PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+        }
+        if (!list || PyDict_SetItemString(result, "deployments", list) < 0)
+            Py_CLEAR(result);
+        Py_XDECREF(list);
+    }
+    PyMem_RawFree(deploys);
+    return result;
 }
 
 static PyObject *Engine_repr(EngineObject *self)
@@ -1004,6 +1185,36 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(Batch_deployments_doc,
+"deployments($self)\n--\n\n"
+"For a batch of an engine with deployments: one int per request, in input order, the\n"
+"deployment its last attempt went to (-1: never sent); None for an engine without.");
+
+static PyObject *Batch_deployments(BatchObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!batch_usable(self))
+        return NULL;
+    sx_batch *b = self->batch;
+    if (!b->ntargets)
+        Py_RETURN_NONE;
+    PyObject *list = PyList_New((Py_ssize_t)b->n);
+    if (!list)
+        return NULL;
+    batch_lock(self);
+    for (size_t i = 0; i < b->n; i++) {
+        const sx_slot *s = &b->slots[i];
+        PyObject *v = PyLong_FromLong(s->attempts ? (long)s->deploy : -1L);
+        if (!v) {
+            batch_unlock(self);
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, v);
+    }
+    batch_unlock(self);
+    return list;
+}
+
 PyDoc_STRVAR(Batch_results_doc,
 "results($self)\n--\n\n"
 "One tuple per request, in input order: (state, error_kind, http_status, body, error,\n"
@@ -1056,6 +1267,7 @@ static PyMethodDef Batch_methods[] = {
     {"progress", (PyCFunction)Batch_progress, METH_NOARGS, Batch_progress_doc},
     {"take_deltas", (PyCFunction)Batch_take_deltas, METH_NOARGS, Batch_take_deltas_doc},
     {"results", (PyCFunction)Batch_results, METH_NOARGS, Batch_results_doc},
+    {"deployments", (PyCFunction)Batch_deployments, METH_NOARGS, Batch_deployments_doc},
     {"chat_results", (PyCFunction)Batch_chat_results, METH_NOARGS, Batch_chat_results_doc},
     {"read_embeddings", (PyCFunction)(void (*)(void))Batch_read_embeddings,
      METH_VARARGS | METH_KEYWORDS, Batch_read_embeddings_doc},

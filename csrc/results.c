@@ -8,6 +8,23 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+/* "Expect:" and the caller's headers. libcurl sends "Expect: 100-continue" for larger POSTs
+ * on HTTP/1.1, costing a round trip per request; an empty Expect header turns it off. */
+static int header_list(struct curl_slist **out, const char *const *headers, size_t n)
+{
+    struct curl_slist *list = curl_slist_append(NULL, "Expect:");
+    if (!list)
+        return -1;
+    *out = list;
+    for (size_t i = 0; i < n; i++) {
+        list = curl_slist_append(*out, headers[i]);
+        if (!list)
+            return -1;  /* *out is still the whole list so far: the caller frees it */
+        *out = list;
+    }
+    return 0;
+}
+
 sx_batch *sx_batch_new(const char *url, const char *const *headers, size_t nheaders,
                        const char *const *bodies, const size_t *lens, const double *tokens,
                        size_t n, const sx_request_opts *opts)
@@ -49,18 +66,8 @@ sx_batch *sx_batch_new(const char *url, const char *const *headers, size_t nhead
     if (opts->ca_path && !(b->opts.ca_path = strdup(opts->ca_path)))
         goto err;
     b->is_https = strncasecmp(url, "https://", 8) == 0;
-    /* libcurl sends "Expect: 100-continue" for larger POSTs on HTTP/1.1, costing a round
-     * trip per request; an empty Expect header turns it off. */
-    struct curl_slist *list = curl_slist_append(NULL, "Expect:");
-    if (!list)
+    if (header_list(&b->headers, headers, nheaders) != 0)
         goto err;
-    b->headers = list;
-    for (size_t i = 0; i < nheaders; i++) {
-        list = curl_slist_append(b->headers, headers[i]);
-        if (!list)
-            goto err;
-        b->headers = list;
-    }
 
     size_t total = 0;
     for (size_t i = 0; i < n; i++)
@@ -87,6 +94,26 @@ sx_batch *sx_batch_new(const char *url, const char *const *headers, size_t nhead
 err:
     sx_batch_free(b);
     return NULL;
+}
+
+int sx_batch_add_target(sx_batch *b, const char *url, const char *const *headers,
+                        size_t nheaders)
+{
+    sx_target *grown = realloc(b->targets, (b->ntargets + 1) * sizeof *grown);
+    if (!grown)
+        return -1;
+    b->targets = grown;
+    sx_target *t = &b->targets[b->ntargets];
+    memset(t, 0, sizeof *t);
+    t->url = strdup(url);
+    t->is_https = strncasecmp(url, "https://", 8) == 0;
+    if (!t->url || header_list(&t->headers, headers, nheaders) != 0) {
+        free(t->url);
+        curl_slist_free_all(t->headers);
+        return -1;
+    }
+    b->ntargets++;
+    return 0;
 }
 
 static void cap_unref(sx_cap *cap)
@@ -120,6 +147,11 @@ void sx_batch_free(sx_batch *b)
     free(b->arena);
     curl_slist_free_all(b->headers);
     free(b->url);
+    for (size_t i = 0; i < b->ntargets; i++) {
+        curl_slist_free_all(b->targets[i].headers);
+        free(b->targets[i].url);
+    }
+    free(b->targets);
     free((char *)b->opts.ca_file);
     free((char *)b->opts.ca_path);
     free(b->stop_reason);

@@ -76,6 +76,14 @@ typedef struct sx_request_opts {
 
 typedef struct sx_batch sx_batch;
 
+/* Where the requests sent to one deployment go (an engine with several deployments,
+ * sched.h): that deployment's URL and headers (its own API key). [R] */
+typedef struct sx_target {
+    char *url;
+    int is_https;
+    struct curl_slist *headers;  /* "Expect:" first, then the caller's */
+} sx_target;
+
 /* A concurrency cap, shared by every batch of one call: Python splits a long call into
  * windows (batches) and keeps two submitted, and max_concurrent must bound the call, not
  * each window. in_flight is [E]; refs is atomic because a batch takes its reference on the
@@ -99,6 +107,7 @@ typedef struct sx_slot {
     size_t heap_pos;         /* position in the retry heap */
     uint64_t admit_seq;      /* engine admission number of the current attempt */
     uint8_t where;           /* sx_where */
+    uint16_t deploy;         /* deployment of the current (or last) attempt (sched.h) */
 
     /* [E] outcome */
     uint8_t state;           /* sx_state */
@@ -123,6 +132,9 @@ struct sx_batch {
     struct curl_slist *headers;
     sx_request_opts opts;
     sx_cap *cap;              /* NULL: only the engine's cap; set before submission */
+    sx_target *targets;       /* one per deployment of the engine (sx_batch_add_target);
+                               * none: every request goes to url with headers */
+    size_t ntargets;
     char *arena;              /* all request bodies, back to back */
     sx_slot *slots;
     size_t n;
@@ -157,6 +169,11 @@ sx_batch *sx_batch_new(const char *url, const char *const *headers, size_t nhead
 /* Before submission: count b's requests against `with`'s cap instead of its own (no-op if
  * `with` has none). */
 void sx_batch_share_cap(sx_batch *b, sx_batch *with);
+
+/* Before submission: where requests sent to the next deployment go (call once per
+ * deployment of the engine, in its order). Returns 0, or -1 when out of memory. */
+int sx_batch_add_target(sx_batch *b, const char *url, const char *const *headers,
+                        size_t nheaders);
 
 /* Free everything; only when refs reached 0. */
 void sx_batch_free(sx_batch *b);

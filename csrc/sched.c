@@ -19,11 +19,38 @@ int sx_sched_init(sx_sched *s, const sx_sched_opts *opts, double now)
     if (s->rpm.rate > 0)
         s->rpm.tokens = s->rpm.capacity / 10 > 1 ? s->rpm.capacity / 10 : 1;
     sx_window_init(&s->window, (double)s->opts.max_in_flight);
+    s->opts.deploys = NULL;  /* the caller's array: copied below, not kept */
+    s->opts.ndeploys = 0;
+    if (opts->ndeploys >= 2) {
+        s->deploy = calloc(opts->ndeploys, sizeof *s->deploy);
+        if (!s->deploy)
+            return -1;
+        s->ndeploy = s->opts.ndeploys = opts->ndeploys;
+        for (size_t i = 0; i < s->ndeploy; i++) {
+            sx_deploy *d = &s->deploy[i];
+            d->opts = opts->deploys[i];
+            if (!(d->opts.weight > 0))
+                d->opts.weight = 1.0;
+            int cap = d->opts.max_in_flight;
+            if (cap < 1 || cap > s->opts.max_in_flight)
+                cap = s->opts.max_in_flight;
+            d->opts.max_in_flight = cap;
+            sx_bucket_init(&d->rpm, d->opts.rpm, now);
+            sx_bucket_init(&d->tpm, d->opts.tpm, now);
+            sx_pace_init(&d->pace, d->opts.rpm);
+            if (d->rpm.rate > 0)  /* a tenth full, as the one target's (sched.h) */
+                d->rpm.tokens = d->rpm.capacity / 10 > 1 ? d->rpm.capacity / 10 : 1;
+            sx_window_init(&d->window, (double)cap);
+        }
+    }
     return 0;
 }
 
 void sx_sched_destroy(sx_sched *s)
 {
+    free(s->deploy);
+    s->deploy = NULL;
+    s->ndeploy = 0;
     free(s->heap);
     s->heap = NULL;
     s->heap_len = s->heap_cap = 0;
@@ -176,8 +203,25 @@ static sx_batch *queue_pick(sx_sched *s)
     return NULL;
 }
 
+int sx_deploy_window(const sx_sched *s, const sx_deploy *d)
+{
+    return s->opts.adaptive ? sx_window_limit(&d->window) : d->opts.max_in_flight;
+}
+
+int sx_deploy_in_service(const sx_deploy *d, double now)
+{
+    (void)now;
+    return d->fails < SX_DEPLOY_TRIP;
+}
+
 int sx_sched_window(const sx_sched *s)
 {
+    if (s->ndeploy) {
+        long sum = 0;
+        for (size_t i = 0; i < s->ndeploy; i++)
+            sum += sx_deploy_window(s, &s->deploy[i]);
+        return sum < s->opts.max_in_flight ? (int)sum : s->opts.max_in_flight;
+    }
     return s->opts.adaptive ? sx_window_limit(&s->window) : s->opts.max_in_flight;
 }
 
@@ -185,6 +229,73 @@ static void lower(double *wake_at, double t)
 {
     if (*wake_at < 0 || t < *wake_at)
         *wake_at = t;
+}
+
+/* Seconds until bucket b allows `cost` (0: now), taking nothing. */
+static double bucket_wait(sx_bucket *b, double cost, double now)
+{
+    double wait = sx_bucket_take(b, cost, now);
+    if (wait == 0)
+        sx_bucket_refund(b, cost);
+    return wait;
+}
+
+/* May deployment d send `slot` now? If not because of a time, *wake_at is lowered to it; a
+ * full window or a probe in flight is released by a completion instead. */
+static int deploy_may_send(const sx_sched *s, sx_deploy *d, const sx_slot *slot, double now,
+                           double *wake_at)
+{
+    if (d->fails >= SX_DEPLOY_TRIP) {
+        if (now < d->down_until) {
+            lower(wake_at, d->down_until);
+            return 0;
+        }
+        if (d->in_flight > 0)
+            return 0;  /* out of service: one probe at a time */
+    }
+    if (now < d->cooldown_until) {
+        lower(wake_at, d->cooldown_until);
+        return 0;
+    }
+    if (d->in_flight >= (size_t)sx_deploy_window(s, d))
+        return 0;
+    double wait = bucket_wait(&d->rpm, 1.0, now);
+    if (wait == 0)
+        wait = bucket_wait(&d->tpm, slot->tokens, now);
+    if (wait > 0) {
+        lower(wake_at, now + wait);
+        return 0;
+    }
+    return 1;
+}
+
+/* The deployment for slot's next attempt (see sx_deploy in sched.h), or NULL if none may
+ * send now. */
+static sx_deploy *deploy_pick(sx_sched *s, const sx_slot *slot, double now, double *wake_at)
+{
+    sx_deploy *best = NULL;
+    sx_deploy *failed_on = slot->attempts > 0 ? &s->deploy[slot->deploy] : NULL;
+    int failed_on_may = 0;
+    double best_load = 0;
+    for (size_t k = 0; k < s->ndeploy; k++) {
+        sx_deploy *d = &s->deploy[(s->deploy_next + k) % s->ndeploy];
+        if (!deploy_may_send(s, d, slot, now, wake_at))
+            continue;
+        if (d == failed_on) {
+            failed_on_may = 1;
+            continue;
+        }
+        double load = (double)(d->in_flight + 1) / d->opts.weight;
+        if (!best || load < best_load) {
+            best = d;
+            best_load = load;
+        }
+    }
+    if (!best && failed_on_may)
+        best = failed_on;
+    if (best)  /* ties go round: the next search starts after this one */
+        s->deploy_next = (size_t)(best - s->deploy) + 1;
+    return best;
 }
 
 size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double *wake_at)
@@ -210,6 +321,9 @@ size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double 
             lower(wake_at, s->cooldown_until);
             break;
         }
+        sx_deploy *d = NULL;
+        if (s->ndeploy && !(d = deploy_pick(s, slot, now, wake_at)))
+            break;
         double wait = sx_bucket_take(&s->rpm, 1.0, now);
         if (wait > 0) {
             lower(wake_at, now + wait);
@@ -234,6 +348,13 @@ size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double 
                 s->lease.tokens -= slot->tokens;
                 s->lease.used_tokens += slot->tokens;
             }
+        }
+        if (d) {  /* deploy_pick saw both allow it at this `now` */
+            sx_bucket_take(&d->rpm, 1.0, now);
+            sx_bucket_take(&d->tpm, slot->tokens, now);
+            d->in_flight++;
+            d->stats.admitted++;
+            slot->deploy = (uint16_t)(d - s->deploy);
         }
         if (from_queue) {
             from_queue->next_unsent++;
@@ -374,12 +495,79 @@ void sx_classify(sx_attempt *a, int curl_code, const char *curl_error, int statu
     }
 }
 
-static void extend_cooldown(sx_sched *s, double until)
+static void extend_cooldown(sx_sched *s, double *cooldown_until, double until)
 {
-    if (until > s->cooldown_until) {
-        s->cooldown_until = until;
+    if (until > *cooldown_until) {
+        *cooldown_until = until;
         s->stats.cooldowns++;
     }
+}
+
+/* What an attempt's outcome updates: the one target's limits (the scheduler's own), or
+ * those of the deployment it went to. */
+typedef struct sx_limits {
+    sx_deploy *deploy;          /* NULL: one target */
+    sx_bucket *rpm;
+    sx_window *window;
+    sx_pace *pace;
+    double *cooldown_until;
+    int *rpm_seeded;
+    size_t in_flight;           /* still in flight there, this attempt no longer counted */
+} sx_limits;
+
+static sx_limits limits_of(sx_sched *s, const sx_slot *slot)
+{
+    if (!s->ndeploy)
+        return (sx_limits){NULL, &s->rpm, &s->window, &s->pace, &s->cooldown_until,
+                           &s->rpm_seeded, s->in_flight};
+    sx_deploy *d = &s->deploy[slot->deploy];
+    return (sx_limits){d, &d->rpm, &d->window, &d->pace, &d->cooldown_until, &d->rpm_seeded,
+                       d->in_flight};
+}
+
+/* A failure that says something about the deployment rather than the request. */
+static int deploy_failure(const sx_attempt *a)
+{
+    return a->verdict == SX_V_RETRY && !a->rate_limited;
+}
+
+/* Deployment d's health after an attempt there (see sx_deploy in sched.h). */
+static void deploy_health(sx_sched *s, sx_deploy *d, const sx_slot *slot,
+                          const sx_attempt *a, double now)
+{
+    if (a->verdict == SX_V_OK) {
+        d->stats.ok++;
+        d->fails = 0;
+        d->trips_in_row = 0;
+        return;
+    }
+    if (a->rate_limited) {
+        d->stats.http_429++;
+        return;
+    }
+    d->stats.failed++;
+    if (!deploy_failure(a))
+        return;
+    d->fails++;
+    /* Trip once for a clump of failures: what was admitted before the last trip (the
+     * transfers that were in flight when it died) carries no news; a probe's failure does. */
+    if (d->fails >= SX_DEPLOY_TRIP && slot->admit_seq > d->trip_seq) {
+        int k = d->trips_in_row > 5 ? 5 : d->trips_in_row;
+        double pause = ldexp(1.0, k);
+        d->down_until = now + (pause < 30.0 ? pause : 30.0);
+        d->trips_in_row++;
+        d->trip_seq = s->stats.admitted;
+        d->stats.trips++;
+    }
+}
+
+/* Is a deployment other than `d` in service? */
+static int other_in_service(const sx_sched *s, const sx_deploy *d, double now)
+{
+    for (size_t i = 0; i < s->ndeploy; i++)
+        if (&s->deploy[i] != d && sx_deploy_in_service(&s->deploy[i], now))
+            return 1;
+    return 0;
 }
 
 sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *rng,
@@ -390,6 +578,12 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
     b->in_flight--;
     if (b->cap)
         b->cap->in_flight--;
+    sx_limits lim = limits_of(s, slot);
+    if (lim.deploy) {
+        lim.deploy->in_flight--;
+        lim.in_flight--;
+        deploy_health(s, lim.deploy, slot, a, now);
+    }
 
     if (a->rate_limited) {
         s->stats.http_429++;
@@ -398,14 +592,14 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
     if (a->kind == SX_ERR_TIMEOUT)
         s->stats.timeouts++;
     if (a->congestion && s->opts.adaptive &&
-        sx_window_congestion(&s->window, slot->admit_seq, s->stats.admitted))
+        sx_window_congestion(lim.window, slot->admit_seq, s->stats.admitted))
         s->stats.window_cuts++;
 
     /* The first word on how much of the budget is left sets the burst (see sched.h). */
-    if (!s->rpm_seeded && a->hints.remaining_requests >= 0 && s->rpm.rate > 0 &&
-        !s->pace.active) {
-        s->rpm_seeded = 1;
-        sx_bucket_raise(&s->rpm, (double)a->hints.remaining_requests - (double)s->in_flight,
+    if (!*lim.rpm_seeded && a->hints.remaining_requests >= 0 && lim.rpm->rate > 0 &&
+        !lim.pace->active) {
+        *lim.rpm_seeded = 1;
+        sx_bucket_raise(lim.rpm, (double)a->hints.remaining_requests - (double)lim.in_flight,
                         now);
     }
 
@@ -413,13 +607,13 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
     double max_hint = b->opts.max_hint_wait;
     double exhausted = sx_hints_exhausted_delay(&a->hints, slot->tokens, max_hint);
     if (exhausted > 0)
-        extend_cooldown(s, now + exhausted);
+        extend_cooldown(s, lim.cooldown_until, now + exhausted);
 
     if (a->verdict == SX_V_OK) {
-        if (sx_pace_success(&s->pace, slot->admit_seq, now))
-            sx_pace_apply(&s->pace, &s->rpm, now, 0);
+        if (sx_pace_success(lim.pace, slot->admit_seq, now))
+            sx_pace_apply(lim.pace, lim.rpm, now, 0);
         if (s->opts.adaptive)
-            sx_window_success(&s->window);
+            sx_window_success(lim.window);
         return SX_V_OK;
     }
     if (a->verdict != SX_V_RETRY)
@@ -428,26 +622,29 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
     double hint = sx_hints_retry_delay(&a->hints, max_hint);
     double asked = sx_hints_asked_delay(&a->hints);
     if (a->rate_limited && hint >= 0) {
-        /* A 429 speaks for the whole account: everyone waits what the server asked. */
-        extend_cooldown(s, now + hint);
+        /* A 429 speaks for the whole account (the deployment's): everyone waits what the
+         * server asked. */
+        extend_cooldown(s, lim.cooldown_until, now + hint);
     } else if (a->rate_limited && exhausted < 0 &&
-               sx_pace_bare_429(&s->pace, slot->admit_seq, s->stats.admitted, now)) {
+               sx_pace_bare_429(lim.pace, slot->admit_seq, s->stats.admitted, now)) {
         /* A new episode of bare 429s: pace at what the server was seen to take, and pause
          * briefly, longer only while episodes follow each other with nothing getting
          * through. The rest of this episode's 429s only retry. */
         s->stats.bare_episodes++;
-        sx_pace_apply(&s->pace, &s->rpm, now, 1);
-        double pause = 1.0 / s->pace.rate;
+        sx_pace_apply(lim.pace, lim.rpm, now, 1);
+        double pause = 1.0 / lim.pace->rate;
         if (pause > b->opts.backoff_base)
             pause = b->opts.backoff_base;
-        int k = s->pace.level > 30 ? 30 : s->pace.level;
+        int k = lim.pace->level > 30 ? 30 : lim.pace->level;
         pause *= ldexp(1.0, k - 1);
         if (pause > b->opts.backoff_cap)
             pause = b->opts.backoff_cap;
-        extend_cooldown(s, now + pause);
+        extend_cooldown(s, lim.cooldown_until, now + pause);
     }
-    if (slot->attempts > b->opts.max_retries ||
-        (a->attempt_limit > 0 && slot->attempts >= a->attempt_limit)) {
+    /* A refused connection fails fast only where no other deployment could take it. */
+    int limited = a->attempt_limit > 0 && slot->attempts >= a->attempt_limit &&
+                  !(lim.deploy && other_in_service(s, lim.deploy, now));
+    if (slot->attempts > b->opts.max_retries || limited) {
         size_t len = strlen(a->reason);
         if (asked >= 0 && hint < 0)
             snprintf(a->reason + len, sizeof a->reason - len,
@@ -459,10 +656,18 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
                      slot->attempts);
         return SX_V_FAIL;
     }
-    double delay = sx_backoff(rng, slot->attempts, b->opts.backoff_base, b->opts.backoff_cap,
-                              hint, max_hint);
-    if (now + delay < s->cooldown_until)
-        delay = s->cooldown_until - now;
+    double delay;
+    if (lim.deploy) {
+        /* The hint and the cool-down are that deployment's: the retry may go to another
+         * one after the usual backoff (admission waits if every one is cooling down). */
+        delay = sx_backoff(rng, slot->attempts, b->opts.backoff_base, b->opts.backoff_cap,
+                           -1.0, max_hint);
+    } else {
+        delay = sx_backoff(rng, slot->attempts, b->opts.backoff_base, b->opts.backoff_cap,
+                           hint, max_hint);
+        if (now + delay < s->cooldown_until)
+            delay = s->cooldown_until - now;
+    }
     if (slot->deadline > 0) {
         if (a->rate_limited) {
             /* The provider is pacing us, not stalling: its wait is not the row's fault. */
@@ -496,6 +701,8 @@ void sx_sched_grant(sx_sched *s, double requests, double tokens)
 
 void sx_sched_release(sx_sched *s, sx_slot *slot)
 {
+    if (s->ndeploy)
+        s->deploy[slot->deploy].in_flight--;
     s->in_flight--;
     slot->batch->in_flight--;
     if (slot->batch->cap)

@@ -20,6 +20,11 @@
  * raises the level to that, less what is in flight, so a provider that sends the headers
  * still gets its burst one round trip later.
  *
+ * Several deployments (sx_deploy below): the same model behind several endpoints or keys,
+ * each with its own limits. Every attempt is admitted to one of them, and each keeps its
+ * own buckets, in-flight window, cool-down and learned pace, so everything above applies
+ * per deployment; the scheduler's own buckets and cap then bound the sum.
+ *
  * It knows HTTP statuses, time and limits; nothing about prompts. It does no locking and no
  * I/O and takes `now` as an argument, so tests drive it with a fake clock. The engine calls it
  * with the engine lock held. */
@@ -33,6 +38,14 @@
 #include "ratelimit.h"
 #include "results.h"
 
+/* One deployment's limits (an engine with several; see sx_deploy). */
+typedef struct sx_deploy_opts {
+    double rpm;              /* requests per minute; <= 0 unlimited */
+    double tpm;              /* tokens per minute; <= 0 unlimited */
+    double weight;           /* its share of the traffic while no limit binds; > 0 */
+    int max_in_flight;       /* its own cap; 0: the engine's */
+} sx_deploy_opts;
+
 typedef struct sx_sched_opts {
     int max_in_flight;       /* the user's cap */
     double rpm;              /* requests per minute; <= 0 unlimited */
@@ -41,6 +54,8 @@ typedef struct sx_sched_opts {
     size_t queue_limit;      /* most requests waiting (queued + retrying) */
     int lease;               /* 1: also spend from a budget granted from outside (sx_lease) */
     int lease_tokens;        /* with lease: the budget counts tokens too, not only requests */
+    const sx_deploy_opts *deploys;  /* 2 or more: several deployments (copied by init); */
+    size_t ndeploys;                /* 0 or 1: one target, the limits above */
 } sx_sched_opts;
 
 /* A budget granted from outside the process: a cluster-wide rpm/tpm shared by several
@@ -67,6 +82,45 @@ typedef struct sx_sched_stats {
     uint64_t bare_episodes;  /* overload episodes told only by bare 429s (sx_pace) */
 } sx_sched_stats;
 
+/* A deployment of an engine with several (opts.ndeploys >= 2). A first attempt goes to the
+ * deployment that may send now (not cooling down, not out of service, below its window,
+ * its buckets allowing) with the fewest requests in flight for its weight, so that with
+ * equal latencies the traffic splits by weight while nothing binds and by each one's limits
+ * when they do; a slower deployment holds more in flight and gets less. A retry prefers a
+ * deployment other than the one its last attempt failed on.
+ *
+ * A 429's hint, a bare 429's learned pace and the window's cuts are the deployment's own:
+ * the others keep sending. Its failures (connection errors, timeouts, 5xx) count in a row;
+ * after SX_DEPLOY_TRIP of them it is out of service for a while (1 s, doubling for every
+ * trip in a row, at most 30 s), then takes one request at a time until one succeeds, so a
+ * dead deployment drains to the others and comes back when it answers again. The refused
+ * connection rule (three attempts at most) holds only while no other deployment is in
+ * service. */
+#define SX_DEPLOY_TRIP 3
+
+typedef struct sx_deploy_stats {
+    uint64_t admitted;       /* attempts sent to it */
+    uint64_t ok;             /* attempts it answered with success */
+    uint64_t failed;         /* attempts that failed there (any reason but a 429) */
+    uint64_t http_429;
+    uint64_t trips;          /* times it was put out of service */
+} sx_deploy_stats;
+
+typedef struct sx_deploy {
+    sx_deploy_opts opts;
+    sx_bucket rpm, tpm;
+    sx_window window;
+    sx_pace pace;
+    double cooldown_until;
+    int rpm_seeded;
+    size_t in_flight;
+    int fails;               /* failed attempts in a row (no success in between) */
+    int trips_in_row;        /* times out of service with no success in between */
+    double down_until;       /* out of service until then; one request at a time after */
+    uint64_t trip_seq;       /* admission count at the last trip: older failures are old news */
+    sx_deploy_stats stats;
+} sx_deploy;
+
 typedef struct sx_sched {
     sx_sched_opts opts;
     sx_batch *q_head, *q_tail;  /* batches with first attempts to send, oldest first */
@@ -81,8 +135,12 @@ typedef struct sx_sched {
     sx_pace pace;               /* what a server that only says 429 will take */
     int rpm_seeded;             /* the rpm level was raised from a remaining header */
     sx_sched_stats stats;
+    sx_deploy *deploy;          /* opts.ndeploys of them, or NULL: one target */
+    size_t ndeploy;
+    size_t deploy_next;         /* where the search for the least loaded starts (ties) */
 } sx_sched;
 
+/* Returns 0, or -1 when out of memory. */
 int sx_sched_init(sx_sched *s, const sx_sched_opts *opts, double now);
 void sx_sched_destroy(sx_sched *s);
 
@@ -138,7 +196,12 @@ void sx_sched_remove_batch(sx_sched *s, sx_batch *b, void (*fn)(sx_slot *, void 
 /* Add a grant to the lease (opts.lease), paying any debt first. */
 void sx_sched_grant(sx_sched *s, double requests, double tokens);
 
-/* Current window limit (for stats). */
+/* Current window limit (for stats; with several deployments, the sum of theirs, within
+ * the engine's cap). */
 int sx_sched_window(const sx_sched *s);
+
+/* Deployment d's window limit, and whether it is in service now (not tripped). */
+int sx_deploy_window(const sx_sched *s, const sx_deploy *d);
+int sx_deploy_in_service(const sx_deploy *d, double now);
 
 #endif

@@ -522,12 +522,22 @@ static void xfer_start(sx_worker *w, sx_slot *slot)
         curl_easy_setopt(h, CURLOPT_BUFFERSIZE, w->recv_buffer);
         x->recv_buffer = w->recv_buffer;
     }
-    curl_easy_setopt(h, CURLOPT_URL, b->url);
-    curl_easy_setopt(h, CURLOPT_HTTPHEADER, b->headers);
+    /* The deployment the scheduler chose for this attempt, when the engine has several. */
+    const char *url = b->url;
+    struct curl_slist *headers = b->headers;
+    int is_https = b->is_https;
+    if (b->ntargets) {
+        const sx_target *t = &b->targets[slot->deploy];
+        url = t->url;
+        headers = t->headers;
+        is_https = t->is_https;
+    }
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, headers);
     /* Over TLS, wait for a connection that may turn out to multiplex (HTTP/2 via ALPN)
      * rather than opening one per request. Never for plain http://: there HTTP/1.1 is
      * certain, and PIPEWAIT would queue requests behind a slow one on the same host. */
-    curl_easy_setopt(h, CURLOPT_PIPEWAIT, (w->engine->opts.http2 && b->is_https) ? 1L : 0L);
+    curl_easy_setopt(h, CURLOPT_PIPEWAIT, (w->engine->opts.http2 && is_https) ? 1L : 0L);
     if (slot->body) {
         curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)slot->body_len);
         curl_easy_setopt(h, CURLOPT_POSTFIELDS, slot->body);

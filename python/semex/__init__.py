@@ -15,7 +15,8 @@ from .batch import (Results, llm_batch, llm_batch_async, llm_query, llm_query_as
                     map_reduce, map_reduce_async, parallel_query, parallel_query_async)
 from .errors import ErrorText, RequestError, SemexError
 from .extract import SemanticExtractOutput, sem_extract, sem_extract_async
-from .lm import LM, LMOutput, Usage
+from .lm import LM, DeploymentUsage, LMOutput, Usage
+from .deployments import Deployment
 from .retrieval import IngestResult, SearchHit, ingest, search
 from .settings import settings
 from ._pandas_hook import register_accessor_with_pandas as _register_accessor
@@ -30,6 +31,8 @@ __all__ = [
     "EmbeddingOutput",
     "IngestResult",
     "Cache",
+    "Deployment",
+    "DeploymentUsage",
     "LM",
     "LMOutput",
     "Usage",

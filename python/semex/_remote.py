@@ -44,6 +44,9 @@ class LMSpec:
                 k: v for k, v in dict(headers).items()
                 if not any(word in k.lower() for word in _SECRET_HEADER_WORDS)}
         self.key: Optional[str] = lm._LM__api_key if ship_api_key else None
+        if lm.deployments:  # each its own key: shipped in its settings, or not at all
+            self.key = None
+            self.args["deployments"] = [d.settings(ship_api_key) for d in lm.deployments]
         self.budget = budget
         self.token = _settings_token(self.args)
 
@@ -51,16 +54,28 @@ class LMSpec:
         return ("semex.LMSpec", self.token, self.key is not None, self.budget is not None)
 
     def __repr__(self) -> str:
+        if self.args.get("deployments"):
+            return (f"LMSpec(model={self.args.get('model')!r}, deployments="
+                    f"{[d['api_base'] for d in self.args['deployments']]!r})")
         return (f"LMSpec(model={self.args.get('model')!r}, api_base="
                 f"{self.args.get('api_base')!r}, api_key="
                 f"{'<shipped>' if self.key else '<from the environment>'})")
 
-    def share(self, parts: int) -> None:
-        """Divide the rpm/tpm by ``parts`` (a fixed share per process)."""
+    def share(self, parts: int, deployments_only: bool = False) -> None:
+        """Divide the rpm/tpm by ``parts`` (a fixed share per process): the LM's (unless
+        ``deployments_only``) and each deployment's."""
         for name in ("rpm", "tpm"):
-            if self.args.get(name):
+            if self.args.get(name) and not deployments_only:
                 self.args[name] = self.args[name] / parts
+            for d in self.args.get("deployments") or ():
+                if d.get(name):
+                    d[name] = d[name] / parts
         self.token = _settings_token(self.args)
+
+    @property
+    def deployment_limits(self) -> bool:
+        """Whether a deployment has an rpm/tpm of its own."""
+        return any(d.get("rpm") or d.get("tpm") for d in self.args.get("deployments") or ())
 
     def build(self) -> LM:
         try:

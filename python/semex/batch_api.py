@@ -139,6 +139,10 @@ def check_supported(lm: Any, what: str) -> None:
     """Before anything is built: the batch path is OpenAI's Batch API (and servers that
     copy it)."""
     provider = getattr(lm, "provider", None) or "openai"
+    if getattr(lm, "_targets", None) is not None:
+        raise E.ConfigurationError(
+            f"mode='batch' sends to one API base; {what} has several deployments: use the "
+            "online mode, or an LM of one deployment for the batch")
     if provider != "openai":
         raise E.ConfigurationError(
             f"mode='batch' speaks OpenAI's Batch API (/files, /batches); {what} uses "

@@ -61,14 +61,20 @@ def _shippable(model: Any, ship_api_key: bool, cluster_limit: Any = True) -> Any
     if not isinstance(model, LM):
         return model
     spec = LMSpec(model, ship_api_key)
-    if not (model.rpm or model.tpm) or cluster_limit is False:
+    if not (model.rpm or model.tpm or spec.deployment_limits) or cluster_limit is False:
         return spec
     client = _client()
     if client is None:
         logger.info("semex.dask: no distributed client; the LM's rpm/tpm apply per process")
         return spec
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
     if cluster_limit == "split":
-        spec.share(max(1, len(client.scheduler_info().get("workers", {}))))
+        spec.share(workers)
+        return spec
+    # Each deployment's own rpm/tpm: a fixed share per worker (not leased yet); the LM's
+    # rpm/tpm, if any, leased from the scheduler.
+    spec.share(workers, deployments_only=True)
+    if not (model.rpm or model.tpm):
         return spec
     _install_budget(client)
     spec.budget = _DaskBudget()

@@ -27,7 +27,7 @@ from ._stream import ChunkCallback
 
 logger = logging.getLogger("semex")
 
-__all__ = ["LM", "LMOutput", "Usage"]
+__all__ = ["DeploymentUsage", "LM", "LMOutput", "Usage"]
 
 Messages = Sequence[Mapping[str, Any]]
 ProgressCallback = Callable[[int, int], None]
@@ -41,7 +41,7 @@ _LM_PARAMETERS = (
     "max_response_bytes",
     "verify_tls", "backoff_base", "backoff_cap", "max_hint_wait", "input_price_per_million",
     "output_price_per_million", "max_batch_size", "rate_limit", "tpm_limit", "max_ctx_len",
-    "provider", "api_version")
+    "provider", "api_version", "deployments")
 
 
 @dataclass
@@ -64,6 +64,8 @@ class Usage:
     cached_completion_tokens: int = 0
     cost_saved: Optional[float] = None
     batched: int = 0           # answered through the provider's Batch API (mode="batch")
+    # an LM with deployments: what each answered, by its name (DeploymentUsage)
+    by_deployment: Optional[Dict[str, "DeploymentUsage"]] = None
 
     def summary(self) -> str:
         """One line for people: tokens, requests, retries, 429s, failures, cost."""
@@ -83,6 +85,9 @@ class Usage:
             if self.cost_saved is not None:
                 text += f", cost {self.cost_saved:.4f}"
             text += ")"
+        if self.by_deployment:
+            text += "; by deployment: " + ", ".join(
+                f"{name}: {u.summary()}" for name, u in self.by_deployment.items())
         return text
 
     def add(self, other: "Usage") -> None:
@@ -102,6 +107,38 @@ class Usage:
         self.cached_completion_tokens += other.cached_completion_tokens
         if other.cost_saved is not None:
             self.cost_saved = (self.cost_saved or 0.0) + other.cost_saved
+        if other.by_deployment:
+            if self.by_deployment is None:
+                self.by_deployment = {}
+            for name, u in other.by_deployment.items():
+                self.by_deployment.setdefault(name, DeploymentUsage()).add(u)
+
+
+@dataclass
+class DeploymentUsage:
+    """What one deployment of an LM answered: items, their tokens and cost. Attempts there,
+    failed ones and 429s included, are in ``LM.engine_stats()["deployments"]``."""
+
+    answered: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost: Optional[float] = None
+
+    def summary(self) -> str:
+        text = (f"{self.answered:,} answered ({self.prompt_tokens:,} + "
+                f"{self.completion_tokens:,} tokens")
+        if self.cost is not None:
+            text += f", cost {self.cost:.4f}"
+        return text + ")"
+
+    def add(self, other: "DeploymentUsage") -> None:
+        self.answered += other.answered
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.total_tokens += other.total_tokens
+        if other.cost is not None:
+            self.cost = (self.cost or 0.0) + other.cost
 
 
 @dataclass
@@ -245,6 +282,20 @@ class LM:
         ``semex.Cache(path, max_bytes=...)``. Answered requests are not sent again, so a
         re-run after a crash sends only what had not finished.
 
+    deployments:
+        Several deployments of the model (endpoints, keys, regions), each with its own
+        limits: a list of ``(api_base, api_key, rpm, tpm)`` tuples (``(api_base, api_key)``
+        will do), dicts with those keys and ``weight``, ``max_concurrency``, ``name``,
+        ``api_key_env``, ``provider``, ``api_version``, :class:`semex.Deployment` objects or
+        ``LM`` objects. ``LM([...])`` is short for ``LM(deployments=[...])`` (the model then
+        comes from the LMs given, else the default). The C scheduler sends each request to
+        the deployment with the most room; each keeps its own rate limits, cool-down and
+        health, one that fails or refuses drains to the others, and a retry prefers another
+        one. ``rpm``/``tpm``/``max_concurrency`` of the LM then bound the sum;
+        ``usage.by_deployment`` says what each answered, ``engine_stats()["deployments"]``
+        what each was sent. Without ``api_key`` a deployment reads ``api_key_env`` or the
+        provider's variable; keys are never shown or pickled (see :mod:`semex.deployments`).
+
     A LiteLLM-style ``"provider/model"`` name (``openai/``, ``anthropic/``, ``gemini/``,
     ``groq/``, ``ollama/``, ``openrouter/``, ``hosted_vllm/``...) selects that provider's
     OpenAI-compatible base URL and key variable; the prefix itself is not sent.
@@ -284,23 +335,52 @@ class LM:
         provider: Optional[str] = None,
         api_version: Optional[str] = None,
         cache: Any = None,
+        deployments: Any = None,
         **kwargs: Any,
     ):
+        if isinstance(model, (list, tuple)):  # LM([...]): the deployments
+            if deployments is not None:
+                raise E.ConfigurationError("give the deployments once: LM([...]) or "
+                                           "LM(model, deployments=[...])")
+            deployments, model = model, None
         # What another process needs to build the same LM (semex.dask), key left out.
         self._args = {k: v for k, v in locals().items()
-                      if k not in ("self", "kwargs", "api_key", "api_base", "model")}
+                      if k not in ("self", "kwargs", "api_key", "api_base", "model",
+                                   "deployments")}
         self._args.update(kwargs)
+        self._key_given = api_key is not None
+        parsed = None
+        if deployments is not None:
+            parsed, model = self._deployments_given(deployments, model, api_base, api_key)
         name = model or os.environ.get("SEMEX_MODEL") or "gpt-4o-mini"
         if not isinstance(name, str):
             raise E.ConfigurationError(f"model must be a str, got {type(model).__name__}")
         self._args["model"] = name
-        endpoint = resolve_endpoint(name, provider, api_base, api_key, api_version)
+        if parsed is None:
+            endpoints = [resolve_endpoint(name, provider, api_base, api_key, api_version)]
+        else:
+            endpoints = []
+            for i, d in enumerate(parsed):
+                where = f"deployments[{i}] ({d.api_base})"
+                try:
+                    endpoints.append(resolve_endpoint(
+                        name, d.provider or provider, d.api_base, d.key(where),
+                        d.api_version or api_version))
+                except E.ConfigurationError as exc:
+                    if str(exc).startswith(where):
+                        raise
+                    raise E.ConfigurationError(f"{where}: {exc}") from None
+            self._args["deployments"] = [d.settings() for d in parsed]
+        endpoint = endpoints[0]
         self.provider, self.model = endpoint.provider, endpoint.model
         self.api_base, self._url = endpoint.api_base, endpoint.url
         self.api_version = endpoint.api_version
-        self._args["api_base"] = self.api_base
+        if parsed is None:
+            self._args["api_base"] = self.api_base
         self.__api_key = endpoint.key
+        self.__keys = [ep.key for ep in endpoints if ep.key]
         self._auth_header = endpoint.auth_header
+        self._endpoints = endpoints
         rpm = _alias("rpm", rpm, "rate_limit", rate_limit)
         tpm = _alias("tpm", tpm, "tpm_limit", tpm_limit)
         if max_ctx_len is not None:
@@ -375,14 +455,55 @@ class LM:
             if "\n" in f"{name}{value}" or "\r" in f"{name}{value}":
                 raise E.ConfigurationError(f"extra_headers[{name!r}] contains a line break")
         self._headers = self._build_headers()
-        self._engine = EngineHolder(
-            workers=workers,
-            max_in_flight=max_concurrency,
-            rpm=float(rpm or 0),
-            tpm=float(tpm or 0),
-            adaptive=adaptive_concurrency,
-        )
+        # several deployments: one engine target (url, headers) and limits for each
+        from . import deployments as _deployments
+
+        self.deployments = tuple(parsed or ())
+        self.deployment_names = _deployments.names(list(self.deployments)) if parsed else []
+        self._targets: Optional[List[tuple]] = None
+        engine_deployments = None
+        if parsed and len(parsed) == 1:  # one deployment: an LM like any other
+            only = parsed[0]
+            rpm = min(x for x in (rpm, only.rpm) if x) if (rpm or only.rpm) else None
+            tpm = min(x for x in (tpm, only.tpm) if x) if (tpm or only.tpm) else None
+            self.rpm, self.tpm = rpm, tpm
+        elif parsed:
+            self._targets = [(ep.url, self._build_headers(ep.key, ep.auth_header))
+                             for ep in endpoints]
+            engine_deployments = [
+                (float(d.rpm or 0), float(d.tpm or 0), weight, int(d.max_concurrency or 0))
+                for d, weight in zip(parsed, _deployments.weights(list(parsed)))]
+        self._count_tokens = bool(tpm) or any(d.tpm for d in self.deployments)
+        options = dict(workers=workers, max_in_flight=max_concurrency, rpm=float(rpm or 0),
+                       tpm=float(tpm or 0), adaptive=adaptive_concurrency)
+        if engine_deployments:
+            options["deployments"] = engine_deployments
+        self._engine = EngineHolder(**options)
         self._tick_hook: Optional[Callable[[], None]] = None
+
+    @staticmethod
+    def _deployments_given(deployments: Any, model: Any, api_base: Any,
+                           api_key: Any) -> tuple:
+        """(the parsed deployments, the model): the model given, else the one of the LMs
+        among the deployments."""
+        from . import deployments as _deployments
+
+        if api_base is not None or api_key is not None:
+            raise E.ConfigurationError(
+                "with deployments, give api_base and api_key in each deployment, not to LM")
+        if isinstance(deployments, (str, bytes, Mapping)) or not hasattr(
+                deployments, "__iter__"):
+            return _deployments.parse(deployments), model  # raises the usual message
+        entries = list(deployments)
+        if model is None:
+            models = sorted({e._args["model"] for e in entries if isinstance(e, LM)})
+            if len(models) > 1:
+                raise E.ConfigurationError(
+                    f"the LMs given as deployments serve different models ({models}): "
+                    "deployments of one LM serve one model")
+            if models:
+                model = models[0]
+        return _deployments.parse(entries), model
 
     def _lease_from(self, keeper: Any, tokens: bool) -> None:
         """Admit requests only from a budget granted from outside (semex.dask's cluster-wide
@@ -394,6 +515,9 @@ class LM:
 
     # -- presentation: never the key --------------------------------------------------------
     def __repr__(self) -> str:
+        if self._targets is not None:
+            return (f"LM(model={self.model!r}, deployments={list(self.deployments)!r}, "
+                    f"max_concurrency={self.max_concurrency}, rpm={self.rpm}, tpm={self.tpm})")
         return (f"LM(model={self.model!r}, api_base={self.api_base!r}, "
                 f"api_key={'<set>' if self.__api_key else None}, "
                 f"max_concurrency={self.max_concurrency}, rpm={self.rpm}, tpm={self.tpm})")
@@ -411,17 +535,20 @@ class LM:
     def url(self) -> str:
         return self._url
 
-    def _build_headers(self) -> List[str]:
+    def _build_headers(self, key: Any = False, auth_header: Any = None) -> List[str]:
+        """The request headers, with this LM's key (or, for a deployment, its own)."""
+        if key is False:
+            key, auth_header = self.__api_key, self._auth_header
         headers = ["Content-Type: application/json", "Accept: application/json"]
-        if self.__api_key:
-            headers.append(self._auth_header(self.__api_key))
+        if key:
+            headers.append(auth_header(key))
         headers.extend(f"{k}: {v}" for k, v in self.extra_headers.items())
         return headers
 
     def _redact(self, text: str) -> str:
-        key = self.__api_key
-        if key and key in text:
-            text = text.replace(key, "***")
+        for key in self.__keys:
+            if key in text:
+                text = text.replace(key, "***")
         return text
 
     def print_total_usage(self, file: Any = None) -> None:
@@ -486,8 +613,13 @@ class LM:
         return option if isinstance(option, _cache.Cache) else None
 
     def engine_stats(self) -> dict:
-        """The scheduler's counters: in-flight, window, queued, 429s, cool-downs..."""
-        return self._engine.stats()
+        """The scheduler's counters: in-flight, window, queued, 429s, cool-downs... With
+        deployments, ``"deployments"``: one dict each (its ``name``, attempts ``admitted``,
+        ``ok``, ``failed``, ``http_429``, ``trips`` out of service, ``in_service``...)."""
+        stats = self._engine.stats()
+        for name, entry in zip(self.deployment_names, stats.get("deployments", ())):
+            entry["name"] = name
+        return stats
 
     # -- calls ------------------------------------------------------------------------------
     def __call__(self, messages_batch: Sequence[Messages], show_progress_bar: bool = False,
@@ -606,6 +738,11 @@ class LM:
 
 
 _ENCODE = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _accept_stream(headers: List[str]) -> List[str]:
+    """The headers of a streamed request: Accept: text/event-stream."""
+    return [h for h in headers if not h.startswith("Accept:")] + ["Accept: text/event-stream"]
 
 
 def _as_prompts(items: Sequence[Any]) -> List[Any]:
@@ -907,6 +1044,7 @@ class _Job:
                 "stream=True / on_chunk (or use the online mode)")
         self.pump = _stream.DeltaPump(on_chunk) if on_chunk is not None else None
         self.headers = lm._headers
+        self.targets = lm._targets
         if on_chunk is not None:
             if fields.get("stream") is False:
                 raise E.ConfigurationError("on_chunk needs streamed answers; drop stream=False")
@@ -917,8 +1055,9 @@ class _Job:
             # Without it OpenAI-style servers send no usage in a stream: tokens and cost
             # would read 0.
             fields.setdefault("stream_options", {"include_usage": True})
-            self.headers = [h for h in lm._headers if not h.startswith("Accept:")]
-            self.headers.append("Accept: text/event-stream")
+            self.headers = _accept_stream(lm._headers)
+            if self.targets is not None:
+                self.targets = [(url, _accept_stream(h)) for url, h in self.targets]
         try:
             encoded = json.dumps(fields, ensure_ascii=False)
         except (TypeError, ValueError) as exc:
@@ -945,6 +1084,8 @@ class _Job:
         self.finish_reasons: List[Optional[str]] = [None] * self.n
         self.usage = Usage()
         self.batched_tokens = [0, 0]  # prompt, completion tokens answered by a batch
+        self.by_deployment = None if self.targets is None else [
+            DeploymentUsage() for _ in self.targets]
 
     def submit(self, start: int, end: int) -> _engine.Batch:
         lm = self.lm
@@ -954,7 +1095,7 @@ class _Job:
             if hits:
                 self.take_cached(hits)
         tokens = None
-        if lm.tpm:
+        if lm._count_tokens:
             tokens = [len(b) / 4.0 + self.token_extra for b in bodies]
         batch = lm._engine.get().submit(
             lm.url, self.headers, bodies, tokens,
@@ -966,7 +1107,7 @@ class _Job:
             notify_each=self.progress is not None, max_in_flight=self.max_concurrent,
             parse_chat=True, share_cap_with=self.cap_holder,
             total_timeout=lm.total_timeout or 0.0,
-            stream_deltas=self.pump is not None)
+            stream_deltas=self.pump is not None, targets=self.targets)
         if self.max_concurrent and self.cap_holder is None:
             self.cap_holder = batch  # every later window counts against the same cap
         return batch
@@ -1062,6 +1203,8 @@ class _Job:
         cached = self.cached
         rows = None if cached is None else cached.rows(start)  # the rows that were sent
         answers: List[tuple] = []
+        by_deployment = self.by_deployment
+        deployment_of = batch.deployments() if by_deployment is not None else None
         for offset, (state, kind, status, body, error, attempts, chat) in enumerate(
                 batch.chat_results()):
             i = start + offset if rows is None else rows[offset]
@@ -1082,6 +1225,12 @@ class _Job:
             usage.prompt_tokens += prompt_tokens
             usage.completion_tokens += completion_tokens
             usage.total_tokens += total_tokens
+            if deployment_of is not None:
+                du = by_deployment[deployment_of[offset]]
+                du.answered += 1
+                du.prompt_tokens += prompt_tokens
+                du.completion_tokens += completion_tokens
+                du.total_tokens += total_tokens
             finish_reasons[i] = finish_reason
             if content is None:
                 self.errors[i] = E.ResponseFormatError(
@@ -1183,6 +1332,10 @@ class _Job:
                               usage.completion_tokens - batch_completion)
         if usage.cost is not None and (batch_prompt or batch_completion):
             usage.cost += self.batch_mode.discount * lm._cost(batch_prompt, batch_completion)
+        if self.by_deployment is not None:
+            for du in self.by_deployment:
+                du.cost = lm._cost(du.prompt_tokens, du.completion_tokens)
+            usage.by_deployment = dict(zip(lm.deployment_names, self.by_deployment))
         if self.usage.cached:
             self.usage.cost_saved = lm._cost(self.usage.cached_prompt_tokens,
                                              self.usage.cached_completion_tokens)

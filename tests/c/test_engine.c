@@ -3354,6 +3354,344 @@ static void test_chat_reader(void)
 
 /* ------------------------------------------------------------------ event streams (sse.h) */
 
+
+/* ------------------------------------------------------------------ several deployments */
+
+static sx_sched_opts deploy_sched_opts(int max_in_flight, const sx_deploy_opts *d, size_t n)
+{
+    sx_sched_opts o = sched_opts(max_in_flight);
+    o.deploys = d;
+    o.ndeploys = n;
+    return o;
+}
+
+/* Admit what the scheduler gives at each step of 1/64 s for `seconds`, every attempt
+ * answered OK at once; count the admissions per deployment. */
+static void run_deploys(sx_sched *s, sx_batch *b, double t0, double seconds, size_t *count)
+{
+    sx_rng rng;
+    sx_rng_seed(&rng, 11);
+    sx_slot *out[256];
+    for (double t = t0; t < t0 + seconds; t += 1.0 / 64) {
+        double wake = -1;
+        size_t n = sx_sched_take(s, out, 256, t, &wake);
+        for (size_t i = 0; i < n; i++) {
+            count[out[i]->deploy]++;
+            finish_ok(s, out[i], &rng, t);
+        }
+        if (b->next_unsent == b->n)
+            break;
+    }
+}
+
+static void test_sched_deploy_split_by_limits(void)
+{
+    /* Both limited (10/s and 20/s), more work than they take: each gets its own rate. */
+    sx_deploy_opts d[2] = {{.rpm = 600, .weight = 600}, {.rpm = 1200, .weight = 1200}};
+    sx_sched_opts so = deploy_sched_opts(64, d, 2);
+    sx_sched s;
+    REQUIRE(sx_sched_init(&s, &so, T0) == 0);
+    CHECK(s.ndeploy == 2 && s.opts.deploys == NULL);
+    sx_request_opts ro = req_opts();
+    sx_batch *b = mk_batch("d", 100000, NULL, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    size_t count[2] = {0, 0};
+    run_deploys(&s, b, T0, 20.0, count);
+    /* 20 s at 10/s and 20/s, plus what the buckets held at first */
+    CHECK(count[0] >= 195 && count[0] <= 212);
+    CHECK(count[1] >= 395 && count[1] <= 422);
+    CHECK(s.deploy[0].stats.admitted == count[0] && s.deploy[1].stats.ok == count[1]);
+    CHECK(s.in_flight == 0 && s.deploy[0].in_flight == 0 && s.deploy[1].in_flight == 0);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+
+    /* Nothing binds (no limits, answers at once): the traffic splits by weight. */
+    sx_deploy_opts w[3] = {{.weight = 1}, {.weight = 3}, {.weight = 0 /* -> 1 */}};
+    so = deploy_sched_opts(10, w, 3);
+    REQUIRE(sx_sched_init(&s, &so, T0) == 0);
+    CHECK(s.deploy[2].opts.weight == 1.0 && s.deploy[0].opts.max_in_flight == 10);
+    b = mk_batch("w", 5000, NULL, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    /* Slots stay in flight one step, so loads differ; the window is the engine's cap. */
+    sx_rng rng;
+    sx_rng_seed(&rng, 12);
+    size_t c3[3] = {0, 0, 0};
+    sx_slot *held[64];
+    size_t nheld = 0;
+    for (int step = 0; step < 2000 && b->done < b->n; step++) {
+        double t = T0 + step / 64.0;
+        for (size_t i = 0; i < nheld; i++) {
+            finish_ok(&s, held[i], &rng, t);
+        }
+        double wake = -1;
+        nheld = sx_sched_take(&s, held, 64, t, &wake);
+        CHECK(nheld <= 10);
+        for (size_t i = 0; i < nheld; i++)
+            c3[held[i]->deploy]++;
+    }
+    CHECK(b->done == b->n);
+    double total = (double)(c3[0] + c3[1] + c3[2]);
+    CHECK_NEAR(c3[1] / total, 0.6, 0.05);
+    CHECK_NEAR(c3[0] / total, 0.2, 0.05);
+    CHECK_NEAR(c3[2] / total, 0.2, 0.05);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+}
+
+static void test_sched_deploy_429_drains_to_others(void)
+{
+    sx_deploy_opts d[2] = {{.weight = 1}, {.weight = 1}};
+    sx_sched_opts so = deploy_sched_opts(8, d, 2);
+    sx_sched s;
+    REQUIRE(sx_sched_init(&s, &so, T0) == 0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 13);
+    sx_request_opts ro = req_opts();
+    sx_batch *b = mk_batch("q", 40, NULL, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    sx_slot *out[16];
+    double wake = -1;
+    REQUIRE(sx_sched_take(&s, out, 2, T0, &wake) == 2);
+    CHECK(out[0]->deploy != out[1]->deploy);   /* ties go round */
+    sx_slot *on0 = out[0]->deploy == 0 ? out[0] : out[1];
+    sx_slot *on1 = on0 == out[0] ? out[1] : out[0];
+
+    /* Deployment 0 says: wait 5 s. Only it waits. */
+    const char *hdrs[] = {"HTTP/1.1 429 Too Many Requests\r\n", "Retry-After: 5\r\n", NULL};
+    sx_attempt at;
+    mk_attempt(&at, CURLE_OK, 429, hdrs);
+    CHECK(sx_sched_outcome(&s, on0, &at, &rng, T0 + 0.1) == SX_V_RETRY);
+    CHECK(s.deploy[0].cooldown_until >= T0 + 5.1 - EPS && s.cooldown_until <= T0);
+    CHECK(s.deploy[0].stats.http_429 == 1 && s.deploy[0].stats.failed == 0);
+    CHECK(on0->due <= T0 + 0.1 + ro.backoff_base + EPS);  /* not the 5 s: it may go elsewhere */
+    finish_ok(&s, on1, &rng, T0 + 0.1);
+
+    /* Everything, the retry first, goes to deployment 1 while 0 cools down. */
+    size_t n = sx_sched_take(&s, out, 16, T0 + 1.0, &wake);
+    CHECK(n == 8);
+    CHECK(out[0] == on0);
+    for (size_t i = 0; i < n; i++)
+        CHECK(out[i]->deploy == 1);
+    for (size_t i = 0; i < n; i++)
+        finish_ok(&s, out[i], &rng, T0 + 1.0);
+    CHECK(on0->state == SX_OK && on0->attempts == 2);
+    /* After the cool-down both take work again. */
+    n = sx_sched_take(&s, out, 16, T0 + 6.0, &wake);
+    size_t to0 = 0;
+    for (size_t i = 0; i < n; i++)
+        to0 += out[i]->deploy == 0;
+    CHECK(n == 8 && to0 == 4);
+    for (size_t i = 0; i < n; i++)
+        finish_ok(&s, out[i], &rng, T0 + 6.0);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+}
+
+static void test_sched_deploy_trips_and_recovers(void)
+{
+    sx_deploy_opts d[2] = {{.weight = 1}, {.weight = 1}};
+    sx_sched_opts so = deploy_sched_opts(8, d, 2);
+    sx_sched s;
+    REQUIRE(sx_sched_init(&s, &so, T0) == 0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 14);
+    sx_request_opts ro = req_opts();
+    ro.max_retries = 5;
+    sx_batch *b = mk_batch("t", 200, NULL, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    sx_slot *out[16];
+    double wake = -1;
+    REQUIRE(sx_sched_take(&s, out, 16, T0, &wake) == 8);
+    /* Deployment 0 refuses connections: its four fail, the others succeed. */
+    sx_attempt refused;
+    int dead = 0;
+    for (size_t i = 0; i < 8; i++) {
+        if (out[i]->deploy == 0) {
+            mk_attempt(&refused, CURLE_COULDNT_CONNECT, 0, NULL);
+            CHECK(sx_sched_outcome(&s, out[i], &refused, &rng, T0 + 0.01) == SX_V_RETRY);
+            dead++;
+        } else {
+            finish_ok(&s, out[i], &rng, T0 + 0.01);
+        }
+    }
+    CHECK(dead == 4);
+    CHECK(!sx_deploy_in_service(&s.deploy[0], T0 + 0.01) && s.deploy[0].stats.trips == 1);
+    CHECK_NEAR(s.deploy[0].down_until, T0 + 0.01 + 1.0, 1e-9);
+    CHECK(sx_deploy_in_service(&s.deploy[1], T0 + 0.01));
+
+    /* While it is out, everything goes to deployment 1, retries included, and they do not
+     * fail for the refused-connection rule (three attempts) however often it comes. */
+    for (int round = 0; round < 6; round++) {
+        double t = T0 + 0.02 + round * 0.15;
+        size_t n = sx_sched_take(&s, out, 16, t, &wake);
+        CHECK(n > 0);
+        for (size_t i = 0; i < n; i++) {
+            CHECK(out[i]->deploy == 1);
+            finish_ok(&s, out[i], &rng, t);
+        }
+    }
+    /* Out of service for 1 s, then one probe at a time: it fails, out for 2 s. */
+    size_t n = sx_sched_take(&s, out, 16, T0 + 1.02, &wake);
+    size_t probes = 0;
+    sx_slot *probe = NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (out[i]->deploy == 0) {
+            probes++;
+            probe = out[i];
+        }
+    }
+    CHECK(probes == 1);
+    REQUIRE(probe != NULL);
+    for (size_t i = 0; i < n; i++)
+        if (out[i] != probe)
+            finish_ok(&s, out[i], &rng, T0 + 1.02);
+    mk_attempt(&refused, CURLE_COULDNT_CONNECT, 0, NULL);
+    CHECK(sx_sched_outcome(&s, probe, &refused, &rng, T0 + 1.03) == SX_V_RETRY);
+    CHECK(s.deploy[0].stats.trips == 2);
+    CHECK_NEAR(s.deploy[0].down_until, T0 + 1.03 + 2.0, 1e-9);
+    /* The next probe succeeds: back in service, its window full again. */
+    n = sx_sched_take(&s, out, 16, T0 + 3.1, &wake);
+    probe = NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (out[i]->deploy == 0)
+            probe = out[i];
+        else
+            finish_ok(&s, out[i], &rng, T0 + 3.1);
+    }
+    REQUIRE(probe != NULL);
+    finish_ok(&s, probe, &rng, T0 + 3.11);
+    CHECK(sx_deploy_in_service(&s.deploy[0], T0 + 3.11) && s.deploy[0].trips_in_row == 0);
+    n = sx_sched_take(&s, out, 16, T0 + 3.2, &wake);
+    size_t to0 = 0;
+    for (size_t i = 0; i < n; i++)
+        to0 += out[i]->deploy == 0;
+    CHECK(n == 8 && to0 == 4);
+    for (size_t i = 0; i < n; i++)
+        finish_ok(&s, out[i], &rng, T0 + 3.2);
+    for (size_t i = 0; i < b->n; i++)
+        CHECK(b->slots[i].state != SX_FAILED);
+
+    /* When every deployment refuses, the three-attempt rule holds again. */
+    sx_deploy_opts two[2] = {{.weight = 1}, {.weight = 1}};
+    sx_sched s2;
+    so = deploy_sched_opts(4, two, 2);
+    REQUIRE(sx_sched_init(&s2, &so, T0) == 0);
+    sx_batch *c = mk_batch("x", 4, NULL, &ro);
+    REQUIRE(c != NULL);
+    REQUIRE(sx_sched_push_batch(&s2, c) == 0);
+    sx_verdict last = SX_V_RETRY;
+    for (int round = 0; round < 40 && last != SX_V_FAIL; round++) {
+        double t = T0 + round * 4.0;
+        size_t k = sx_sched_take(&s2, out, 16, t, &wake);
+        for (size_t i = 0; i < k; i++) {
+            mk_attempt(&refused, CURLE_COULDNT_CONNECT, 0, NULL);
+            sx_verdict v = sx_sched_outcome(&s2, out[i], &refused, &rng, t + 0.01);
+            if (v == SX_V_FAIL) {
+                CHECK(out[i]->attempts <= 4);
+                last = v;
+            }
+        }
+    }
+    CHECK(last == SX_V_FAIL);
+    sx_sched_destroy(&s2);
+    sx_batch_free(c);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+}
+
+static sx_engine *mk_deploy_engine(int workers, int max_in_flight, const sx_deploy_opts *d,
+                                   size_t n)
+{
+    sx_engine_opts eo;
+    memset(&eo, 0, sizeof eo);
+    eo.workers = workers;
+    eo.sched.max_in_flight = max_in_flight;
+    eo.sched.adaptive = 1;
+    eo.sched.queue_limit = 100000;
+    eo.sched.deploys = d;
+    eo.sched.ndeploys = n;
+    char err[256] = "";
+    sx_engine *e = sx_engine_new(&eo, err, sizeof err);
+    if (!e)
+        fprintf(stderr, "sx_engine_new failed: %s\n", err);
+    return e;
+}
+
+/* Two servers, one engine with a deployment on each; the first server dies mid-run: the
+ * other takes its load and nothing is lost. */
+static void test_engine_deployments_one_dies(void)
+{
+    REQUIRE(g_srv_ok);
+    srv second;
+    REQUIRE(srv_start(&second) == 0);
+    char url2[64];
+    snprintf(url2, sizeof url2, "http://127.0.0.1:%d/echo", second.port);
+    sx_deploy_opts d[2] = {{.weight = 1}, {.weight = 1}};
+    sx_engine *e = mk_deploy_engine(2, 32, d, 2);
+    REQUIRE(e != NULL);
+
+    /* A batch without one target per deployment is refused. */
+    sx_batch *bad = mk_http_batch("bad", 2, NULL);
+    REQUIRE(bad != NULL);
+    CHECK(sx_engine_submit(e, bad) == -3);
+    sx_batch_free(bad);
+
+    enum { N = 3000 };
+    char **bodies = NULL;
+    sx_batch *b = mk_http_batch("dep", N, &bodies);
+    REQUIRE(b != NULL && bodies != NULL);
+    const char *h1[] = {"X-Deployment: one"};
+    const char *h2[] = {"X-Deployment: two"};
+    CHECK(sx_batch_add_target(b, url2, h1, 1) == 0);  /* deployment 0: the second server */
+    CHECK(sx_batch_add_target(b, g_url, h2, 1) == 0);
+    CHECK(b->ntargets == 2 && strcmp(b->targets[0].headers->data, "Expect:") == 0);
+    pthread_mutex_lock(&g_srv.mu);
+    unsigned long base1 = g_srv.requests;
+    pthread_mutex_unlock(&g_srv.mu);
+    CHECK(sx_engine_submit(e, b) == 0);
+    /* Let it serve some, then kill it under load. */
+    for (int i = 0; i < 2000; i++) {
+        pthread_mutex_lock(&second.mu);
+        unsigned long got = second.requests;
+        pthread_mutex_unlock(&second.mu);
+        if (got >= 300)
+            break;
+        sleep_s(0.001);
+    }
+    srv_stop(&second);
+    int done = sx_engine_wait(e, b, 60.0);
+    CHECK(done);
+    size_t ok = 0, by[2] = {0, 0};
+    for (size_t i = 0; i < N; i++) {
+        sx_slot *s = &b->slots[i];
+        if (s->state == SX_OK && s->response_len == strlen(bodies[i]) &&
+            memcmp(s->response, bodies[i], s->response_len) == 0)
+            ok++;
+        by[s->deploy]++;
+    }
+    CHECK(ok == N);
+    sx_engine_lock(e);
+    sx_deploy d0 = e->sched.deploy[0], d1 = e->sched.deploy[1];
+    sx_engine_unlock(e);
+    pthread_mutex_lock(&g_srv.mu);
+    unsigned long served1 = g_srv.requests - base1;
+    pthread_mutex_unlock(&g_srv.mu);
+    printf("  deployment 0 (killed): %llu ok, %llu failed attempts, %llu trips; deployment 1: %llu ok\n",
+           (unsigned long long)d0.stats.ok, (unsigned long long)d0.stats.failed,
+           (unsigned long long)d0.stats.trips, (unsigned long long)d1.stats.ok);
+    CHECK(d0.stats.ok >= 300 && d0.stats.trips >= 1 && d0.stats.failed >= 1);
+    CHECK(d1.stats.ok == by[1] && served1 >= by[1]);
+    CHECK(by[0] + by[1] == N && by[1] > by[0]);   /* the survivor took the rest */
+    CHECK(d0.in_flight == 0 && d1.in_flight == 0);
+    sx_engine_release_batch(e, b);
+    sx_engine_free(e);
+    free_bodies(bodies, N);
+}
+
 typedef struct {
     sx_sse_verdict verdict;
     char content[512];
@@ -3739,6 +4077,9 @@ static const test_case tests[] = {
     TEST(test_sched_adaptive_window),
     TEST(test_sched_remove_batch),
     TEST(test_sched_queue_limit),
+    TEST(test_sched_deploy_split_by_limits),
+    TEST(test_sched_deploy_429_drains_to_others),
+    TEST(test_sched_deploy_trips_and_recovers),
     TEST(test_engine_echo_500),
     TEST(test_engine_retry_503),
     TEST(test_engine_cancel),
@@ -3753,6 +4094,7 @@ static const test_case tests[] = {
     TEST(test_engine_new_free_churn),
     TEST(test_engine_stream_deltas),
     TEST(test_engine_stream_cut_is_retried),
+    TEST(test_engine_deployments_one_dies),
     /* regressions: each of these failed, crashed or hung before its fix in csrc/ */
     TEST(test_bug_sched_retry_head_of_line),
     TEST(test_bug_worker_spins_on_capped_retry),
