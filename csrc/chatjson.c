@@ -223,65 +223,6 @@ static int scan_value(scanner *s, role_t role, int depth)
     return sx_json_skip(&s->c, depth);  /* off the extracted path: validate and skip */
 }
 
-static void put_utf8(unsigned char **w, unsigned cp)
-{
-    unsigned char *o = *w;
-    if (cp < 0x80) {
-        *o++ = (unsigned char)cp;
-    } else if (cp < 0x800) {
-        *o++ = (unsigned char)(0xC0 | (cp >> 6));
-        *o++ = (unsigned char)(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-        *o++ = (unsigned char)(0xE0 | (cp >> 12));
-        *o++ = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-        *o++ = (unsigned char)(0x80 | (cp & 0x3F));
-    } else {
-        *o++ = (unsigned char)(0xF0 | (cp >> 18));
-        *o++ = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
-        *o++ = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-        *o++ = (unsigned char)(0x80 | (cp & 0x3F));
-    }
-    *w = o;
-}
-
-/* Decodes a validated string span in place; returns the decoded length. The writer never
- * overtakes the reader: every escape is at least as long as what it decodes to. */
-static size_t decode_in_place(unsigned char *buf, const str_span *span)
-{
-    unsigned char *r = buf + span->off, *end = r + span->len, *w = r;
-    if (!span->escaped)
-        return span->len;
-    while (r < end) {
-        if (*r != '\\') {
-            *w++ = *r++;
-            continue;
-        }
-        unsigned char e = r[1];
-        r += 2;
-        switch (e) {
-        case 'b': *w++ = '\b'; break;
-        case 'f': *w++ = '\f'; break;
-        case 'n': *w++ = '\n'; break;
-        case 'r': *w++ = '\r'; break;
-        case 't': *w++ = '\t'; break;
-        case 'u': {
-            unsigned u, lo;
-            sx_json_hex4(r, &u);
-            r += 4;
-            if (u >= 0xD800 && u <= 0xDBFF) {  /* validated: a low surrogate follows */
-                sx_json_hex4(r + 2, &lo);
-                r += 6;
-                u = 0x10000 + ((u - 0xD800) << 10) + (lo - 0xDC00);
-            }
-            put_utf8(&w, u);
-            break;
-        }
-        default: *w++ = e; break;  /* " \ / */
-        }
-    }
-    return (size_t)(w - (buf + span->off));
-}
-
 /* Validates buf as one JSON value whose top level is an object; records the wanted spans. */
 static int scan_document(scanner *s, char *buf, size_t len, int chunk)
 {
@@ -310,13 +251,13 @@ int sx_chat_parse(char *buf, size_t len, sx_chat *out)
     unsigned char *ubuf = (unsigned char *)buf;
     if (s.content.found == 1) {
         out->content_off = (uint32_t)s.content.off;
-        out->content_len = (uint32_t)decode_in_place(ubuf, &s.content);
+        out->content_len = (uint32_t)sx_json_decode_in_place(ubuf, &s.content);
     } else {
         out->content_null = 1;
     }
     if (s.finish.found == 1) {
         out->finish_off = (uint32_t)s.finish.off;
-        out->finish_len = (uint32_t)decode_in_place(ubuf, &s.finish);
+        out->finish_len = (uint32_t)sx_json_decode_in_place(ubuf, &s.finish);
     } else {
         out->finish_null = 1;
     }
@@ -344,12 +285,12 @@ int sx_chat_parse_chunk(char *buf, size_t len, sx_chat_chunk *out)
     if (s.content.found == 1) {
         out->has_content = 1;
         out->content_off = (uint32_t)s.content.off;
-        out->content_len = (uint32_t)decode_in_place(ubuf, &s.content);
+        out->content_len = (uint32_t)sx_json_decode_in_place(ubuf, &s.content);
     }
     if (s.finish.found == 1) {
         out->has_finish = 1;
         out->finish_off = (uint32_t)s.finish.off;
-        out->finish_len = (uint32_t)decode_in_place(ubuf, &s.finish);
+        out->finish_len = (uint32_t)sx_json_decode_in_place(ubuf, &s.finish);
     }
     out->has_usage = (uint8_t)s.usage_found;
     out->prompt_tokens = s.tokens[0];

@@ -17,6 +17,9 @@ void sx_hints_reset(sx_hints *h)
     h->remaining_tokens = -1;
     h->limit_requests = -1;
     h->limit_tokens = -1;
+    h->reset_input_tokens = h->reset_output_tokens = -1;
+    h->remaining_input_tokens = h->remaining_output_tokens = -1;
+    h->limit_input_tokens = h->limit_output_tokens = -1;
 }
 
 /* Longest header value we bother to parse; anything longer is not a hint we understand. */
@@ -158,6 +161,113 @@ static double parse_retry_after(const char *s, size_t len, double wall_now)
     return delay > 0 ? delay : 0;
 }
 
+/* n digits at s as a number; -1 if any is not a digit. */
+static int digits(const char *s, int n)
+{
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        if (!isdigit((unsigned char)s[i]))
+            return -1;
+        v = v * 10 + (s[i] - '0');
+    }
+    return v;
+}
+
+/* Days from 1970-01-01 to y-m-d of the proleptic Gregorian calendar (Howard Hinnant's
+ * days_from_civil). */
+static long days_from_civil(long y, int m, int d)
+{
+    y -= m <= 2;
+    long era = (y >= 0 ? y : y - 399) / 400;
+    long yoe = y - era * 400;
+    long doy = (153L * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    long doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+double sx_parse_rfc3339_delay(const char *s, size_t len, double wall_now)
+{
+    static const int mdays[12] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    char t[SX_HINT_VALUE_MAX];
+    if (copy_value(t, sizeof t, s, len) != 0 || len < 20)
+        return -1;
+    int year = digits(t, 4), month = digits(t + 5, 2), day = digits(t + 8, 2);
+    int hour = digits(t + 11, 2), minute = digits(t + 14, 2), second = digits(t + 17, 2);
+    if (year < 0 || month < 1 || month > 12 || day < 1 || hour < 0 || hour > 23 ||
+        minute < 0 || minute > 59 || second < 0 || second > 60 || t[4] != '-' ||
+        t[7] != '-' || (t[10] != 'T' && t[10] != 't') || t[13] != ':' || t[16] != ':')
+        return -1;
+    int leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    if (day > mdays[month - 1] + (month == 2 && leap))
+        return -1;
+    size_t i = 19;
+    double fraction = 0, scale = 0.1;
+    if (t[i] == '.') {
+        if (!isdigit((unsigned char)t[i + 1]))
+            return -1;
+        for (i++; isdigit((unsigned char)t[i]); i++) {
+            fraction += (t[i] - '0') * scale;
+            scale /= 10;
+        }
+    }
+    int offset = 0;  /* seconds east of UTC */
+    if ((t[i] == 'Z' || t[i] == 'z') && i + 1 == len) {
+        offset = 0;
+    } else if ((t[i] == '+' || t[i] == '-') && i + 6 == len && t[i + 3] == ':') {
+        int oh = digits(t + i + 1, 2), om = digits(t + i + 4, 2);
+        if (oh < 0 || oh > 23 || om < 0 || om > 59)
+            return -1;
+        offset = (oh * 60 + om) * 60 * (t[i] == '-' ? -1 : 1);
+    } else {
+        return -1;
+    }
+    double when = (double)days_from_civil(year, month, day) * 86400.0 + hour * 3600.0 +
+                  minute * 60.0 + second + fraction - offset;
+    if (wall_now < 0)
+        wall_now = sx_wall_now();
+    double delay = when - wall_now;
+    return delay > 0 ? delay : 0;
+}
+
+/* anthropic-ratelimit-<budget>-<field>: the field of that budget in *h. Returns 1 if the
+ * name was one of them. */
+static int feed_anthropic(sx_hints *h, const char *name, size_t name_len, const char *value,
+                          size_t value_len, double wall_now)
+{
+    static const char prefix[] = "anthropic-ratelimit-";
+    size_t np = sizeof prefix - 1;
+    if (name_len <= np || strncasecmp(name, prefix, np) != 0)
+        return 0;
+    name += np;
+    name_len -= np;
+    static const struct { const char *budget; int which; } budgets[] = {
+        {"requests-", 0}, {"tokens-", 1}, {"input-tokens-", 2}, {"output-tokens-", 3}};
+    for (size_t b = 0; b < sizeof budgets / sizeof budgets[0]; b++) {
+        size_t nb = strlen(budgets[b].budget);
+        if (name_len <= nb || strncasecmp(name, budgets[b].budget, nb) != 0)
+            continue;
+        const char *field = name + nb;
+        size_t nf = name_len - nb;
+        double *reset[] = {&h->reset_requests, &h->reset_tokens, &h->reset_input_tokens,
+                           &h->reset_output_tokens};
+        long *remaining[] = {&h->remaining_requests, &h->remaining_tokens,
+                             &h->remaining_input_tokens, &h->remaining_output_tokens};
+        long *limit[] = {&h->limit_requests, &h->limit_tokens, &h->limit_input_tokens,
+                         &h->limit_output_tokens};
+        int w = budgets[b].which;
+        if (name_is(field, nf, "reset"))
+            *reset[w] = sx_parse_rfc3339_delay(value, value_len, wall_now);
+        else if (name_is(field, nf, "remaining"))
+            *remaining[w] = parse_long(value, value_len);
+        else if (name_is(field, nf, "limit"))
+            *limit[w] = parse_long(value, value_len);
+        else
+            return 0;
+        return 1;
+    }
+    return 0;
+}
+
 void sx_hints_feed(sx_hints *h, const char *line, size_t len, double wall_now)
 {
     while (len && (line[len - 1] == '\r' || line[len - 1] == '\n'))
@@ -199,6 +309,8 @@ void sx_hints_feed(sx_hints *h, const char *line, size_t len, double wall_now)
         h->limit_requests = parse_long(value, value_len);
     } else if (name_is(line, name_len, "x-ratelimit-limit-tokens")) {
         h->limit_tokens = parse_long(value, value_len);
+    } else if (name_len > 20 && (line[0] == 'a' || line[0] == 'A')) {
+        feed_anthropic(h, line, name_len, value, value_len, wall_now);
     }
 }
 
@@ -217,6 +329,12 @@ double sx_hints_asked_delay(const sx_hints *h)
         delay = h->reset_requests;
     if (h->reset_tokens >= 0 && h->remaining_tokens <= 0 && h->reset_tokens > delay)
         delay = h->reset_tokens;
+    if (h->reset_input_tokens >= 0 && h->remaining_input_tokens <= 0 &&
+        h->reset_input_tokens > delay)
+        delay = h->reset_input_tokens;
+    if (h->reset_output_tokens >= 0 && h->remaining_output_tokens <= 0 &&
+        h->reset_output_tokens > delay)
+        delay = h->reset_output_tokens;
     return delay;
 }
 
@@ -245,6 +363,16 @@ double sx_hints_exhausted_delay(const sx_hints *h, double tokens, double max_wai
     }
     if (h->remaining_tokens == 0 && h->reset_tokens >= 0) {
         double t = refill_time(h->reset_tokens, h->limit_tokens, tokens);
+        if (t > delay)
+            delay = t;
+    }
+    if (h->remaining_input_tokens == 0 && h->reset_input_tokens >= 0) {
+        double t = refill_time(h->reset_input_tokens, h->limit_input_tokens, tokens);
+        if (t > delay)
+            delay = t;
+    }
+    if (h->remaining_output_tokens == 0 && h->reset_output_tokens >= 0) {
+        double t = refill_time(h->reset_output_tokens, h->limit_output_tokens, tokens);
         if (t > delay)
             delay = t;
     }

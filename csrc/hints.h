@@ -8,13 +8,19 @@
  *       "20ms", "1h2m3.5s", or a bare number of seconds)
  *   x-ratelimit-remaining-requests / x-ratelimit-remaining-tokens: integers
  *   x-ratelimit-limit-requests / x-ratelimit-limit-tokens: integers (the budget's size)
+ *   anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining}:
+ *       integers, and -reset: an RFC 3339 date-time (when that budget is full again), read
+ *       into the same fields (input and output tokens as budgets of their own), so the
+ *       scheduler treats Anthropic's budgets exactly as OpenAI's
  * A status line ("HTTP/1.1 ...") resets the hints: only the final response counts.
  *
  * Strict grammar: a value that is not exactly what the header's grammar allows is ignored
  * (the header is treated as absent), never read as its longest valid prefix. Numbers are
  * ASCII digits with at most one decimal point: no sign, no exponent, no "inf", no embedded
  * NUL or other bytes; "retry-after-ms: 2s" is not 0.002 s, "Retry-After: +5" is nothing.
- * An HTTP-date must start with a day name.
+ * An HTTP-date must start with a day name. An RFC 3339 date-time is exactly
+ * YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM) with every field in range (the day within
+ * its month, leap years counted; "T" and "Z" in either case; second 60 allowed).
  *
  * The parsed values are not capped here: the one cap is `max_wait` (the request option
  * max_hint_wait, SX_HINT_WAIT_DEFAULT unless the caller chose one) applied by the functions
@@ -42,6 +48,11 @@ typedef struct sx_hints {
     long remaining_tokens;      /* < 0 if absent */
     long limit_requests;        /* < 0 if absent */
     long limit_tokens;          /* < 0 if absent */
+    /* Anthropic's separate input- and output-token budgets: reset (seconds), remaining and
+     * limit, each < 0 if absent */
+    double reset_input_tokens, reset_output_tokens;
+    long remaining_input_tokens, remaining_output_tokens;
+    long limit_input_tokens, limit_output_tokens;
 } sx_hints;
 
 void sx_hints_reset(sx_hints *h);
@@ -54,6 +65,10 @@ void sx_hints_feed(sx_hints *h, const char *line, size_t len, double wall_now);
 /* Parse an OpenAI-style duration ("6m0s", "20ms", "1.5s", "1h", "2") into seconds.
  * Returns -1 on anything it cannot read completely. */
 double sx_parse_duration(const char *s, size_t len);
+
+/* An RFC 3339 date-time (grammar above) as seconds after `wall_now` (0 if it is past);
+ * -1 if it is not one. */
+double sx_parse_rfc3339_delay(const char *s, size_t len, double wall_now);
 
 /* The one cap on every hint: `delay` if it is a usable wait (0 <= delay <= max_wait, not
  * NaN), else -1 (ignore it). */

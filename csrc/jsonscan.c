@@ -270,3 +270,74 @@ int sx_json_skip(sx_json_cursor *c, int depth)
         return sx_json_number(c, &number, NULL);
     }
 }
+
+static void put_utf8(unsigned char **w, unsigned cp)
+{
+    unsigned char *o = *w;
+    if (cp < 0x80) {
+        *o++ = (unsigned char)cp;
+    } else if (cp < 0x800) {
+        *o++ = (unsigned char)(0xC0 | (cp >> 6));
+        *o++ = (unsigned char)(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+        *o++ = (unsigned char)(0xE0 | (cp >> 12));
+        *o++ = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+        *o++ = (unsigned char)(0x80 | (cp & 0x3F));
+    } else {
+        *o++ = (unsigned char)(0xF0 | (cp >> 18));
+        *o++ = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
+        *o++ = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+        *o++ = (unsigned char)(0x80 | (cp & 0x3F));
+    }
+    *w = o;
+}
+
+size_t sx_json_decode_in_place(unsigned char *buf, const sx_json_span *span)
+{
+    unsigned char *r = buf + span->off, *end = r + span->len, *w = r;
+    if (!span->escaped)
+        return span->len;
+    while (r < end) {
+        if (*r != '\\') {
+            *w++ = *r++;
+            continue;
+        }
+        unsigned char e = r[1];
+        r += 2;
+        switch (e) {
+        case 'b': *w++ = '\b'; break;
+        case 'f': *w++ = '\f'; break;
+        case 'n': *w++ = '\n'; break;
+        case 'r': *w++ = '\r'; break;
+        case 't': *w++ = '\t'; break;
+        case 'u': {
+            unsigned u, lo;
+            sx_json_hex4(r, &u);
+            r += 4;
+            if (u >= 0xD800 && u <= 0xDBFF) {  /* validated: a low surrogate follows */
+                sx_json_hex4(r + 2, &lo);
+                r += 6;
+                u = 0x10000 + ((u - 0xD800) << 10) + (lo - 0xDC00);
+            }
+            put_utf8(&w, u);
+            break;
+        }
+        default: *w++ = e; break;  /* " \ / */
+        }
+    }
+    return (size_t)(w - (buf + span->off));
+}
+
+size_t sx_json_join_in_place(unsigned char *buf, const sx_json_span *spans, size_t n)
+{
+    if (n == 0)
+        return 0;
+    size_t w = spans[0].off;
+    for (size_t i = 0; i < n; i++) {
+        size_t len = sx_json_decode_in_place(buf, &spans[i]);
+        if (w != spans[i].off)
+            memmove(buf + w, buf + spans[i].off, len);
+        w += len;
+    }
+    return w - spans[0].off;
+}

@@ -65,4 +65,14 @@ int sx_json_next(sx_json_cursor *c, char close);
  * SX_JSON_MAX_DEPTH). */
 int sx_json_skip(sx_json_cursor *c, int depth);
 
+/* Decode a validated string span (sx_json_string with extracted=1) in place, at its own
+ * offset; returns the decoded length. The writer never overtakes the reader: every escape
+ * is at least as long as what it decodes to. */
+size_t sx_json_decode_in_place(unsigned char *buf, const sx_json_span *span);
+
+/* Decode spans[0..n) (validated, in buffer order, not overlapping) and write them back to
+ * back from spans[0].off: their concatenation. Returns its length. Everything between the
+ * first span's start and the last span's end may be overwritten. */
+size_t sx_json_join_in_place(unsigned char *buf, const sx_json_span *spans, size_t n);
+
 #endif

@@ -13,6 +13,7 @@
 
 #include "embedjson.h"
 #include "engine.h"
+#include "nativejson.h"
 #include "results.h"
 #include "sx_clock.h"
 
@@ -303,7 +304,9 @@ PyDoc_STRVAR(Engine_submit_doc,
 "`url` with `headers` (a list of 'Name: value' strings). `tokens` gives each request's\n"
 "estimated token cost for the tokens/min limit. Returns a Batch whose results come back in\n"
 "input order. max_in_flight > 0 caps this batch's own concurrency below the engine's.\n"
-"parse_chat=True: workers read each successful answer as a chat completion as it lands\n"
+"parse_chat=1 (True, DIALECT_OPENAI): workers read each successful answer as a chat\n"
+"completion as it lands; DIALECT_ANTHROPIC / DIALECT_GEMINI: as that API's answer, into the\n"
+"same fields"
 "(see Batch.chat_results). share_cap_with=<Batch of this engine>: count this batch's\n"
 "requests against that batch's max_in_flight cap (one cap for a call split into windows).\n"
 "total_timeout > 0: seconds one request may take over all its attempts and backoffs (waits\n"
@@ -334,7 +337,7 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
     int stream_deltas = 0;
     const char *ca_file = NULL, *ca_path = NULL;
     Py_ssize_t max_body = 64 * 1024 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpipOdpzzdO:submit", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sOO|O$ddinpddpiiOdpzzdO:submit", kwlist,
                                      &url, &headers_obj, &bodies_obj, &tokens_obj, &timeout,
                                      &connect_timeout, &max_retries, &max_body, &verify,
                                      &backoff_base, &backoff_cap, &notify_each, &batch_cap,
@@ -362,6 +365,11 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
         return NULL;
     if (!(timeout > 0) || !(connect_timeout > 0)) {
         PyErr_SetString(PyExc_ValueError, "timeout and connect_timeout must be > 0 seconds");
+        return NULL;
+    }
+    if (parse_chat < SX_DIALECT_NONE || parse_chat > SX_DIALECT_GEMINI) {
+        PyErr_Format(PyExc_ValueError, "parse_chat must be 0..%d (a DIALECT_* constant), got %d",
+                     SX_DIALECT_GEMINI, parse_chat);
         return NULL;
     }
     if (!(total_timeout >= 0)) {
@@ -477,7 +485,7 @@ static PyObject *Engine_submit(EngineObject *self, PyObject *args, PyObject *kwd
         .total_timeout = total_timeout,
         .ca_file = ca_file,
         .ca_path = ca_path,
-        .stream_deltas = parse_chat && stream_deltas,
+        .stream_deltas = parse_chat == SX_DIALECT_OPENAI && stream_deltas,
     };
     batch = sx_batch_new(url, header_ptrs, (size_t)nh, body_ptrs, lens, costs, (size_t)n,
                          &opts);
@@ -1362,6 +1370,9 @@ static int module_exec(PyObject *m)
     ADD_INT("ERR_ABORTED", SX_ERR_ABORTED);
     ADD_INT("ERR_TRANSPORT", SX_ERR_TRANSPORT);
     ADD_INT("ERR_CANCELLED", SX_ERR_CANCELLED);
+    ADD_INT("DIALECT_OPENAI", SX_DIALECT_OPENAI);
+    ADD_INT("DIALECT_ANTHROPIC", SX_DIALECT_ANTHROPIC);
+    ADD_INT("DIALECT_GEMINI", SX_DIALECT_GEMINI);
 #undef ADD_INT
     if (PyModule_AddStringConstant(m, "LIBCURL_BUILD_VERSION", LIBCURL_VERSION) < 0)
         return -1;

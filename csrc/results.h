@@ -63,7 +63,8 @@ typedef struct sx_request_opts {
     double max_hint_wait;    /* seconds; a server hint asking for longer is ignored (hints.h) */
     int notify_each;         /* 1: wake the eventfd on every completion (progress bars) */
     int max_in_flight;       /* this batch's own concurrency cap; 0: only the engine's */
-    int parse_chat;          /* 1: workers read successful answers as chat completions, and
+    int parse_chat;          /* SX_DIALECT_* (nativejson.h): workers read successful answers
+                              * in that provider's format; with SX_DIALECT_OPENAI they also
                               * read event-stream answers as they arrive (sse.h) */
     const char *ca_file;     /* CA bundle to verify the server with (CURLOPT_CAINFO); NULL:
                               * libcurl's default. sx_batch_new copies it; the batch owns it */

@@ -411,16 +411,27 @@ static int curl_code_retryable(int code)
     }
 }
 
-static int body_says_quota(const char *body, size_t len)
+static int body_says(const char *body, size_t len, const char *needle)
 {
-    static const char needle[] = "insufficient_quota";
-    size_t n = sizeof needle - 1;
+    size_t n = strlen(needle);
     if (!body || len < n)
         return 0;
     for (size_t i = 0; i + n <= len; i++)
-        if (body[i] == 'i' && memcmp(body + i, needle, n) == 0)
+        if (body[i] == needle[0] && memcmp(body + i, needle, n) == 0)
             return 1;
     return 0;
+}
+
+static int body_says_quota(const char *body, size_t len)
+{
+    return body_says(body, len, "insufficient_quota");
+}
+
+/* Gemini answers a wrong key with 400 INVALID_ARGUMENT, "API key not valid" (reason
+ * API_KEY_INVALID), not 401: it is a bad key all the same, and must stop the batch. */
+static int body_says_bad_key(const char *body, size_t len)
+{
+    return body_says(body, len, "API_KEY_INVALID") || body_says(body, len, "API key not valid");
 }
 
 void sx_classify(sx_attempt *a, int curl_code, const char *curl_error, int status,
@@ -467,7 +478,7 @@ void sx_classify(sx_attempt *a, int curl_code, const char *curl_error, int statu
     }
     if (status >= 200 && status < 300)
         return;
-    if (status == 401 || status == 403) {
+    if (status == 401 || status == 403 || (status == 400 && body_says_bad_key(body, body_len))) {
         a->verdict = SX_V_ABORT_BATCH;
         a->kind = SX_ERR_AUTH;
         snprintf(a->reason, sizeof a->reason,
@@ -487,6 +498,8 @@ void sx_classify(sx_attempt *a, int curl_code, const char *curl_error, int statu
     } else if (status == 408 || status == 409 || status >= 500) {
         a->verdict = SX_V_RETRY;
         a->kind = SX_ERR_HTTP;
+        /* Anthropic's 529 overloaded_error: the service, not this request, is the problem */
+        a->congestion = status == 529;
         snprintf(a->reason, sizeof a->reason, "HTTP %d from the server", status);
     } else {
         a->verdict = SX_V_FAIL;

@@ -15,6 +15,7 @@
 #include <curl/curl.h>
 
 #include "hints.h"
+#include "nativejson.h"
 #include "sse.h"
 #include "sx_clock.h"
 
@@ -149,7 +150,7 @@ typedef struct sx_fdinfo {
 static void body_start(sx_xfer *x)
 {
     x->body_started = 1;
-    if (!x->event_stream || !x->slot->batch->opts.parse_chat)
+    if (!x->event_stream || x->slot->batch->opts.parse_chat != SX_DIALECT_OPENAI)
         return;
     long status = 0;
     curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
@@ -789,7 +790,7 @@ static void conclude(sx_worker *w, sx_xfer *x, sx_done *d)
         x->cap = 0;
         /* Read the answer here, off the GIL and beside the Python thread. */
         if (d->a.verdict == SX_V_OK && x->slot->batch->opts.parse_chat)
-            sx_chat_parse(body, x->len, &d->a.chat);
+            sx_answer_parse(x->slot->batch->opts.parse_chat, body, x->len, &d->a.chat);
     }
     d->restart = x->delivered > 0 && d->a.verdict != SX_V_OK;
 }

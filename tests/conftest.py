@@ -122,3 +122,29 @@ def make_lm(server):
     import semex
 
     yield from client_factory(server, lambda **o: semex.LM("test-model", **o), 0.05, 0.5)
+
+
+DIALECTS = ("openai", "anthropic", "gemini")
+
+
+@pytest.fixture(params=DIALECTS)
+def dialect(request):
+    """Each wire format the fake server speaks: OpenAI's chat completions, Anthropic's
+    Messages API, Gemini's generateContent."""
+    return request.param
+
+
+@pytest.fixture
+def make_dialect_lm(server, dialect):
+    """make_lm for the `dialect` under test (native dialects at the server's root URL, as
+    their real APIs are laid out)."""
+    import semex
+
+    def build(**options):
+        if dialect != "openai":
+            if options.get("api_base") == server.base_url:
+                options["api_base"] = server._root
+            options.setdefault("provider", dialect)
+        return semex.LM("test-model", **options)
+
+    yield from client_factory(server, build, 0.05, 0.5)

@@ -62,6 +62,26 @@ in any input: [[emb_shuffle]] (items in reverse index order), [[emb_nodims]] (ig
 "index"). /_log records of embeddings carry "ninputs", "inputs" and the request's
 "dimensions"/"encoding_format".
 
+Native dialects: POST .../v1/messages is Anthropic's Messages API and
+POST .../models/{model}:generateContent Gemini's, served by the same chat logic (every
+directive above applies) after checking what each API requires -- Anthropic: the key in
+x-api-key (401 authentication_error otherwise), anthropic-version: 2023-06-01, max_tokens,
+no "system" role among the messages, user/assistant turns; Gemini: the key in
+x-goog-api-key (400 INVALID_ARGUMENT "API key not valid" otherwise), contents with
+user/model roles and parts. A violation is a 400 in the API's own error shape. Answers,
+errors and hints are in the API's shapes: Anthropic's content blocks (a tool_use block
+when a tool is forced and the answer is a JSON object), usage input/output_tokens,
+{"type": "error", "error": {"type": ..._error}} (a 529 is overloaded_error), retry-after in
+whole seconds and anthropic-ratelimit-{requests,tokens}-{remaining,reset} (RFC 3339) in
+place of x-ratelimit-*; Gemini's candidates/usageMetadata, {"error": {"code", "message",
+"status": RESOURCE_EXHAUSTED | UNAVAILABLE | ...}} and no rate-limit headers. /_log
+records carry "dialect", "native" (the request body as sent) and "headers_seen".
+Directives for them: [[blocked=REASON]] (Gemini: a candidate without content and that
+finishReason; Anthropic: stop_reason "refusal"), [[prompt_blocked=REASON]] (Gemini: no
+candidate, promptFeedback.blockReason), [[parts]] (the answer in several text parts or
+blocks, with a thought part / thinking block first), [[cache_tokens]] (Anthropic: usage
+with cache_creation/cache_read_input_tokens).
+
 Control endpoints (no auth, not counted as chat requests):
     POST /_config {"latency_ms": [lo, hi], "rpm": N}
     POST /_reset
@@ -700,15 +720,281 @@ def build_extraction(st: "State", ex: Extraction) -> str | None:
     return text
 
 
+# ----------------------------------------------------------------- native dialects
+ANTHROPIC_VERSION = "2023-06-01"
+_ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error",
+                     403: "permission_error", 404: "not_found_error",
+                     413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                     529: "overloaded_error"}
+_GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                  404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED", 409: "ABORTED",
+                  429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE",
+                  504: "DEADLINE_EXCEEDED"}
+GEMINI_BAD_KEY = _dumps({"error": {
+    "code": 400, "message": "API key not valid. Please pass a valid API key.",
+    "status": "INVALID_ARGUMENT", "details": [{
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+        "domain": "googleapis.com"}]}}).encode()
+
+
+def native_error(dialect: str, status: int, message: str) -> bytes:
+    if dialect == "anthropic":
+        return _dumps({"type": "error", "error": {
+            "type": _ANTHROPIC_ERRORS.get(status, "api_error"), "message": message}}).encode()
+    return _dumps({"error": {"code": status, "message": message,
+                             "status": _GOOGLE_STATUS.get(status, "UNKNOWN")}}).encode()
+
+
+def _native_text(content, where: str) -> str:
+    """The text of an Anthropic content (string or blocks) or a Gemini parts list."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError("%s: must be a string or a list" % where)
+    texts = []
+    for block in content:
+        if not isinstance(block, dict):
+            raise ValueError("%s: each element must be an object" % where)
+        if isinstance(block.get("text"), str):
+            texts.append(block["text"])
+    return " ".join(texts)
+
+
+def _from_gemini_schema(s):
+    """Gemini's responseSchema back into the JSON Schema words _value() reads."""
+    if not isinstance(s, dict):
+        return {}
+    out = {}
+    for k, v in s.items():
+        if k == "type" and isinstance(v, str):
+            out["type"] = v.lower()
+        elif k == "properties" and isinstance(v, dict):
+            out["properties"] = {n: _from_gemini_schema(p) for n, p in v.items()}
+        elif k == "items":
+            out["items"] = _from_gemini_schema(v)
+        elif k == "anyOf" and isinstance(v, list):
+            out["anyOf"] = [_from_gemini_schema(x) for x in v]
+        elif k != "nullable":
+            out[k] = v
+    if s.get("nullable") is True and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def native_request(dialect: str, headers: dict, req, target: str):
+    """(the request as OpenAI's chat-completions body, None) or (None, error message):
+    what each API requires, checked as it does."""
+    if not isinstance(req, dict):
+        return None, "the request body must be a JSON object"
+    if dialect == "anthropic":
+        if headers.get("anthropic-version") != ANTHROPIC_VERSION:
+            return None, "anthropic-version: header is required (%s)" % ANTHROPIC_VERSION
+        if not isinstance(req.get("model"), str):
+            return None, "model: Field required"
+        mt = req.get("max_tokens")
+        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
+            return None, "max_tokens: Field required"
+        if "messages" not in req or not isinstance(req["messages"], list) or \
+                not req["messages"]:
+            return None, "messages: Field required"
+        system = req.get("system")
+        messages = []
+        if system is not None:
+            try:
+                messages.append({"role": "system",
+                                 "content": _native_text(system, "system")})
+            except ValueError as e:
+                return None, str(e)
+        for j, m in enumerate(req["messages"]):
+            if not isinstance(m, dict):
+                return None, "messages.%d: must be an object" % j
+            if m.get("role") == "system":
+                return None, ('messages.%d: Unexpected role "system". The Messages API '
+                              'accepts a top-level `system` parameter, not "system" as an '
+                              'input message role.' % j)
+            if m.get("role") not in ("user", "assistant"):
+                return None, "messages.%d.role: Input should be 'user' or 'assistant'" % j
+            try:
+                messages.append({"role": m["role"],
+                                 "content": _native_text(m.get("content"),
+                                                         "messages.%d.content" % j)})
+            except ValueError as e:
+                return None, str(e)
+        out = {"model": req["model"], "messages": messages, "max_tokens": mt}
+        tools, choice = req.get("tools"), req.get("tool_choice")
+        if tools is not None:
+            if not isinstance(tools, list) or not all(
+                    isinstance(t, dict) and isinstance(t.get("name"), str) and
+                    isinstance(t.get("input_schema"), dict) for t in tools):
+                return None, "tools: each tool needs a name and an input_schema object"
+            if isinstance(choice, dict) and choice.get("type") == "tool":
+                forced = [t for t in tools if t["name"] == choice.get("name")]
+                if not forced:
+                    return None, "tool_choice: no tool named %r" % choice.get("name")
+                if forced[0]["input_schema"].get("type") != "object":
+                    return None, "tools.0.input_schema.type: Input should be 'object'"
+                out["response_format"] = {"type": "json_schema", "json_schema": {
+                    "name": choice["name"], "schema": forced[0]["input_schema"]}}
+                out["_forced_tool"] = choice["name"]
+        for k in ("stream", "temperature", "stop_sequences"):
+            if k in req:
+                out[k] = req[k]
+        t = req.get("temperature")
+        if t is not None and not (isinstance(t, (int, float)) and 0 <= t <= 1):
+            return None, "temperature: Input should be less than or equal to 1"
+        return out, None
+    # gemini
+    m = re.search(r"/models/([^/:]+):generateContent$", target.split("?", 1)[0])
+    if not m:
+        return None, "unknown method"
+    contents = req.get("contents")
+    if "messages" in req:
+        return None, 'Invalid JSON payload received. Unknown name "messages": Cannot find field.'
+    if not isinstance(contents, list) or not contents:
+        return None, "* GenerateContentRequest.contents: contents is not specified"
+    messages = []
+    si = req.get("systemInstruction")
+    if si is not None:
+        if not isinstance(si, dict) or not isinstance(si.get("parts"), list):
+            return None, "systemInstruction: parts is required"
+        try:
+            messages.append({"role": "system",
+                             "content": _native_text(si["parts"], "systemInstruction")})
+        except ValueError as e:
+            return None, str(e)
+    for j, c in enumerate(contents):
+        if not isinstance(c, dict) or not isinstance(c.get("parts"), list) or not c["parts"]:
+            return None, "* GenerateContentRequest.contents[%d].parts: contents.parts must " \
+                         "not be empty." % j
+        role = c.get("role", "user")
+        if role not in ("user", "model"):
+            return None, "Please use a valid role: user, model."
+        try:
+            messages.append({"role": "assistant" if role == "model" else "user",
+                             "content": _native_text(c["parts"], "contents[%d]" % j)})
+        except ValueError as e:
+            return None, str(e)
+    out = {"model": m.group(1), "messages": messages}
+    gc = req.get("generationConfig")
+    if gc is not None:
+        if not isinstance(gc, dict):
+            return None, "generationConfig must be an object"
+        bad = [k for k in gc if k in ("max_tokens", "response_format", "additionalProperties")]
+        if bad:
+            return None, 'Invalid JSON payload received. Unknown name "%s"' % bad[0]
+        schema = gc.get("responseSchema")
+        if schema is not None:
+            if gc.get("responseMimeType") != "application/json":
+                return None, "responseSchema needs responseMimeType application/json"
+            if "additionalProperties" in json.dumps(schema) or "$ref" in json.dumps(schema):
+                return None, ('Invalid JSON payload received. Unknown name '
+                              '"additionalProperties" at \'generation_config.response_schema\'')
+            out["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "answer", "schema": _from_gemini_schema(schema)}}
+        if "maxOutputTokens" in gc:
+            out["max_tokens"] = gc["maxOutputTokens"]
+    return out, None
+
+
+def native_answer(dialect: str, req: dict, d: dict, model, content: str, p: int, c: int,
+                  counter: int) -> bytes:
+    """A successful answer in the API's own shape."""
+    pieces = [content]
+    if "parts" in d and len(content) > 1:
+        half = len(content) // 2
+        pieces = [content[:half], content[half:]]
+    if dialect == "anthropic":
+        blocks = []
+        stop = "end_turn"
+        if "parts" in d:
+            blocks.append({"type": "thinking", "thinking": "hmm", "signature": "sig"})
+        value = None
+        if req.get("_forced_tool"):
+            try:
+                value = json.loads(content)
+            except ValueError:
+                value = None
+        if isinstance(value, dict):
+            blocks.append({"type": "tool_use", "id": "toolu_%d" % counter,
+                           "name": req["_forced_tool"], "input": value})
+            stop = "tool_use"
+        else:
+            blocks.extend({"type": "text", "text": t} for t in pieces)
+        if "blocked" in d:
+            blocks, stop = [], "refusal"
+        usage = {"input_tokens": p, "output_tokens": c}
+        if "cache_tokens" in d:
+            usage = {"input_tokens": 1, "cache_creation_input_tokens": p - 1,
+                     "cache_read_input_tokens": 0, "output_tokens": c}
+        return _dumps({"id": "msg_%d" % counter, "type": "message", "role": "assistant",
+                       "model": model, "content": blocks, "stop_reason": stop,
+                       "stop_sequence": None, "usage": usage}).encode()
+    usage = {"promptTokenCount": p, "candidatesTokenCount": c, "totalTokenCount": p + c}
+    if "prompt_blocked" in d:
+        return _dumps({"promptFeedback": {"blockReason": d["prompt_blocked"][0] or "SAFETY"},
+                       "usageMetadata": {"promptTokenCount": p, "totalTokenCount": p}}).encode()
+    parts = [{"text": t} for t in pieces]
+    if "parts" in d:
+        parts.insert(0, {"text": "thinking...", "thought": True})
+        usage["thoughtsTokenCount"] = 2
+        usage["totalTokenCount"] += 2
+    candidate = {"content": {"role": "model", "parts": parts}, "finishReason": "STOP",
+                 "index": 0}
+    if "blocked" in d:
+        candidate = {"finishReason": d["blocked"][0] or "SAFETY", "index": 0,
+                     "safetyRatings": [{"category": "HARM_CATEGORY_HARASSMENT",
+                                        "probability": "HIGH", "blocked": True}]}
+    return _dumps({"candidates": [candidate], "usageMetadata": usage,
+                   "modelVersion": model, "responseId": "resp-%d" % counter}).encode()
+
+
+def _rfc3339_in(seconds: float) -> str:
+    t = time.time() + seconds
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + (".%03dZ" % int(t % 1 * 1000))
+
+
+def native_headers(dialect: str, extra) -> list:
+    """OpenAI's hint headers in the API's own words (Gemini sends none)."""
+    out = []
+    for name, value in extra or []:
+        low = name.lower()
+        if not (low.startswith("x-ratelimit-") or low in ("retry-after", "retry-after-ms")):
+            out.append((name, value))
+            continue
+        if dialect != "anthropic":
+            continue
+        if low == "retry-after-ms":
+            out.append(("retry-after", str(max(1, math.ceil(float(value) / 1000.0)))))
+        elif low == "retry-after":
+            out.append((name, value))
+        elif low.startswith("x-ratelimit-reset-"):
+            secs = _duration(value)
+            if secs is not None:
+                out.append(("anthropic-ratelimit-%s-reset" % low.rsplit("-", 1)[1],
+                            _rfc3339_in(secs)))
+        else:  # x-ratelimit-remaining-requests and the like
+            kind, budget = low.split("-")[2], low.rsplit("-", 1)[1]
+            out.append(("anthropic-ratelimit-%s-%s" % (budget, kind), value))
+    return out
+
+
+def _duration(text: str):
+    total, any_ = 0.0, False
+    for number, unit in re.findall(r"([\d.]+)(ms|h|m|s)?", text):
+        any_ = True
+        total += float(number) * {"ms": 0.001, "h": 3600, "m": 60, "s": 1, "": 1}[unit]
+    return total if any_ else None
+
+
 async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool,
-                      target: str = "") -> bool:
+                      target: str = "", dialect: str = "") -> bool:
     """Serve one chat request. Return True if the connection may be reused."""
     st = STATE
     t_start = _monotonic()
     auth = headers.get("authorization")
     rec = {"t_start": t_start, "t_end": None, "key": None, "attempt": 0,
            "outcome": None, "auth": auth is not None, "ndocs": 0, "doc_ids": [],
-           "model": None}
+           "model": None, "dialect": dialect or "openai"}
     st.log.append(rec)
     st.requests += 1
 
@@ -723,6 +1009,10 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool,
     async def reply(status: int, rbody: bytes, extra=None,
                     ctype: str = "application/json") -> bool:
         finish(status)
+        if dialect:
+            extra = native_headers(dialect, extra)
+            if status >= 400 and rbody.startswith(b'{"error":{"message"'):
+                rbody = native_error(dialect, status, json.loads(rbody)["error"]["message"])
         if raw_headers:
             extra = list(extra or []) + raw_headers
         await conn.send(build_response(status, rbody, keep_alive, ctype, extra=extra))
@@ -735,6 +1025,16 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool,
                           "api-key" if azure_key is not None else None)
     authorized = st.expected_auth is None or auth == st.expected_auth or (
         azure_key is not None and azure_key == st.api_key)
+    if dialect:
+        name = "x-api-key" if dialect == "anthropic" else "x-goog-api-key"
+        native_key = headers.get(name)
+        rec["auth_header"] = name if native_key is not None else None
+        rec["auth"] = native_key is not None
+        rec["headers_seen"] = {k: v for k, v in headers.items()
+                               if k in ("anthropic-version", "content-type", "accept")}
+        authorized = st.api_key is None or native_key == st.api_key
+        auth_fail = (401, native_error("anthropic", 401, "invalid x-api-key")) \
+            if dialect == "anthropic" else (400, GEMINI_BAD_KEY)
     # parse body (unauthorized requests get 401 even if the body is bad)
     try:
         req = json.loads(body)
@@ -742,9 +1042,16 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool,
             raise ValueError("body is not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
         if not authorized:
-            return await reply(401, AUTH_BODY)
+            return await reply(*auth_fail) if dialect else await reply(401, AUTH_BODY)
         return await reply(400, error_body(
             400, "We could not parse the JSON body of your request. (%s)" % e.__class__.__name__))
+    if dialect:
+        rec["native"] = req
+        if not authorized:
+            return await reply(*auth_fail)
+        req, problem = native_request(dialect, headers, req, target)
+        if problem is not None:
+            return await reply(400, native_error(dialect, 400, problem))
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         if not authorized:
@@ -858,6 +1165,10 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool,
         rbody = base64.urlsafe_b64decode(d["rawb64"][0] or "")
     elif "badjson" in d:
         rbody = b'{"choices": ['
+    elif dialect:
+        p = sum(len(t.split()) for t in texts) + 1
+        c = len(content.split()) + 1
+        rbody = native_answer(dialect, req, d, model, content, p, c, st.chat_counter)
     else:
         p = sum(len(t.split()) for t in texts) + 1
         c = len(content.split()) + 1
@@ -1227,7 +1538,9 @@ async def serve_request(conn: Conn, first: bool) -> bool:
 
     if control:
         return await handle_control(conn, method, path, body, keep_alive)
-    if path.endswith("/chat/completions"):
+    dialect = "anthropic" if path.endswith("/v1/messages") else \
+        "gemini" if path.endswith(":generateContent") else ""
+    if path.endswith("/chat/completions") or dialect:
         if method != "POST":
             await conn.send(build_response(405, error_body(405, "Method not allowed."),
                                            keep_alive))
@@ -1236,7 +1549,7 @@ async def serve_request(conn: Conn, first: bool) -> bool:
         st.in_flight += 1
         st.max_in_flight = max(st.max_in_flight, st.in_flight)
         try:
-            return await handle_chat(conn, headers, body, keep_alive, target)
+            return await handle_chat(conn, headers, body, keep_alive, target, dialect)
         finally:
             st.in_flight -= 1
     if path.endswith("/embeddings"):

@@ -198,7 +198,7 @@ def test_help_documents_every_flag(capsys):
     flags = ["--col", "--out", "--model", "--api-base", "--api-key-env", "--batch-size",
              "--concurrency", "--rpm", "--tpm", "--max-retries", "--timeout", "--quotes",
              "--structured-output", "--local", "-o", "--output", "--no-progress", "-v",
-             "--verbose", "--max-tokens", "--input-price", "--output-price"]
+             "--verbose", "--max-tokens", "--input-price", "--output-price", "--provider"]
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["extract"]
     declared = [s for a in sub._actions for s in a.option_strings]
     assert set(flags) <= set(declared)
@@ -265,3 +265,24 @@ def test_an_empty_table_writes_the_columns(run, server, tmp_path):
     assert code == 0, err
     assert out.splitlines() == ["text,x,extract_error"]
     assert server.log() == []
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "gemini"])
+def test_provider_flag_extracts_through_the_native_api(server, monkeypatch, capsys, tmp_path,
+                                                       provider):
+    variable = "ANTHROPIC_API_KEY" if provider == "anthropic" else "GOOGLE_API_KEY"
+    for name in ("ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, server.api_key)  # the provider's own variable, by default
+    src = write_csv(tmp_path / "in.csv", ["first doc", "second doc"])
+    dst = tmp_path / "out.csv"
+    code = cli.main(["extract", str(src), "--col", "text", *OUTS, "-o", str(dst),
+                     "--provider", provider, "--api-base", server._root, "--model", "m",
+                     "--no-progress", "--batch-size", "2"])
+    assert code == 0, capsys.readouterr().err
+    got = pd.read_csv(dst)
+    assert list(got["product"]) == ["product:first doc", "product:second doc"]
+    log = server.log()
+    assert log and all(r["dialect"] == provider for r in log)
+    assert all(r["auth_header"] == ("x-api-key" if provider == "anthropic"
+                                    else "x-goog-api-key") for r in log)

@@ -242,8 +242,9 @@ def test_lotus_import_path_and_provider_prefix(server):
 def test_provider_prefix_picks_its_base_url_and_key_variable(monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-SECRET")
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
-    lm = semex.LM("anthropic/claude-3-5-haiku-latest")
-    assert lm.api_base == "https://api.anthropic.com/v1" and lm.model.startswith("claude")
+    lm = semex.LM("anthropic/claude-3-5-haiku-latest")  # the native Messages API
+    assert lm.api_base == "https://api.anthropic.com" and lm.model.startswith("claude")
+    assert lm.provider == "anthropic" and lm.url.endswith("/v1/messages")
     assert "sk-ant-SECRET" not in repr(lm) and "api_key=<set>" in repr(lm)
     assert semex.LM("openai/gpt-4o").api_base == "http://127.0.0.1:9/v1"
     with pytest.raises(E.ConfigurationError, match="azure"):

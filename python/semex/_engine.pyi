@@ -15,6 +15,9 @@ ERR_BODY_CAP: int
 ERR_ABORTED: int
 ERR_TRANSPORT: int
 ERR_CANCELLED: int
+DIALECT_OPENAI: int
+DIALECT_ANTHROPIC: int
+DIALECT_GEMINI: int
 LIBCURL_BUILD_VERSION: str
 
 class EngineError(RuntimeError): ...
@@ -69,7 +72,7 @@ class Engine:
                connect_timeout: float = 10.0, max_retries: int = 5,
                max_body: int = 67108864, verify: bool = True, backoff_base: float = 0.5,
                backoff_cap: float = 30.0, notify_each: bool = False,
-               max_in_flight: int = 0, parse_chat: bool = False,
+               max_in_flight: int = 0, parse_chat: int = 0,
                share_cap_with: Optional[Batch] = None,
                total_timeout: float = 0.0, stream_deltas: bool = False,
                ca_file: Optional[str] = None, ca_path: Optional[str] = None,

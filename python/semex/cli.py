@@ -130,13 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--model", metavar="M",
                        help="model name (default: $SEMEX_MODEL, else gpt-4o-mini)")
+    model.add_argument("--provider", choices=("openai", "anthropic", "gemini", "azure"),
+                       help="the API: openai (any OpenAI-compatible server; the default), "
+                       "anthropic (Messages API), gemini (generateContent) or azure (Azure "
+                       "OpenAI; --model is the deployment); a prefix of --model "
+                       "('anthropic/claude-...') selects it too")
     model.add_argument("--api-base", metavar="URL",
-                       help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 "
-                       "(default: $OPENAI_BASE_URL, else OpenAI's)")
-    model.add_argument("--api-key-env", metavar="NAME", default="OPENAI_API_KEY",
+                       help="base URL of the API, e.g. http://localhost:8000/v1 (default: "
+                       "the provider's: $OPENAI_BASE_URL or OpenAI's, $ANTHROPIC_BASE_URL or "
+                       "Anthropic's, Gemini's, $AZURE_OPENAI_ENDPOINT)")
+    model.add_argument("--api-key-env", metavar="NAME",
                        help="name of the environment variable holding the API key (default: "
-                       "OPENAI_API_KEY). There is deliberately no flag for the key itself: "
-                       "arguments leak into 'ps' and shell history")
+                       "the provider's: OPENAI_API_KEY, ANTHROPIC_API_KEY, GEMINI_API_KEY or "
+                       "GOOGLE_API_KEY, AZURE_OPENAI_API_KEY). There is deliberately no flag "
+                       "for the key itself: arguments leak into 'ps' and shell history")
     model.add_argument("--structured-output", choices=("json_schema", "json_object", "none"),
                        help="how to ask for JSON: json_schema (OpenAI's response_format; the "
                        "default), json_object (llama.cpp's server; the default with --local) "
@@ -455,11 +462,19 @@ def _make_lm(args: argparse.Namespace, stack: contextlib.ExitStack, n_fields: in
         structured = structured if structured is not None else "json_object"
         model_name = args.model or "smollm2-135m"
     else:
-        key = os.environ.get(args.api_key_env) or ""
-        if not key and args.api_key_env != "OPENAI_API_KEY":
-            _say(f"warning: ${args.api_key_env} is not set; sending no API key")
-        options.update(api_base=args.api_base, api_key=key)
+        from .providers import key_variables, split_provider
+
         model_name = args.model
+        provider = args.provider or (split_provider(model_name)[0] if model_name else None)
+        if args.api_key_env is None:
+            names = key_variables(provider)
+            args.api_key_env = next((n for n in names if os.environ.get(n)), names[0])
+            key = os.environ.get(args.api_key_env) or ""
+        else:
+            key = os.environ.get(args.api_key_env) or ""
+            if not key:
+                _say(f"warning: ${args.api_key_env} is not set; sending no API key")
+        options.update(api_base=args.api_base, api_key=key, provider=args.provider)
     options["structured_output"] = structured if structured is not None else "json_schema"
     options["cache"] = False
     if not args.no_cache:
@@ -506,8 +521,9 @@ def _fatal(errors: List[Optional[BaseException]], lm: Any, args: argparse.Namesp
         return
     where = lm.api_base
     if isinstance(first, E.AuthenticationError):
-        hint = (f"check ${args.api_key_env}" if os.environ.get(args.api_key_env)
-                else f"${args.api_key_env} is not set")
+        variable = args.api_key_env or "OPENAI_API_KEY"
+        hint = (f"check ${variable}" if os.environ.get(variable)
+                else f"${variable} is not set")
         raise RunError(f"{where} refused the request ({_reason(first)}); {hint}")
     if isinstance(first, E.QuotaExceededError):
         raise RunError(f"{where}: the account is out of quota ({_reason(first)})")
@@ -564,6 +580,8 @@ def extract(args: argparse.Namespace) -> int:
                          "Batch API)")
     if args.no_wait and not args.batch:
         raise UsageError("--no-wait goes with --batch")
+    if args.local and args.provider not in (None, "openai"):
+        raise UsageError("--local serves the OpenAI dialect: drop --provider")
     args.cols = list(dict.fromkeys(args.cols))
     fields = output_fields(args.outs)
     out_fmt = _check_writable(args.output)

@@ -34,6 +34,7 @@ __all__ = [
     "RequestCancelledError",
     "TransportError",
     "ResponseFormatError",
+    "ContentBlockedError",
     "InputTooLargeError",
     "BatchError",
     "BatchJobError",
@@ -134,6 +135,12 @@ class TransportError(RequestError):
 class ResponseFormatError(RequestError):
     """The provider answered 200 but the response could not be read (not JSON, no choices,
     no message content)."""
+
+
+class ContentBlockedError(RequestError):
+    """The provider answered but withheld the content: Gemini's finishReason SAFETY,
+    RECITATION, ... or a prompt blocked outright (promptFeedback.blockReason), Anthropic's
+    stop_reason "refusal". Not retried (the same prompt is blocked again)."""
 
 
 class InputTooLargeError(RequestError):

@@ -122,12 +122,13 @@ def _worth_splitting(err: E.RequestError, others_ok: bool) -> bool:
     than failing every document in it: when the failure can be one document's fault.
 
     Always for an unreadable or oversized answer, a context overflow and a content refusal
-    (the provider's 400 says so). For other 400/413/422s, and for 5xx or timeouts that
+    (the provider's 400 says so, or it withheld the answer: ContentBlockedError). For other 400/413/422s, and for 5xx or timeouts that
     outlasted the retries, only when other prompts of the call were answered: then the
     request shape and the server are fine and the batch's content is the suspect; when
     nothing was answered, splitting would only multiply failing requests. Never for
     401/403/404/429, quota, cancellation or local transport errors."""
-    if isinstance(err, (E.ResponseFormatError, E.ResponseTooLargeError)):
+    if isinstance(err, (E.ResponseFormatError, E.ResponseTooLargeError,
+                        E.ContentBlockedError)):
         return True
     if isinstance(err, E.ServerError):  # 408/409/5xx after every retry
         return others_ok

@@ -1,4 +1,5 @@
-"""LM: an OpenAI-compatible chat model on the C engine.
+"""LM: a chat model on the C engine (OpenAI-compatible APIs, Azure, and the native Anthropic and
+Gemini dialects of semex.providers).
 
 ``lm(messages_batch)`` and ``await lm.async_call(messages_batch)`` send one
 ``/chat/completions`` request per conversation, concurrently, under the engine's limits, and
@@ -259,11 +260,18 @@ class LM:
         Proxies come from ``https_proxy``/``HTTPS_PROXY``, ``http_proxy`` and ``no_proxy``/
         ``NO_PROXY``, as libcurl reads them.
     provider, api_version:
-        ``"openai"`` (default: any OpenAI-compatible API) or ``"azure"`` (Azure OpenAI:
-        ``model`` is the deployment, ``api_base`` the resource endpoint or
-        ``$AZURE_OPENAI_ENDPOINT``, the key ``$AZURE_OPENAI_API_KEY`` sent as ``api-key``,
-        ``api_version`` or ``$OPENAI_API_VERSION``). ``"azure/<deployment>"`` selects it
-        too.
+        ``"openai"`` (default: any OpenAI-compatible API), ``"anthropic"`` (the Messages
+        API: ``$ANTHROPIC_API_KEY`` sent as ``x-api-key``, ``$ANTHROPIC_BASE_URL``; system
+        prompts go in ``system``, ``max_tokens`` is always sent, structured output is a
+        forced tool), ``"gemini"`` (generateContent: ``$GEMINI_API_KEY`` or
+        ``$GOOGLE_API_KEY`` sent as ``x-goog-api-key``; structured output as a
+        ``responseSchema``) or ``"azure"`` (Azure OpenAI: ``model`` is the deployment,
+        ``api_base`` the resource endpoint or ``$AZURE_OPENAI_ENDPOINT``, the key
+        ``$AZURE_OPENAI_API_KEY`` sent as ``api-key``, ``api_version`` or
+        ``$OPENAI_API_VERSION``). ``"anthropic/<model>"``, ``"gemini/<model>"`` and
+        ``"azure/<deployment>"`` select them too. Request fields are given in OpenAI's
+        words (``max_tokens``, ``stop``, ``response_format``...) on every provider; streaming
+        is OpenAI-dialect only for now.
     input_price_per_million, output_price_per_million:
         Prices per million prompt/completion tokens, to report ``usage.cost``. Default:
         the built-in table for common OpenAI, Anthropic and Gemini models
@@ -296,9 +304,10 @@ class LM:
         what each was sent. Without ``api_key`` a deployment reads ``api_key_env`` or the
         provider's variable; keys are never shown or pickled (see :mod:`semex.deployments`).
 
-    A LiteLLM-style ``"provider/model"`` name (``openai/``, ``anthropic/``, ``gemini/``,
-    ``groq/``, ``ollama/``, ``openrouter/``, ``hosted_vllm/``...) selects that provider's
-    OpenAI-compatible base URL and key variable; the prefix itself is not sent.
+    A LiteLLM-style ``"provider/model"`` name (``openai/``, ``groq/``, ``ollama/``,
+    ``openrouter/``, ``hosted_vllm/``...) selects that provider's OpenAI-compatible base URL
+    and key variable; ``anthropic/`` and ``gemini/`` their native APIs; the prefix itself is
+    not sent.
     """
 
     def __init__(
@@ -372,6 +381,11 @@ class LM:
                     raise E.ConfigurationError(f"{where}: {exc}") from None
             self._args["deployments"] = [d.settings() for d in parsed]
         endpoint = endpoints[0]
+        wire = {getattr(ep.dialect, "name", "openai") for ep in endpoints}
+        if len(wire) > 1:
+            raise E.ConfigurationError(
+                "deployments must speak one wire format (one request body serves them all): "
+                f"got {', '.join(sorted(wire))}; make one LM per provider")
         self.provider, self.model = endpoint.provider, endpoint.model
         self.api_base, self._url = endpoint.api_base, endpoint.url
         self.api_version = endpoint.api_version
@@ -381,6 +395,9 @@ class LM:
         self.__keys = [ep.key for ep in endpoints if ep.key]
         self._auth_header = endpoint.auth_header
         self._endpoints = endpoints
+        self._dialect = endpoint.dialect  # None: OpenAI's wire format
+        self._parse_chat = endpoint.dialect.engine_dialect if endpoint.dialect else \
+            _engine.DIALECT_OPENAI
         rpm = _alias("rpm", rpm, "rate_limit", rate_limit)
         tpm = _alias("tpm", tpm, "tpm_limit", tpm_limit)
         if max_ctx_len is not None:
@@ -542,6 +559,8 @@ class LM:
         headers = ["Content-Type: application/json", "Accept: application/json"]
         if key:
             headers.append(auth_header(key))
+        if self._dialect is not None:
+            headers.extend(self._dialect.headers())
         headers.extend(f"{k}: {v}" for k, v in self.extra_headers.items())
         return headers
 
@@ -1051,6 +1070,14 @@ class _Job:
             fields["stream"] = True
         if fields.get("stream") not in (None, True, False):
             raise E.ConfigurationError(f"stream must be True or False, got {fields['stream']!r}")
+        dialect = lm._dialect
+        self.blocked = dialect.blocked if dialect is not None else ()
+        if dialect is not None and fields.get("stream"):
+            raise E.ConfigurationError(
+                f"streamed answers (stream=True, on_chunk) are not supported with "
+                f"provider={lm.provider!r} yet; call without them (answers arrive whole)")
+        if dialect is not None:
+            fields.pop("stream", None)
         if fields.get("stream"):
             # Without it OpenAI-style servers send no usage in a stream: tokens and cost
             # would read 0.
@@ -1058,21 +1085,33 @@ class _Job:
             self.headers = _accept_stream(lm._headers)
             if self.targets is not None:
                 self.targets = [(url, _accept_stream(h)) for url, h in self.targets]
-        try:
-            encoded = json.dumps(fields, ensure_ascii=False)
-        except (TypeError, ValueError) as exc:
-            raise E.ConfigurationError(f"request fields are not JSON-serializable: {exc}") from None
-        # Every body is the same prefix + this conversation's messages: encode the shared
-        # part once.
-        self.prefix = (encoded[:-1] + ', "messages": ') if fields else '{"messages": '
+        self.token_extra = float(fields.get("max_tokens") or 0)
+        self.conversation = None
+        if dialect is not None:
+            # A native API: its own body, written from the same fields (providers/).
+            plan = dialect.plan(fields, system_prompt, name)
+            fields, self.prefix = plan.fields, plan.prefix
+            self.user_open, self.user_close = plan.user_open, plan.user_close
+            self.conversation = plan.conversation
+            self.token_extra = float(fields.get("max_tokens") or fields.get(
+                "generationConfig", {}).get("maxOutputTokens") or 0)
+        else:
+            try:
+                encoded = json.dumps(fields, ensure_ascii=False)
+            except (TypeError, ValueError) as exc:
+                raise E.ConfigurationError(
+                    f"request fields are not JSON-serializable: {exc}") from None
+            # Every body is the same prefix + this conversation's messages: encode the
+            # shared part once.
+            self.prefix = (encoded[:-1] + ', "messages": ') if fields else '{"messages": '
+            # ... and a plain-string prompt's body is this + its JSON string + '}]}'.
+            self.user_open = (self.prefix + (_ENCODE(self.system)[:-1] + ", " if self.system
+                                             else "[") + '{"role": "user", "content": ')
+            self.user_close = "}]}"
         cache = lm.cache
         self.key_fields = fields
         self.cached: Optional[_cache.JobCache] = None if cache is None else _cache.JobCache(
             cache, lm.url, fields, len(self.prefix.encode("utf-8")))
-        # ... and a plain-string prompt's body is this + its JSON string + '}]}'.
-        self.user_open = (self.prefix + (_ENCODE(self.system)[:-1] + ", " if self.system
-                                         else "[") + '{"role": "user", "content": ')
-        self.token_extra = float(fields.get("max_tokens") or 0)
         # Two windows of 2x the concurrency are resident: enough queued work to cover the
         # time Python spends building the next window, without holding 4x as many bodies
         # and answers (at 10,000 in flight that was 80,000 requests resident).
@@ -1105,7 +1144,7 @@ class _Job:
             backoff_base=lm.backoff_base, backoff_cap=lm.backoff_cap,
             max_hint_wait=lm.max_hint_wait,
             notify_each=self.progress is not None, max_in_flight=self.max_concurrent,
-            parse_chat=True, share_cap_with=self.cap_holder,
+            parse_chat=lm._parse_chat, share_cap_with=self.cap_holder,
             total_timeout=lm.total_timeout or 0.0,
             stream_deltas=self.pump is not None, targets=self.targets)
         if self.max_concurrent and self.cap_holder is None:
@@ -1118,10 +1157,14 @@ class _Job:
         encode = _ENCODE  # json.dumps(..., ensure_ascii=False) without its per-call set-up
         bodies = []
         items, user_open, system = self.batch, self.user_open, self.system
+        user_close, conversation = self.user_close, self.conversation
         for i in range(start, end):
             item = items[i]
             if type(item) is str:  # a plain prompt (llm_batch): no message dicts built
-                bodies.append((user_open + encode(item) + "}]}").encode("utf-8"))
+                bodies.append((user_open + encode(item) + user_close).encode("utf-8"))
+                continue
+            if conversation is not None:  # a native dialect (providers/) writes its own
+                bodies.append(conversation(i, item).encode("utf-8"))
                 continue
             try:
                 bodies.append((prefix + encode(system + list(item) if system else item)
@@ -1232,7 +1275,12 @@ class _Job:
                 du.completion_tokens += completion_tokens
                 du.total_tokens += total_tokens
             finish_reasons[i] = finish_reason
-            if content is None:
+            if finish_reason in self.blocked:
+                self.errors[i] = E.ContentBlockedError(
+                    f"item {i}: the provider withheld the answer (finish reason "
+                    f"{finish_reason!r})", index=i, status=status, attempts=attempts)
+                usage.failed += 1
+            elif content is None:
                 self.errors[i] = E.ResponseFormatError(
                     f"item {i}: the answer has no text content (finish_reason="
                     f"{finish_reason!r})", index=i, status=status, attempts=attempts)
@@ -1257,7 +1305,8 @@ class _Job:
         """An answer the fast reader left to json.loads, as chat_results() gives a parsed one:
         (content, finish_reason, prompt, completion, total tokens). None (and the row's
         error set) if it cannot be read."""
-        if _stream.is_event_stream(body):
+        dialect = self.lm._dialect
+        if dialect is None and _stream.is_event_stream(body):
             return self.read_stream(i, body, status, attempts)
         try:
             answer = json.loads(body)
@@ -1272,10 +1321,15 @@ class _Job:
     def read_parsed(self, i: int, answer: Any, status: int, attempts: int,
                     body: Optional[bytes] = None) -> Optional[tuple]:
         """read_answer of an answer already parsed (a batch output line's body)."""
+        dialect = self.lm._dialect
         try:
+            if dialect is not None:
+                if not isinstance(answer, dict):
+                    raise TypeError("the answer is not a JSON object")
+                return dialect.read(answer)
             choice = answer["choices"][0]
             content = choice["message"]["content"]
-        except (KeyError, IndexError, TypeError) as exc:
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
             if body is None:
                 body = json.dumps(answer, ensure_ascii=False).encode("utf-8")
             self.errors[i] = E.ResponseFormatError(
@@ -1317,7 +1371,8 @@ class _Job:
         detail = _provider_message(body) if body else None
         if detail:
             message += f": {detail}"
-        if status == 404 and "/v1" not in self.lm.api_base and self.lm.provider != "azure":
+        if status == 404 and "/v1" not in self.lm.api_base and self.lm.provider != "azure" \
+                and self.lm._dialect is None:
             message += (f" (the request went to {self.lm.url}; OpenAI-compatible servers "
                         "serve under /v1: does api_base need to end in /v1?)")
         message = self.lm._redact(message)

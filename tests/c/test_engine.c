@@ -31,6 +31,7 @@
 
 #include "engine.h"
 #include "hints.h"
+#include "nativejson.h"
 #include "ratelimit.h"
 #include "results.h"
 #include "sched.h"
@@ -457,6 +458,81 @@ static void test_hints_retry_after(void)
     CHECK(h.retry_after < 0);
 }
 
+static double rfc(const char *s, double wall)
+{
+    return sx_parse_rfc3339_delay(s, strlen(s), wall);
+}
+
+static void test_hints_anthropic(void)
+{
+    const double wall = 1700000000.0;   /* 2023-11-14T22:13:20Z */
+    CHECK_NEAR(rfc("2023-11-14T22:13:50Z", wall), 30.0, 1e-6);
+    CHECK_NEAR(rfc("2023-11-14t22:13:50.250z", wall), 30.25, 1e-6);
+    CHECK_NEAR(rfc("2023-11-14T23:13:50+01:00", wall), 30.0, 1e-6);
+    CHECK_NEAR(rfc("2023-11-14T21:43:50-00:30", wall), 30.0, 1e-6);
+    CHECK_NEAR(rfc("2023-11-14T22:13:00Z", wall), 0.0, 1e-9);   /* past: now */
+    CHECK_NEAR(rfc("2024-02-29T00:00:00Z", 1709164800.0), 0.0, 1e-9);  /* a leap day */
+    CHECK_NEAR(rfc("2023-11-14T22:13:60Z", wall), 40.0, 1e-6);  /* a leap second */
+    const char *bad[] = {
+        "2023-11-14 22:13:50Z", "2023-11-14T22:13:50", "2023-11-14T22:13:50+0100",
+        "2023-11-14T22:13:50+01", "2023-13-14T22:13:50Z", "2023-02-29T00:00:00Z",
+        "2023-11-31T00:00:00Z", "2023-11-14T24:00:00Z", "2023-11-14T22:60:00Z",
+        "2023-11-14T22:13:61Z", "2023-11-14T22:13:50.Z", "2023-11-14T22:13:50Zjunk",
+        "+2023-11-14T22:13:50Z", "2023-11-14T22:13:50+24:00", "2023-1-14T22:13:50Z",
+        "23-11-14T22:13:50Z", "2023-11-14T22:13:5Z", "", "1s", "30",
+        "2023-11-14T22:13:50 Z", "2023-11-14T22:13:50\x01Z",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        CHECK(rfc(bad[i], wall) < 0);
+
+    sx_hints h;
+    sx_hints_reset(&h);
+    feed(&h, "anthropic-ratelimit-requests-limit: 50\r\n", wall);
+    feed(&h, "anthropic-ratelimit-requests-remaining: 0\r\n", wall);
+    feed(&h, "anthropic-ratelimit-requests-reset: 2023-11-14T22:13:32Z\r\n", wall);
+    feed(&h, "Anthropic-RateLimit-Tokens-Remaining: 9000\r\n", wall);
+    feed(&h, "anthropic-ratelimit-tokens-reset: 2023-11-14T22:13:21Z\r\n", wall);
+    CHECK(h.limit_requests == 50 && h.remaining_requests == 0 && h.remaining_tokens == 9000);
+    CHECK_NEAR(h.reset_requests, 12.0, 1e-6);
+    CHECK_NEAR(h.reset_tokens, 1.0, 1e-6);
+    /* the budget is back in 12 s; one request's share of 50 is 12 / 50 s */
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 1, MAXW), 12.0 / 50, 1e-6);
+    CHECK_NEAR(sx_hints_retry_delay(&h, MAXW), 12.0, 1e-6);
+    CHECK(sx_hints_retry_delay(&h, 10.0) < 0);  /* above max_hint_wait: ignored */
+
+    /* Separate input / output token budgets. */
+    sx_hints_reset(&h);
+    feed(&h, "anthropic-ratelimit-input-tokens-limit: 1000\r\n", wall);
+    feed(&h, "anthropic-ratelimit-input-tokens-remaining: 0\r\n", wall);
+    feed(&h, "anthropic-ratelimit-input-tokens-reset: 2023-11-14T22:13:30Z\r\n", wall);
+    feed(&h, "anthropic-ratelimit-output-tokens-remaining: 5\r\n", wall);
+    feed(&h, "anthropic-ratelimit-output-tokens-reset: 2023-11-14T22:14:20Z\r\n", wall);
+    CHECK(h.limit_input_tokens == 1000 && h.remaining_input_tokens == 0);
+    CHECK(h.remaining_output_tokens == 5);
+    CHECK_NEAR(h.reset_output_tokens, 60.0, 1e-6);
+    CHECK_NEAR(sx_hints_exhausted_delay(&h, 100, MAXW), 10.0 * 100 / 1000, 1e-6);
+    CHECK_NEAR(sx_hints_retry_delay(&h, MAXW), 10.0, 1e-6);  /* only input is spent */
+
+    /* Strict grammar: a bad value is no hint; unknown fields and budgets are ignored. */
+    sx_hints_reset(&h);
+    feed(&h, "anthropic-ratelimit-requests-reset: in 5 seconds\r\n", wall);
+    feed(&h, "anthropic-ratelimit-requests-remaining: -1\r\n", wall);
+    feed(&h, "anthropic-ratelimit-requests-remaining: 3x\r\n", wall);
+    feed(&h, "anthropic-ratelimit-bananas-remaining: 0\r\n", wall);
+    feed(&h, "anthropic-ratelimit-requests-resets: 2023-11-14T22:13:32Z\r\n", wall);
+    feed(&h, "anthropic-ratelimit-requests: 0\r\n", wall);
+    CHECK(h.reset_requests < 0 && h.remaining_requests < 0 && h.limit_requests < 0);
+    CHECK(sx_hints_retry_delay(&h, MAXW) < 0);
+    /* A hostile date far ahead is capped like any other hint. */
+    feed(&h, "anthropic-ratelimit-requests-remaining: 0\r\n", wall);
+    feed(&h, "anthropic-ratelimit-requests-reset: 9999-12-31T23:59:59Z\r\n", wall);
+    CHECK(h.reset_requests > 1e9);
+    CHECK(sx_hints_exhausted_delay(&h, 1, MAXW) < 0);
+    CHECK(sx_hints_retry_delay(&h, MAXW) < 0);
+    feed(&h, "HTTP/1.1 200 OK\r\n", wall);
+    CHECK(h.reset_requests < 0 && h.remaining_input_tokens < 0 && h.reset_output_tokens < 0);
+}
+
 static void test_hints_durations(void)
 {
     CHECK_NEAR(dur("1s"), 1.0, EPS);
@@ -723,6 +799,21 @@ static void test_classify(void)
     /* Only the first body_len bytes count. */
     sx_classify(&a, CURLE_OK, "", 429, "insufficient_quota", 10, 0);
     CHECK(a.verdict == SX_V_RETRY);
+
+    /* Gemini's wrong key: 400 INVALID_ARGUMENT "API key not valid" stops the batch; other
+     * 400s do not. */
+    classify(&a, CURLE_OK, 400, "{\"error\":{\"code\":400,\"message\":\"API key not valid. "
+             "Please pass a valid API key.\",\"status\":\"INVALID_ARGUMENT\"}}");
+    CHECK(a.verdict == SX_V_ABORT_BATCH && a.kind == SX_ERR_AUTH);
+    classify(&a, CURLE_OK, 400, "{\"details\":[{\"reason\":\"API_KEY_INVALID\"}]}");
+    CHECK(a.verdict == SX_V_ABORT_BATCH && a.kind == SX_ERR_AUTH);
+    classify(&a, CURLE_OK, 400, "{\"error\":{\"message\":\"max_tokens: Field required\"}}");
+    CHECK(a.verdict == SX_V_FAIL && a.kind == SX_ERR_HTTP);
+    classify(&a, CURLE_OK, 429, "API key not valid");
+    CHECK(a.verdict == SX_V_RETRY && a.rate_limited);
+    /* Anthropic's 529 overloaded_error: retried, and a congestion signal. */
+    classify(&a, CURLE_OK, 529, "{\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}");
+    CHECK(a.verdict == SX_V_RETRY && a.congestion && !a.rate_limited);
 
     classify(&a, CURLE_OK, 429, "{\"error\":\"slow down\"}");
     CHECK(a.verdict == SX_V_RETRY && a.kind == SX_ERR_HTTP);
@@ -3249,6 +3340,114 @@ typedef struct test_case {
     void (*fn)(void);
 } test_case;
 
+/* ---------------------------------------------------------------- native answer readers */
+
+static int native_parse_str(int dialect, const char *json, sx_chat *c, char *copy, size_t cap)
+{
+    size_t n = strlen(json);
+    if (n >= cap)
+        return -1;
+    memcpy(copy, json, n + 1);
+    return sx_answer_parse(dialect, copy, n, c);
+}
+
+#define CONTENT_IS(c, buf, lit) \
+    ((c).content_len == sizeof(lit) - 1 && memcmp((buf) + (c).content_off, lit, sizeof(lit) - 1) == 0)
+#define FINISH_IS(c, buf, lit) \
+    ((c).finish_len == sizeof(lit) - 1 && memcmp((buf) + (c).finish_off, lit, sizeof(lit) - 1) == 0)
+
+static void test_native_readers(void)
+{
+    char buf[1024];
+    sx_chat c;
+    const int A = SX_DIALECT_ANTHROPIC, G = SX_DIALECT_GEMINI;
+
+    /* Anthropic: text blocks joined, thinking skipped, usage with cache tokens. */
+    CHECK(native_parse_str(A, "{\"id\":\"m\",\"content\":[{\"type\":\"thinking\",\"thinking\":"
+          "\"hm\"},{\"text\":\"a\\u00e9\",\"type\":\"text\"},{\"type\":\"text\",\"text\":"
+          "\"\\nb\"}],\"stop_reason\":\"end_turn\",\"usage\":{\"input_tokens\":3,"
+          "\"cache_creation_input_tokens\":4,\"cache_read_input_tokens\":5,\"output_tokens\":"
+          "7}}", &c, buf, sizeof buf) == SX_CHAT_PARSED);
+    CHECK(CONTENT_IS(c, buf, "a\xc3\xa9\nb") && FINISH_IS(c, buf, "end_turn"));
+    CHECK(c.prompt_tokens == 12 && c.completion_tokens == 7 && c.total_tokens == 19);
+    /* A forced tool: its input as raw JSON, whatever text surrounds it. */
+    CHECK(native_parse_str(A, "{\"content\":[{\"type\":\"text\",\"text\":\"x\"},{\"type\":"
+          "\"tool_use\",\"name\":\"t\",\"input\": {\"a\": [1, \"\\u00e9\"]} },{\"type\":"
+          "\"tool_use\",\"input\":{}}],\"stop_reason\":\"tool_use\"}", &c, buf, sizeof buf)
+          == SX_CHAT_PARSED);
+    CHECK(CONTENT_IS(c, buf, "{\"a\": [1, \"\\u00e9\"]}") && FINISH_IS(c, buf, "tool_use"));
+    CHECK(c.total_tokens == 0);
+    /* No text at all: null content (a refusal). */
+    CHECK(native_parse_str(A, "{\"content\":[],\"stop_reason\":\"refusal\",\"usage\":null}", &c,
+                           buf, sizeof buf) == SX_CHAT_PARSED);
+    CHECK(c.content_null && FINISH_IS(c, buf, "refusal"));
+
+    /* Gemini: parts joined, thoughts left out, usage mapped. */
+    CHECK(native_parse_str(G, "{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"t\","
+          "\"thought\":true},{\"text\":\"he\"},{\"thought\":false,\"text\":\"llo\"},{"
+          "\"functionCall\":{}}],\"role\":\"model\"},\"finishReason\":\"STOP\"},{\"x\":1}],"
+          "\"usageMetadata\":{\"promptTokenCount\":5,\"candidatesTokenCount\":2,"
+          "\"thoughtsTokenCount\":3,\"totalTokenCount\":10}}", &c, buf, sizeof buf)
+          == SX_CHAT_PARSED);
+    CHECK(CONTENT_IS(c, buf, "hello") && FINISH_IS(c, buf, "STOP"));
+    CHECK(c.prompt_tokens == 5 && c.completion_tokens == 5 && c.total_tokens == 10);
+    /* A blocked candidate: no content, its finish reason. */
+    CHECK(native_parse_str(G, "{\"candidates\":[{\"finishReason\":\"SAFETY\",\"safetyRatings\""
+          ":[]}]}", &c, buf, sizeof buf) == SX_CHAT_PARSED);
+    CHECK(c.content_null && FINISH_IS(c, buf, "SAFETY"));
+
+    /* Fallbacks: left to Python's reader, buffer untouched. */
+    const char *fallbacks_a[] = {
+        "{\"stop_reason\":\"end_turn\"}",                          /* no content */
+        "{\"content\":null}",
+        "{\"content\":[{\"text\":\"x\"}]}",                      /* a block without a type */
+        "{\"content\":[{\"type\":\"text\"}]}",                   /* a text block, no text */
+        "{\"content\":[{\"type\":\"text\",\"text\":5}]}",
+        "{\"content\":[{\"type\":\"te\\u0078t\",\"text\":\"x\"}]}",  /* escaped type */
+        "{\"content\":[],\"content\":[]}",                         /* duplicate key */
+        "{\"content\":[{\"type\":\"text\",\"text\":\"a\",\"text\":\"b\"}]}",
+        "{\"content\":[\"x\"]}",
+        "{\"content\":[],\"usage\":{\"input_tokens\":1.5}}",
+        "{\"content\":[],\"usage\":{\"output_tokens\":-1}}",
+        "{\"content\":[]} x",
+        "[]",
+    };
+    for (size_t i = 0; i < sizeof fallbacks_a / sizeof fallbacks_a[0]; i++) {
+        CHECK(native_parse_str(A, fallbacks_a[i], &c, buf, sizeof buf) == SX_CHAT_FALLBACK);
+        CHECK(strcmp(buf, fallbacks_a[i]) == 0 && c.parsed == SX_CHAT_FALLBACK);
+    }
+    const char *fallbacks_g[] = {
+        "{\"promptFeedback\":{\"blockReason\":\"SAFETY\"}}",     /* no candidate */
+        "{\"candidates\":[]}",
+        "{\"candidates\":[{\"content\":null}]}",
+        "{\"candidates\":[{\"content\":{\"parts\":{}}}]}",
+        "{\"candidates\":[{\"content\":{\"parts\":[{\"text\":1}]}}]}",
+        "{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"a\",\"thought\":1}]}}]}",
+        "{\"candidates\":[{\"finishReason\":5}]}",
+        "{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"\\ud800\"}]}}]}",
+    };
+    for (size_t i = 0; i < sizeof fallbacks_g / sizeof fallbacks_g[0]; i++) {
+        CHECK(native_parse_str(G, fallbacks_g[i], &c, buf, sizeof buf) == SX_CHAT_FALLBACK);
+        CHECK(strcmp(buf, fallbacks_g[i]) == 0);
+    }
+    /* More pieces than SX_NATIVE_MAX_PARTS fall back; exactly that many are joined. */
+    for (int n = SX_NATIVE_MAX_PARTS; n <= SX_NATIVE_MAX_PARTS + 1; n++) {
+        size_t len = (size_t)snprintf(buf, sizeof buf, "{\"candidates\":[{\"content\":{\"parts\":[");
+        for (int i = 0; i < n; i++)
+            len += (size_t)snprintf(buf + len, sizeof buf - len, "%s{\"text\":\"\\u0041\"}",
+                                    i ? "," : "");
+        len += (size_t)snprintf(buf + len, sizeof buf - len, "]}}]}");
+        int rc = sx_answer_parse(G, buf, len, &c);
+        CHECK(rc == (n == SX_NATIVE_MAX_PARTS ? SX_CHAT_PARSED : SX_CHAT_FALLBACK));
+        if (rc == SX_CHAT_PARSED)
+            CHECK(c.content_len == (uint32_t)n && buf[c.content_off] == 'A' &&
+                  buf[c.content_off + n - 1] == 'A');
+    }
+    /* Unknown dialects are never read. */
+    CHECK(native_parse_str(0, "{\"content\":[]}", &c, buf, sizeof buf) == SX_CHAT_FALLBACK);
+    CHECK(native_parse_str(9, "{\"content\":[]}", &c, buf, sizeof buf) == SX_CHAT_FALLBACK);
+}
+
 /* ---------------------------------------------------------------- chat answer reader */
 
 static int chat_parse_str(const char *json, sx_chat *c, char *copy, size_t cap)
@@ -4062,6 +4261,8 @@ static const test_case tests[] = {
     TEST(test_backoff),
     TEST(test_hints_retry_after),
     TEST(test_hints_durations),
+    TEST(test_hints_anthropic),
+    TEST(test_native_readers),
     TEST(test_hints_ratelimit_headers),
     TEST(test_classify),
     TEST(test_batch_results),

@@ -1,14 +1,15 @@
 """Where an LM's requests go and how they authenticate: the provider seam.
 
 A provider says the URL of a chat request, the header that carries the key, and where its
-defaults come from (environment variables). Today every provider here speaks the OpenAI
-chat-completions wire format, so the answer reader (csrc/chatjson) is shared:
+defaults come from (environment variables):
 - ``openai`` and any OpenAI-compatible server (vLLM, llama.cpp, Ollama, LM Studio, Groq,
-  Together, OpenRouter, DeepSeek, Mistral, xAI, and Anthropic's and Google's
-  OpenAI-compatible endpoints), chosen by a LiteLLM/LOTUS-style ``provider/model`` prefix;
-- ``azure``: Azure OpenAI deployments (deployment URL, ``api-version``, ``api-key``).
-Native dialects with their own wire formats (Anthropic Messages, Gemini generateContent)
-belong here too, each with a reader in csrc/ beside chatjson.c.
+  Together, OpenRouter, DeepSeek, Mistral, xAI), chosen by a LiteLLM/LOTUS-style
+  ``provider/model`` prefix; answers read by csrc/chatjson.c;
+- ``azure``: Azure OpenAI deployments (deployment URL, ``api-version``, ``api-key``), the
+  same wire format;
+- ``anthropic`` (Messages API) and ``gemini`` (generateContent): native dialects with their
+  own bodies and answers (:class:`_native.Dialect`, one module each), read by
+  csrc/nativejson.c. ``"anthropic/<model>"`` and ``"gemini/<model>"`` select them too.
 
 Also the transport settings every provider shares: whether a base URL is local (no key
 needed) and which CA bundle verifies TLS.
@@ -19,9 +20,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-from . import errors as E
+from .. import errors as E
 
-__all__ = ["DEFAULT_BASE", "Endpoint", "is_local", "resolve_endpoint", "tls_settings"]
+__all__ = ["DEFAULT_BASE", "PROVIDERS", "Endpoint", "dialect_of", "is_local", "key_variables",
+           "resolve_endpoint", "tls_settings"]
 
 DEFAULT_BASE = "https://api.openai.com/v1"
 
@@ -41,10 +43,37 @@ PREFIXES: Dict[str, tuple] = {
     "openrouter": ("https://openrouter.ai/api/v1", "OPENROUTER_API_KEY"),
     "together_ai": ("https://api.together.xyz/v1", "TOGETHERAI_API_KEY"),
     "xai": ("https://api.x.ai/v1", "XAI_API_KEY"),
-    # the OpenAI-compatible endpoints of Anthropic and Google
-    "anthropic": ("https://api.anthropic.com/v1", "ANTHROPIC_API_KEY"),
-    "gemini": ("https://generativelanguage.googleapis.com/v1beta/openai", "GEMINI_API_KEY"),
 }
+
+# Native dialects: provider -> (base URL variable, default base, key variables in order).
+NATIVE: Dict[str, tuple] = {
+    "anthropic": ("ANTHROPIC_BASE_URL", "https://api.anthropic.com", ("ANTHROPIC_API_KEY",)),
+    "gemini": ("GEMINI_API_BASE", "https://generativelanguage.googleapis.com",
+               ("GEMINI_API_KEY", "GOOGLE_API_KEY")),
+}
+PROVIDERS = ("openai", "anthropic", "gemini", "azure")
+
+
+def key_variables(provider: Optional[str]) -> tuple:
+    """The environment variables an LM of `provider` reads its key from, in order."""
+    if provider in NATIVE:
+        return NATIVE[provider][2]
+    if provider == "azure":
+        return ("AZURE_OPENAI_API_KEY",)
+    return ("OPENAI_API_KEY",)
+
+
+def dialect_of(provider: Optional[str]) -> Any:
+    """The native dialect of `provider` (None: the OpenAI wire format)."""
+    if provider == "anthropic":
+        from .anthropic import Anthropic
+
+        return Anthropic()
+    if provider == "gemini":
+        from .gemini import Gemini
+
+        return Gemini()
+    return None
 
 
 AZURE_API_VERSION = "2024-10-21"  # a GA version of the Azure OpenAI data-plane API
@@ -53,7 +82,7 @@ AZURE_API_VERSION = "2024-10-21"  # a GA version of the Azure OpenAI data-plane 
 def split_provider(model: str) -> tuple:
     """(provider or None, the model name to send)."""
     prefix, sep, rest = model.partition("/")
-    if sep and rest and (prefix in PREFIXES or prefix == "azure"):
+    if sep and rest and (prefix in PREFIXES or prefix in NATIVE or prefix == "azure"):
         return prefix, rest
     if sep and prefix in ("azure_ai", "bedrock", "vertex_ai"):
         raise E.ConfigurationError(
@@ -73,6 +102,7 @@ class Endpoint:
     api_version: Optional[str]
     key: Optional[str]
     auth_header: Callable[[str], str]  # key -> the "Name: value" header line
+    dialect: Any = None  # a native dialect (_native.Dialect); None: OpenAI's wire format
 
     def __repr__(self) -> str:
         return f"Endpoint(provider={self.provider!r}, url={self.url!r}, key=<hidden>)"
@@ -93,15 +123,17 @@ def resolve_endpoint(name: str, provider: Optional[str], api_base: Optional[str]
     mistake is a ConfigurationError before anything is sent."""
     prefix, model = split_provider(name)
     if provider is not None:
-        if provider not in ("openai", "azure"):
+        if provider not in PROVIDERS:
             raise E.ConfigurationError(
-                f"provider must be 'openai' or 'azure', got {provider!r} (for Anthropic "
-                "and Gemini, 'anthropic/<model>' and 'gemini/<model>' use their "
-                "OpenAI-compatible endpoints; native APIs are not built yet)")
+                f"provider must be one of {', '.join(map(repr, PROVIDERS))}, got "
+                f"{provider!r} (another OpenAI-compatible API: provider='openai' with its "
+                "api_base)")
         if prefix not in (None, provider, "openai"):
             raise E.ConfigurationError(
                 f"model {name!r} names the provider {prefix!r}, but provider={provider!r}")
         prefix = provider
+    if prefix in NATIVE:
+        return _native_endpoint(prefix, model, api_base, api_key, api_version)
     azure = prefix == "azure"
     base_default, key_variable = PREFIXES.get(prefix, (None, "OPENAI_API_KEY"))
     if azure:
@@ -142,6 +174,29 @@ def resolve_endpoint(name: str, provider: Optional[str], api_base: Optional[str]
             "sends none on purpose)")
     return Endpoint(prefix, model, base, url, version, key or None,
                     _azure_key if azure else _bearer)
+
+
+def _native_endpoint(provider: str, model: str, api_base: Optional[str],
+                     api_key: Optional[str], api_version: Optional[str]) -> Endpoint:
+    base_variable, base_default, key_variables_ = NATIVE[provider]
+    if api_version is not None:
+        raise E.ConfigurationError("api_version is for provider='azure'")
+    base = api_base or os.environ.get(base_variable) or base_default
+    if not isinstance(base, str) or not base.startswith(("http://", "https://")):
+        raise E.ConfigurationError(f"api_base must be an http:// or https:// URL, got {base!r}")
+    base = base.rstrip("/")
+    if not model:
+        raise E.ConfigurationError(f"provider={provider!r} needs a model name")
+    key = api_key
+    if key is None:
+        key = next((os.environ[v] for v in key_variables_ if os.environ.get(v)), None)
+        if not key and not is_local(base):
+            raise E.ConfigurationError(
+                f"no API key for {base}: set {' or '.join(key_variables_)} or pass "
+                "api_key=...")
+    dialect = dialect_of(provider)
+    return Endpoint(provider, model, base, dialect.url(base, model), None, key or None,
+                    dialect.auth_header, dialect)
 
 
 def is_local(url: str) -> bool:
