@@ -82,12 +82,13 @@ static int is_null_schema(const fill_t *f, size_t s) {
 }
 
 static int type_kind(const char *p, size_t s, size_t e) {
-    if (raw_is(p, s, e, "object")) return K_OBJECT;
-    if (raw_is(p, s, e, "array")) return K_ARRAY;
-    if (raw_is(p, s, e, "string")) return K_STRING;
-    if (raw_is(p, s, e, "integer")) return K_INTEGER;
-    if (raw_is(p, s, e, "number")) return K_NUMBER;
-    if (raw_is(p, s, e, "boolean")) return K_BOOLEAN;
+    /* JSON Schema's names, or Gemini's upper-case ones */
+    if (raw_is(p, s, e, "object") || raw_is(p, s, e, "OBJECT")) return K_OBJECT;
+    if (raw_is(p, s, e, "array") || raw_is(p, s, e, "ARRAY")) return K_ARRAY;
+    if (raw_is(p, s, e, "string") || raw_is(p, s, e, "STRING")) return K_STRING;
+    if (raw_is(p, s, e, "integer") || raw_is(p, s, e, "INTEGER")) return K_INTEGER;
+    if (raw_is(p, s, e, "number") || raw_is(p, s, e, "NUMBER")) return K_NUMBER;
+    if (raw_is(p, s, e, "boolean") || raw_is(p, s, e, "BOOLEAN")) return K_BOOLEAN;
     if (raw_is(p, s, e, "null")) return K_NULL;
     return K_ERR;
 }
@@ -351,7 +352,7 @@ static void fill_value(fill_t *f, size_t s, size_t ks, size_t ke, int depth) {
 
 /* Text p[s, e) of the last user message: a string content, or the first "text" part of an
  * array content. 1 if found (and the messages array is well-formed). */
-static int last_user_text(const char *p, size_t len, size_t msgs, size_t *ts, size_t *te) {
+int last_user_text(const char *p, size_t len, size_t msgs, size_t *ts, size_t *te) {
     if (msgs >= len || p[msgs] != '[') return 0;
     size_t i = msgs + 1, m;
     int found = 0, rc;
@@ -440,6 +441,12 @@ int build_structured(worker_t *w, const char *p, size_t len, const scan_t *sc) {
     }
     if (schema != SIZE_MAX && p[schema] != '{') return 0;
     if (!last_user_text(p, len, sc->msgs_off, &ts, &te)) return 0;
+    return build_structured_schema(w, p, len, schema, ts, te);
+}
+
+int build_structured_schema(worker_t *w, const char *p, size_t len, size_t schema, size_t ts,
+                            size_t te) {
+    if (schema != SIZE_MAX && p[schema] != '{') return 0;
     if (json_unescape(&w->doc, p, ts, te)) return 0;
 
     const char *d = w->doc.p;

@@ -93,6 +93,8 @@ static const char *reason(int status) {
     case 100: return "Continue";
     case 200: return "OK";
     case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
     case 404: return "Not Found";
     case 405: return "Method Not Allowed";
     case 411: return "Length Required";
@@ -101,6 +103,7 @@ static const char *reason(int status) {
     case 431: return "Request Header Fields Too Large";
     case 500: return "Internal Server Error";
     case 503: return "Service Unavailable";
+    case 529: return "Site Overloaded";
     default: return "Unknown";
     }
 }
@@ -296,6 +299,14 @@ static int parse_head(const char *p, size_t hlen, req_t *r) {
                 if (icontains(v, vl, "keep-alive")) conn_keep = 1;
             } else if (ieq(line, nlen, "expect")) {
                 if (ieq(v, vl, "100-continue")) r->expect_continue = 1;
+            } else if (ieq(line, nlen, "authorization")) {
+                r->has_authorization = vl > 0;
+            } else if (ieq(line, nlen, "x-api-key")) {
+                r->has_x_api_key = vl > 0;
+            } else if (ieq(line, nlen, "anthropic-version")) {
+                r->anthropic_version_ok = vl == 10 && memcmp(v, "2023-06-01", 10) == 0;
+            } else if (ieq(line, nlen, "x-goog-api-key")) {
+                r->has_goog_api_key = vl > 0;
             }
         }
         line = le + 2;

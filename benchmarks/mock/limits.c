@@ -43,8 +43,42 @@ static uint64_t bucket_wait_ms(const bucket_t *b, double cost) {
     return ms ? ms : 1;
 }
 
+/* Anthropic's words: anthropic-ratelimit-<what>-{limit,remaining,reset}, the reset as an
+ * RFC 3339 date-time (UTC, milliseconds) reset_ms from now. */
+static void put_rl_headers_anthropic(buf_t *h, const char *what, const bucket_t *b,
+                                     int exceeded, uint64_t reset_ms) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000 + reset_ms;
+    time_t secs = (time_t)(ms / 1000);
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    char date[40];
+    size_t n = strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(date + n, sizeof date - n, ".%03uZ", (unsigned)(ms % 1000));
+    buf_puts(h, "anthropic-ratelimit-");
+    buf_puts(h, what);
+    buf_puts(h, "-limit: ");
+    buf_putu(h, (uint64_t)b->limit);
+    buf_puts(h, "\r\nanthropic-ratelimit-");
+    buf_puts(h, what);
+    buf_puts(h, "-remaining: ");
+    buf_putu(h, exceeded || b->tokens < 0 ? 0 : (uint64_t)b->tokens);
+    buf_puts(h, "\r\nanthropic-ratelimit-");
+    buf_puts(h, what);
+    buf_puts(h, "-reset: ");
+    buf_puts(h, date);
+    buf_puts(h, "\r\n");
+}
+
 static void put_rl_headers(buf_t *h, const char *what, const bucket_t *b, int exceeded,
-                           uint64_t reset_ms) {
+                           uint64_t reset_ms, int dialect) {
+    if (dialect == D_GEMINI)
+        return;  /* Gemini's API sends no rate-limit headers */
+    if (dialect == D_ANTHROPIC) {
+        put_rl_headers_anthropic(h, what, b, exceeded, reset_ms);
+        return;
+    }
     buf_puts(h, "x-ratelimit-limit-");
     buf_puts(h, what);
     buf_puts(h, ": ");
@@ -65,7 +99,7 @@ static void put_rl_headers(buf_t *h, const char *what, const bucket_t *b, int ex
  * x-ratelimit-* headers to `hdrs`. Returns 0 when admitted, else the retry-after in
  * ms, with *which = 1 (requests), 2 (tokens) or 3 (both).
  */
-uint64_t ratelimit_take(uint64_t now, size_t body_len, buf_t *hdrs, int *which) {
+uint64_t ratelimit_take(uint64_t now, size_t body_len, buf_t *hdrs, int *which, int dialect) {
     *which = 0;
     if (!rl_req.on && !rl_tok.on) return 0;
     pthread_mutex_lock(&rl_mu);
@@ -89,19 +123,25 @@ uint64_t ratelimit_take(uint64_t now, size_t body_len, buf_t *hdrs, int *which) 
     if (rl_req.on) {
         uint64_t reset = wreq;
         if (!retry) reset = ceil_u64((rl_req.cap - rl_req.tokens) / rl_req.per_ns / 1e6);
-        put_rl_headers(hdrs, "requests", &rl_req, wreq > 0, reset);
+        put_rl_headers(hdrs, "requests", &rl_req, wreq > 0, reset, dialect);
     }
     if (rl_tok.on) {
         uint64_t reset = wtok;
         if (!retry) reset = ceil_u64((rl_tok.cap - rl_tok.tokens) / rl_tok.per_ns / 1e6);
-        put_rl_headers(hdrs, "tokens", &rl_tok, wtok > 0, reset);
+        put_rl_headers(hdrs, "tokens", &rl_tok, wtok > 0, reset, dialect);
     }
     pthread_mutex_unlock(&rl_mu);
     if (retry) {
         *which = (wreq ? 1 : 0) | (wtok ? 2 : 0);
-        buf_puts(hdrs, "retry-after-ms: ");
-        buf_putu(hdrs, retry);
-        buf_puts(hdrs, "\r\n");
+        if (dialect == D_OPENAI) {
+            buf_puts(hdrs, "retry-after-ms: ");
+            buf_putu(hdrs, retry);
+            buf_puts(hdrs, "\r\n");
+        } else if (dialect == D_ANTHROPIC) {  /* whole seconds, as Anthropic sends it */
+            buf_puts(hdrs, "retry-after: ");
+            buf_putu(hdrs, (retry + 999) / 1000);
+            buf_puts(hdrs, "\r\n");
+        }
     }
     return retry;
 }

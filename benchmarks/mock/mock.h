@@ -293,6 +293,11 @@ typedef struct {
     int chunked;
     int expect_continue;
     int bad_length;
+    /* the native APIs' headers (native.c checks them) */
+    int has_authorization;     /* Authorization: present */
+    int has_x_api_key;         /* x-api-key: present (Anthropic) */
+    int anthropic_version_ok;  /* anthropic-version: 2023-06-01 */
+    int has_goog_api_key;      /* x-goog-api-key: present (Gemini) */
 } req_t;
 
 /* the request's path (without its query) ends with `suffix` */
@@ -326,12 +331,16 @@ enum {
     RT_API = RT_COUNT | RT_LIMIT | RT_FAULT | RT_DELAY,
 };
 
+/* the wire format of a route's answers, errors and rate-limit headers */
+enum { D_OPENAI = 0, D_ANTHROPIC, D_GEMINI };
+
 typedef struct {
     const char *method;   /* "POST", "GET"...; NULL: any */
     int match;            /* MATCH_* */
     const char *path;     /* compared with the request's path, without its query */
     unsigned flags;       /* RT_* */
     route_fn handler;
+    int dialect;          /* D_*: how limits and faults answer on this route */
 } route_t;
 
 /* The parsed complete request: routes.c answers it (http.c calls this once per request). */
@@ -359,9 +368,12 @@ void respond_error_now(worker_t *w, conn_t *c, int status, const char *msg, int 
 
 void limits_init(uint64_t now);
 /* Takes one request (and body_len/4 tokens) if the --rpm/--tpm buckets allow it and appends
- * the x-ratelimit-* headers to `hdrs`. 0 when admitted, else the retry-after in ms, with
- * *which = 1 (requests), 2 (tokens) or 3 (both). */
-uint64_t ratelimit_take(uint64_t now, size_t body_len, buf_t *hdrs, int *which);
+ * the rate-limit headers of `dialect` (D_*) to `hdrs`: OpenAI's x-ratelimit-* and
+ * retry-after-ms; Anthropic's anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}
+ * (RFC 3339 resets) and retry-after in whole seconds; none for Gemini (its API sends none).
+ * 0 when admitted, else the retry-after in ms, with *which = 1 (requests), 2 (tokens) or 3
+ * (both). */
+uint64_t ratelimit_take(uint64_t now, size_t body_len, buf_t *hdrs, int *which, int dialect);
 /* 1 if the request may pass the bare-429 limiter (always, when it is off) */
 int bare_take(uint64_t now);
 /* the timeline starts at the first request; responses 200 and 429 are counted per slot */
@@ -443,5 +455,20 @@ void batches_stats(buf_t *b);
 /* The structured answer for the request's response_format into w->ans (JSON text, not yet
  * escaped). 0 if the request does not qualify (the caller echoes instead). fill.c. */
 int build_structured(worker_t *w, const char *p, size_t len, const scan_t *sc);
+/* The same from a schema at p[schema] (SIZE_MAX: any object) and the document in the
+ * user text p[ts, te) (still escaped). Types may be written in upper case (Gemini). */
+int build_structured_schema(worker_t *w, const char *p, size_t len, size_t schema, size_t ts,
+                            size_t te);
+/* Text p[*ts, *te) of the last user message of the messages array at p[msgs] (string content
+ * or its first text part). 1 if found. fill.c. */
+int last_user_text(const char *p, size_t len, size_t msgs, size_t *ts, size_t *te);
+
+/* ------------------------------------------------ native dialects (native.c) */
+
+/* route handlers: POST .../v1/messages (Anthropic), POST .../models/M:generateContent */
+void route_messages(worker_t *w, route_ctx_t *rc);
+void route_generate(worker_t *w, route_ctx_t *rc);
+/* b = an error body in `dialect`'s shape for `status` with `msg` */
+void put_dialect_error(buf_t *b, int dialect, int status, const char *msg, const char *type);
 
 #endif

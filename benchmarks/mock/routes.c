@@ -268,12 +268,14 @@ static void route_timeline(worker_t *w, route_ctx_t *rc) {
  * also match it. RT_API routes go through the whole pipeline of handle_request below.
  */
 static const route_t routes[] = {
-    {NULL, MATCH_EXACT, "/_stats", 0, route_stats},
-    {NULL, MATCH_EXACT, "/_timeline", 0, route_timeline},
-    {"POST", MATCH_SUFFIX, "/chat/completions", RT_API, route_chat},
-    {"POST", MATCH_SUFFIX, "/embeddings", RT_API, route_embeddings},
-    {NULL, MATCH_PREFIX, "/v1/files", 0, route_files},     /* the Batch API (batches.c) */
-    {NULL, MATCH_PREFIX, "/v1/batches", 0, route_batches},
+    {NULL, MATCH_EXACT, "/_stats", 0, route_stats, D_OPENAI},
+    {NULL, MATCH_EXACT, "/_timeline", 0, route_timeline, D_OPENAI},
+    {"POST", MATCH_SUFFIX, "/chat/completions", RT_API, route_chat, D_OPENAI},
+    {"POST", MATCH_SUFFIX, "/embeddings", RT_API, route_embeddings, D_OPENAI},
+    {NULL, MATCH_PREFIX, "/v1/files", 0, route_files, D_OPENAI},  /* the Batch API (batches.c) */
+    {NULL, MATCH_PREFIX, "/v1/batches", 0, route_batches, D_OPENAI},
+    {"POST", MATCH_SUFFIX, "/v1/messages", RT_API, route_messages, D_ANTHROPIC},  /* native.c */
+    {"POST", MATCH_SUFFIX, ":generateContent", RT_API, route_generate, D_GEMINI},
 };
 
 static int path_matches(const req_t *r, const route_t *rt) {
@@ -346,14 +348,17 @@ void handle_request(worker_t *w, conn_t *c, const req_t *r, const char *body, si
         }
         /* rate limits */
         int which = 0;
-        uint64_t retry = ratelimit_take(w->now, blen, &w->hdrs, &which);
+        uint64_t retry = ratelimit_take(w->now, blen, &w->hdrs, &which, rt->dialect);
         if (retry) {
             char msg[160];
             snprintf(msg, sizeof msg,
                      "Rate limit reached for %s (mock). Please try again in %llums.",
                      which & 1 ? "requests" : "tokens", (unsigned long long)retry);
-            put_error_body(&w->body, msg, which & 1 ? "requests" : "tokens",
-                           "rate_limit_exceeded");
+            if (rt->dialect == D_OPENAI)
+                put_error_body(&w->body, msg, which & 1 ? "requests" : "tokens",
+                               "rate_limit_exceeded");
+            else
+                put_dialect_error(&w->body, rt->dialect, 429, msg, "rate_limit_error");
             respond_now(w, c, 429, &w->hdrs, r->keep_alive);
             return;
         }
@@ -385,10 +390,18 @@ void handle_request(worker_t *w, conn_t *c, const req_t *r, const char *body, si
     if (fault == F_FAIL) {
         INC(st_fail);
         rc.status = (w->fail_toggle++ & 1) ? 503 : 500;
-        put_error_body(&w->body,
-                       rc.status == 500 ? "The server had an error while processing your request."
-                                        : "The engine is currently overloaded, please try again later.",
-                       "server_error", NULL);
+        const char *msg = rc.status == 500
+                              ? "The server had an error while processing your request."
+                              : "The engine is currently overloaded, please try again later.";
+        if (rt->dialect == D_OPENAI) {
+            put_error_body(&w->body, msg, "server_error", NULL);
+        } else {
+            /* Anthropic says it is overloaded with its own 529 */
+            if (rc.status == 503 && rt->dialect == D_ANTHROPIC) rc.status = 529;
+            w->body.len = 0;
+            put_dialect_error(&w->body, rt->dialect, rc.status, msg,
+                              rc.status == 500 ? "api_error" : "overloaded_error");
+        }
     } else {
         w->body.len = 0;
         rt->handler(w, &rc);
