@@ -345,3 +345,72 @@ def test_batch_fetch_fills_the_cache_for_the_next_run(start_mock, tmp_path, monk
     with semex.LM("m", api_base=mock.base, api_key="k", cache=cache) as lm:
         answers = semex.llm_batch(prompts, lm, mode=FAST)
     assert list(answers) == ["echo: f1", "echo: f2", "echo: f3"] and answers.usage.cached == 3
+
+
+# -- embeddings: the answer cache and the Batch API ---------------------------------------------
+def embedder(mock, **options):
+    options.setdefault("max_batch_inputs", 8)
+    options.setdefault("price_per_million", 1.0)
+    return semex.EmbeddingModel("emb", api_base=mock.base, api_key="sk-test-secret",
+                                **options)
+
+
+def test_embed_with_the_cache_sends_only_new_texts(start_mock, tmp_path):
+    np = pytest.importorskip("numpy")
+    mock = start_mock()
+    cache = str(tmp_path / "e.sqlite3")
+    texts = [f"text {i}" for i in range(50)]
+    with embedder(mock, cache=False) as plain:
+        reference = semex.embed(texts + ["new"], plain, progress=False)
+    sent = mock.stats()["requests"]
+    with embedder(mock, cache=cache) as model:
+        first = semex.embed(texts, model, progress=False)
+        assert mock.stats()["requests"] - sent == 7  # 50 texts, 8 a request
+        again = semex.embed(texts + ["new"], model, progress=False)
+    assert mock.stats()["requests"] - sent == 8   # only "new" went out
+    assert np.array_equal(first, reference[:50]) and np.array_equal(again, reference)
+    assert model.total_usage.cached == 50 and model.total_usage.cost_saved > 0
+    # another process, another model setting: dimensions is part of the key
+    with embedder(mock, cache=cache, dimensions=16) as other:
+        wide = semex.embed(texts[:3], other, progress=False)
+    assert wide.shape == (3, 16) and mock.stats()["requests"] - sent == 9
+
+
+def test_embed_in_batch_mode_equals_online_and_keeps_the_per_row_contract(start_mock):
+    np = pytest.importorskip("numpy")
+    mock = start_mock("--batch-error-every", "3")
+    texts = [f"doc {i}" for i in range(40)]
+    with embedder(mock, cache=False) as model:
+        online = semex.embed(texts, model, progress=False)
+        before = mock.stats()
+        out = model(texts, mode=FAST)
+    after = mock.stats()
+    assert after["batches_created"] - before["batches_created"] == 1
+    assert after["requests"] == before["requests"]
+    # five requests of 8 texts; the 3rd line is refused: its 8 rows are NaN with an error
+    bad = set(range(16, 24))
+    for i in range(40):
+        if i in bad:
+            assert np.isnan(out.embeddings[i]).all()
+            assert isinstance(out.errors[i], E.APIStatusError) and out.errors[i].status == 400
+        else:
+            assert out.errors[i] is None and np.array_equal(out.embeddings[i], online[i])
+    assert out.usage.batched == 4 and out.usage.failed == 8
+    with pytest.raises(E.BatchError):
+        semex.embed(texts, model, mode=FAST, progress=False)
+
+
+def test_embed_batch_fallback_and_async(start_mock):
+    np = pytest.importorskip("numpy")
+    mock = start_mock("--batch-expire-at", "0.5")
+    texts = [f"late {i}" for i in range(32)]
+    with embedder(mock, cache=False) as model:
+        online = semex.embed(texts, model, progress=False)
+        sent = mock.stats()["requests"]
+        rescued = asyncio.run(semex.embed_async(
+            texts, model, progress=False,
+            mode=semex.BatchMode(poll_interval=0.02, fallback="online")))
+    assert np.array_equal(rescued, online)
+    assert mock.stats()["requests"] - sent == 2  # 4 requests; half expired and went online
+    with pytest.raises(E.ConfigurationError, match="EmbeddingModel"):
+        semex.embed(["x"], lambda t: [[0.0]] * len(t), mode="batch")

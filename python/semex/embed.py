@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import math
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 from . import _engine
+from . import batch_api as _batch_api
+from . import cache as _cache
 from . import errors as E
 from ._runtime import EngineHolder, Windows, wait_async, wait_sync
 from .lm import (_KIND_CLASSES, _POLL_S, Usage, _check_int, _provider_message,
@@ -100,6 +103,12 @@ class EmbeddingModel:
         Cap on one answer (a request of 2,048 x 3,072 floats as JSON is ~140 MB).
     price_per_million:
         Price per million input tokens, for ``usage.cost``.
+    cache:
+        The persistent cache (semex.cache), as for :class:`semex.LM`: None follows
+        ``settings.configure(cache=...)``, False is off, True the default file, a path or a
+        ``semex.Cache``. Each text's vector is stored (float32) under a key of the URL, the
+        model, ``dimensions`` and the other request fields and the text; a re-run embeds only
+        the texts it has not seen.
     """
 
     def __init__(
@@ -128,6 +137,7 @@ class EmbeddingModel:
         extra_body: Optional[Mapping[str, Any]] = None,
         extra_headers: Optional[Mapping[str, str]] = None,
         price_per_million: Optional[float] = None,
+        cache: Any = None,
     ):
         self.model = model or os.environ.get("SEMEX_EMBEDDING_MODEL") or "text-embedding-3-small"
         if not isinstance(self.model, str):
@@ -195,6 +205,15 @@ class EmbeddingModel:
         except (TypeError, ValueError) as exc:
             raise E.ConfigurationError(f"extra_body is not JSON-serializable: {exc}") from None
         self._prefix = encoded[:-1] + ', "input": '
+        # what every cache key of this model starts from: the answer's fields, not its
+        # encoding (base64 and JSON numbers carry the same float32 values)
+        canonical = json.dumps({k: v for k, v in fields.items() if k != "encoding_format"},
+                               sort_keys=True, ensure_ascii=False)
+        self._key_base = hashlib.blake2b(b"embed\0" + self.url.encode("utf-8") + b"\0"
+                                         + canonical.encode("utf-8") + b"\0", digest_size=16)
+        self._cache = _cache.resolve(cache)
+        self.ca_file = self.ca_path = None
+        self.max_hint_wait = 300.0
         self._dim: Optional[int] = dimensions  # learnt from the first answer otherwise
         self.total_usage = Usage()
         self._usage_lock = threading.Lock()
@@ -220,6 +239,24 @@ class EmbeddingModel:
     def url(self) -> str:
         return self.api_base + "/embeddings"
 
+    @property
+    def cache(self) -> Optional[_cache.Cache]:
+        """The cache this model's calls use now (its own, else the configured one)."""
+        option = self._cache
+        if option is None:
+            from .settings import settings
+            option = settings.cache
+        return option if isinstance(option, _cache.Cache) else None
+
+    def _keys(self, texts: Sequence[str]) -> List[bytes]:
+        copy = self._key_base.copy
+        keys = []
+        for text in texts:
+            h = copy()
+            h.update(text.encode("utf-8", "surrogatepass"))
+            keys.append(h.digest())
+        return keys
+
     def _redact(self, text: str) -> str:
         key = self.__api_key
         if key and key in text:
@@ -230,6 +267,12 @@ class EmbeddingModel:
         """Stop the engine's threads now (they also stop at interpreter exit)."""
         self._engine.close()
 
+    def __enter__(self) -> "EmbeddingModel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def engine_stats(self) -> dict:
         return self._engine.stats()
 
@@ -239,34 +282,59 @@ class EmbeddingModel:
 
     # -- calls ------------------------------------------------------------------------------
     def __call__(self, texts: Sequence[str], *, batch_size: Optional[int] = None,
-                 max_concurrent: Optional[int] = None, progress: Any = False
-                 ) -> EmbeddingOutput:
+                 max_concurrent: Optional[int] = None, progress: Any = False,
+                 mode: Any = None) -> EmbeddingOutput:
         """Embed ``texts``; block until done (works inside a running loop: none is used).
-        Ctrl-C cancels the outstanding requests and raises KeyboardInterrupt."""
-        job = _Job(self, texts, batch_size, max_concurrent, progress)
-        try:
-            if job.windows is not None:
-                for start, batch in job.windows:
-                    wait_sync(batch, job.tick, interval=_POLL_S)
-                    job.collect(start, batch)
-        finally:
-            job.close()
-        return job.finish()
+        Ctrl-C cancels the outstanding requests and raises KeyboardInterrupt.
+        ``mode="batch"`` (or a ``semex.BatchMode``) sends them through the provider's Batch
+        API and returns when the batch has ended (see :func:`semex.embed`)."""
+        return _drive_sync(_Job(self, texts, batch_size, max_concurrent, progress, mode))
 
     async def async_call(self, texts: Sequence[str], *, batch_size: Optional[int] = None,
-                         max_concurrent: Optional[int] = None, progress: Any = False
-                         ) -> EmbeddingOutput:
+                         max_concurrent: Optional[int] = None, progress: Any = False,
+                         mode: Any = None) -> EmbeddingOutput:
         """Awaitable twin of ``model(texts)`` on any running loop; cancelling the awaiting
-        task cancels the in-flight requests."""
-        job = _Job(self, texts, batch_size, max_concurrent, progress)
-        try:
-            if job.windows is not None:
-                for start, batch in job.windows:
-                    await wait_async(batch, job.tick, interval=_POLL_S)
-                    job.collect(start, batch)
-        finally:
-            job.close()
-        return job.finish()
+        task cancels the in-flight requests (a batch keeps running at the provider)."""
+        return await _drive_async(_Job(self, texts, batch_size, max_concurrent, progress,
+                                       mode))
+
+
+def _drive_sync(job: "_Job") -> EmbeddingOutput:
+    try:
+        if job.batch_mode is not None:
+            if job.nreq:
+                _batch_api.drive_sync(job.batch_plan(), job.batch_mode, _drive_sync)
+        elif job.windows is not None:
+            for start, batch in job.windows:
+                wait_sync(batch, job.tick, interval=_POLL_S)
+                job.collect(start, batch)
+    finally:
+        job.close()
+    return job.finish()
+
+
+async def _drive_async(job: "_Job") -> EmbeddingOutput:
+    try:
+        if job.batch_mode is not None:
+            if job.nreq:
+                await _batch_api.drive_async(job.batch_plan(), job.batch_mode, _drive_async)
+        elif job.windows is not None:
+            for start, batch in job.windows:
+                await wait_async(batch, job.tick, interval=_POLL_S)
+                job.collect(start, batch)
+    finally:
+        job.close()
+    return job.finish()
+
+
+def _first_dim(answer: Any) -> Optional[int]:
+    """The length of the first vector of an answer, or None."""
+    try:
+        vec = answer["data"][0]["embedding"]
+        dim = (len(base64.b64decode(vec)) // 4) if isinstance(vec, str) else len(vec)
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return dim if dim >= 1 else None
 
 
 def check_texts(texts: Any, name: str = "texts") -> List[str]:
@@ -305,8 +373,11 @@ class _Job:
     answers into the output array, and reports per-row errors."""
 
     def __init__(self, model: EmbeddingModel, texts: Any, batch_size: Optional[int],
-                 max_concurrent: Optional[int], progress: Any):
+                 max_concurrent: Optional[int], progress: Any, mode: Any = None):
         np = _np()
+        self.batch_mode = _batch_api.resolve_mode(mode)
+        self.remake = (batch_size, max_concurrent)
+        self.record = True  # add this call's usage to model.total_usage
         if batch_size is not None:
             _check_int("batch_size", batch_size, 1)
         if max_concurrent is not None:
@@ -331,6 +402,27 @@ class _Job:
         self.errors: List[Optional[E.RequestError]] = [None] * n
         self.unique_errors: dict = {}  # u -> error
         self.usage = Usage(cache_hits=n - nu)
+        # The persistent cache: texts it has a vector for are not sent.
+        self.cache = cache = model.cache
+        self.keys: Optional[List[bytes]] = None
+        hits: dict = {}  # u -> vector
+        if cache is not None and nu:
+            self.keys = model._keys(self.unique)
+            found = cache._lookup(self.keys)
+            want = model._dim
+            for u, key in enumerate(self.keys):
+                row = found.get(key)
+                if row is None or not isinstance(row[1], bytes) or len(row[1]) % 4:
+                    continue
+                vec = np.frombuffer(row[1], dtype="<f4")
+                if want is None:
+                    want = vec.shape[0]
+                if vec.shape[0] == want and want:
+                    hits[u] = (vec, row[3])
+            if hits:
+                model._dim = want
+            self.usage.cached = len(hits)
+            self.usage.cached_prompt_tokens = sum(t for _, t in hits.values())
         # Plan requests over the unique texts: by count and by estimated tokens.
         per_request = min(batch_size or model.max_batch_inputs, model.max_batch_inputs)
         budget = model.max_batch_tokens
@@ -339,6 +431,8 @@ class _Job:
         costs: List[float] = []
         count = tokens = 0
         for u, text in enumerate(self.unique):
+            if u in hits:
+                continue
             t = _estimate_tokens(text)
             if t > model.max_input_tokens:
                 self.unique_errors[u] = (E.InputTooLargeError, (
@@ -363,6 +457,9 @@ class _Job:
         self.out = None
         if model._dim is not None:
             self._allocate(model._dim)
+        for u, (vec, _) in hits.items():
+            self.out[row_of[u]] = vec
+        self.n_cached = len(hits)
         self.max_concurrent = max_concurrent or 0
         self.cap_holder: Optional[_engine.Batch] = None
         self.bar = None
@@ -378,8 +475,92 @@ class _Job:
         # texts. LM's windows go deeper (8) because its answers are small.
         size = max(1, self.max_concurrent or model.max_concurrency)
         self.windows = (Windows(self._submit, self.nreq, size, first=1, max_depth=3)
-                        if self.nreq else None)
+                        if self.nreq and self.batch_mode is None else None)
         self.done_inputs = 0
+        self.batched_tokens = 0
+
+    # -- mode="batch": the provider's Batch API ------------------------------------------------
+    def batch_plan(self) -> "_batch_api.Plan":
+        """One batch line per planned request (keyed by its body), read with the same rules
+        as an online answer; what a batch leaves unanswered can go online."""
+        np = _np()
+        model = self.model
+        prefix, unique, plan, offsets = model._prefix, self.unique, self.plan, self.offsets
+        base = hashlib.blake2b(b"embed-batch\0" + model.url.encode("utf-8") + b"\0",
+                               digest_size=16)
+        requests = []
+        for r in range(self.nreq):
+            chunk = [unique[u] for u in plan[offsets[r]:offsets[r + 1]].tolist()]
+            body = (prefix + _ENCODE(chunk) + "}").encode("utf-8")
+            h = base.copy()
+            h.update(body)
+            requests.append(_batch_api.Request(h.digest(), body, r))
+        usage = self.usage
+
+        def absorb(request: _batch_api.Request, answer: Any, status: int) -> None:
+            r = request.rows[0]
+            a, b = int(offsets[r]), int(offsets[r + 1])
+            usage.requests += 1
+            if self.out is None:
+                dim = _first_dim(answer)
+                if dim is None:
+                    self._fail_rows(r, E.ResponseFormatError,
+                                    "the provider's answer has no readable vector", status, 1,
+                                    None)
+                    return
+                model._dim = dim
+                self._allocate(dim)
+            state = np.zeros(b - a, dtype=np.uint8)
+            read = self._read_parsed(r, answer, self.plan_rows[a:b], state, status, 1)
+            if read is None:
+                return
+            prompt_tokens, total_tokens, _vectors, out_of_range, bad_length = read
+            usage.prompt_tokens += prompt_tokens
+            usage.total_tokens += total_tokens
+            usage.batched += 1
+            self.batched_tokens += prompt_tokens
+            for k in np.flatnonzero(state != _ROW_OK).tolist():
+                self._row_problem(r, k, int(state[k]), out_of_range, bad_length, b - a,
+                                  status, 1)
+            if self.cache is not None:
+                self._store(a, b, state, prompt_tokens)
+
+        def fail(request: _batch_api.Request, cls: type, message: str, status: int,
+                 body: Optional[bytes]) -> None:
+            self._fail_rows(request.rows[0], cls, message, status, 1, body)
+
+        def online(rest: List[_batch_api.Request]):
+            units = [int(u) for req in rest
+                     for u in plan[offsets[req.rows[0]]:offsets[req.rows[0] + 1]].tolist()]
+            batch_size, max_concurrent = self.remake
+            sub = _Job(model, [unique[u] for u in units], batch_size, max_concurrent, False)
+            sub.record = False
+
+            def merge(output: EmbeddingOutput) -> None:
+                usage.add(output.usage)
+                if self.out is None:
+                    self._allocate(output.embeddings.shape[1])
+                for k, u in enumerate(units):
+                    error = output.errors[k]
+                    if error is None:
+                        self.out[self.row_of[u]] = output.embeddings[k]
+                    else:
+                        text = str(error).split(": ", 1)[-1]
+                        self.unique_errors[u] = (type(error), text, error.status,
+                                                 error.attempts)
+            return sub, merge
+
+        def report(done: int) -> None:
+            if self.callback is not None or self.bar is not None:
+                inputs = int(offsets[min(done, self.nreq)]) + self.n_cached
+                if self.callback is not None:
+                    self.callback(inputs, self.n)
+                else:
+                    self.bar.update_to(inputs)
+
+        store = self.cache if self.cache is not None else _cache.resolve(True)
+        return _batch_api.Plan(model, "/v1/embeddings", requests, absorb, fail, online,
+                               report, f"EmbeddingModel({model.model!r}) batch", store)
 
     def _allocate(self, dim: int) -> None:
         np = _np()
@@ -412,7 +593,7 @@ class _Job:
             return
         # Progress in inputs: requests finished so far, counted by their sizes.
         done_requests = windows.completed()
-        inputs = int(self.offsets[min(done_requests, self.nreq)])
+        inputs = int(self.offsets[min(done_requests, self.nreq)]) + self.n_cached
         if self.callback is not None:
             self.callback(inputs, self.n)
         else:
@@ -461,9 +642,29 @@ class _Job:
             for k in bad.tolist():
                 self._row_problem(r, k, int(state[a + k]), out_of_range, bad_length, b - a,
                                   status, attempts)
+            if self.cache is not None:
+                self._store(lo + a, lo + b, state[a:b], prompt_tokens)
         progress = batch.progress()
         usage.rate_limited += progress[5]
         self.done_inputs = hi
+
+    def _store(self, lo: int, hi: int, state: Any, prompt_tokens: int) -> None:
+        """Queue the vectors of plan positions lo..hi that were read well for the cache,
+        each with its share of the request's prompt tokens."""
+        np = _np()
+        good = np.flatnonzero(state == _ROW_OK)
+        if not good.size:
+            return
+        units = self.plan[lo:hi]
+        shares = [_estimate_tokens(self.unique[u]) for u in units.tolist()]
+        scale = prompt_tokens / max(1, sum(shares))
+        out, row_of, keys = self.out, self.row_of, self.keys
+        rows = []
+        for k in good.tolist():
+            u = int(units[k])
+            tokens = int(round(shares[k] * scale))
+            rows.append((keys[u], out[row_of[u]].tobytes(), None, tokens, 0, tokens))
+        self.cache.put_many(rows)
 
     def _learn_dim(self, batch: _engine.Batch) -> Optional[int]:
         """The dimension, from the first successful answer of the first window (or the
@@ -496,15 +697,28 @@ class _Job:
     def _read_json(self, r: int, body: bytes, rows, state, status: int,
                    attempts: int) -> Optional[tuple]:
         """An answer the C reader left to json.loads, with the same rules."""
-        np = _np()
-        n, dim = len(rows), self.dim
         logger.debug("the answer to embeddings request %d is read with json.loads", r)
         try:
             answer = json.loads(body)
+        except (ValueError, TypeError, RecursionError) as exc:  # TypeError: no body
+            self._fail_rows(r, E.ResponseFormatError, (
+                f"the provider's answer could not be read ({type(exc).__name__}: {exc})"),
+                status, attempts, body)
+            return None
+        return self._read_parsed(r, answer, rows, state, status, attempts, body)
+
+    def _read_parsed(self, r: int, answer: Any, rows, state, status: int, attempts: int,
+                     body: Optional[bytes] = None) -> Optional[tuple]:
+        """_read_json of an answer already parsed (a batch output line's body)."""
+        np = _np()
+        n, dim = len(rows), self.dim
+        try:
             data = answer["data"]
             if not isinstance(data, list):
                 raise TypeError("'data' is not a list")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
+            if body is None:
+                body = json.dumps(answer).encode("utf-8")
             self._fail_rows(r, E.ResponseFormatError, (
                 f"the provider's answer could not be read ({type(exc).__name__}: {exc})"),
                 status, attempts, body)
@@ -615,8 +829,15 @@ class _Job:
             logger.warning("%d of %d texts failed to embed; first: %s", usage.failed, self.n,
                            first)
         if model.price_per_million is not None:
-            usage.cost = usage.prompt_tokens * model.price_per_million / 1e6
-        model._record_usage(usage)
+            batched = self.batched_tokens if self.batch_mode is not None else 0
+            usage.cost = (usage.prompt_tokens - batched + batched * (
+                self.batch_mode.discount if batched else 1.0)) * model.price_per_million / 1e6
+            if usage.cached:
+                usage.cost_saved = usage.cached_prompt_tokens * model.price_per_million / 1e6
+        if self.cache is not None:
+            self.cache.flush()
+        if self.record:
+            model._record_usage(usage)
         if self.callback is not None:
             self.callback(self.n, self.n)
         elif self.bar is not None:
@@ -691,6 +912,13 @@ def _resolve(model: Any) -> Any:
     return settings.resolve_rm(model)
 
 
+def _check_mode(rm: Any, mode: Any) -> None:
+    if _batch_api.resolve_mode(mode) is not None and not isinstance(rm, EmbeddingModel):
+        raise E.ConfigurationError(
+            "mode='batch' needs a semex.EmbeddingModel (the provider's Batch API); got "
+            f"{type(rm).__name__}")
+
+
 def _check_on_error(on_error: str) -> None:
     if on_error not in ("raise", "return"):
         raise E.ConfigurationError(f"on_error must be 'raise' or 'return', got {on_error!r}")
@@ -712,7 +940,7 @@ def _result(output: EmbeddingOutput, on_error: str):
 
 def embed(texts: Sequence[str], model: Any = None, *, batch_size: Optional[int] = None,
           max_concurrent: Optional[int] = None, progress: Any = True,
-          on_error: str = "raise"):
+          on_error: str = "raise", mode: Any = None):
     """Embed every text; return a C-contiguous float32 array (len(texts), dim), input order.
 
     model: an ``EmbeddingModel``, a model name, a callable ``texts -> matrix`` (run in worker
@@ -722,12 +950,15 @@ def embed(texts: Sequence[str], model: Any = None, *, batch_size: Optional[int] 
     progress: a tqdm bar (True), none (False), or ``callback(done, total)``.
     on_error: "raise" (a ``BatchError`` after the run carrying the array and the per-row
         errors) or "return" (failed rows are NaN; one PartialFailureWarning says so).
+    mode: "online" (default) or "batch" / a ``semex.BatchMode``: the provider's Batch API
+        (half price; returns when the batch has ended; the same call run again resumes it).
     """
     _check_on_error(on_error)
     rm = _resolve(model)
+    _check_mode(rm, mode)
     if isinstance(rm, EmbeddingModel):
         return _result(rm(texts, batch_size=batch_size, max_concurrent=max_concurrent,
-                          progress=progress), on_error)
+                          progress=progress, mode=mode), on_error)
     if batch_size is not None:
         _check_int("batch_size", batch_size, 1)
     return _run_fallback_sync(rm, check_texts(texts), batch_size, max_concurrent)
@@ -735,14 +966,15 @@ def embed(texts: Sequence[str], model: Any = None, *, batch_size: Optional[int] 
 
 async def embed_async(texts: Sequence[str], model: Any = None, *,
                       batch_size: Optional[int] = None, max_concurrent: Optional[int] = None,
-                      progress: Any = True, on_error: str = "raise"):
+                      progress: Any = True, on_error: str = "raise", mode: Any = None):
     """Awaitable twin of :func:`embed` for any running asyncio loop."""
     _check_on_error(on_error)
     rm = _resolve(model)
+    _check_mode(rm, mode)
     if isinstance(rm, EmbeddingModel):
         return _result(await rm.async_call(texts, batch_size=batch_size,
-                                           max_concurrent=max_concurrent, progress=progress),
-                       on_error)
+                                           max_concurrent=max_concurrent, progress=progress,
+                                           mode=mode), on_error)
     if batch_size is not None:
         _check_int("batch_size", batch_size, 1)
     return await _run_fallback_async(rm, check_texts(texts), batch_size, max_concurrent)

@@ -1310,7 +1310,7 @@ class _Job:
             return self.read_stream(i, body, status, attempts)
         try:
             answer = json.loads(body)
-        except (ValueError, RecursionError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:  # TypeError: no body
             self.errors[i] = E.ResponseFormatError(
                 f"item {i}: the provider's answer could not be read "
                 f"({type(exc).__name__}: {exc})", index=i, status=status, attempts=attempts,
