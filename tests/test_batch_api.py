@@ -218,6 +218,14 @@ def test_error_lines_fail_only_their_rows(start_mock):
         else:
             assert answer == f"echo: row {i}"
     assert answers.usage.failed == 3 and answers.usage.batched == 9
+    # a re-run sends only the three that failed (in a new batch); the rest are the first
+    # batch's answers, counted as saved
+    lines = mock.stats()["batch_lines"]
+    with lm_for(mock) as lm:
+        again = semex.llm_batch(prompts, lm, mode=FAST)
+    assert list(again) == [f"echo: {p}" for p in prompts]
+    assert mock.stats()["batch_lines"] - lines == 3 and mock.stats()["batches_created"] == 2
+    assert again.usage.batched == 3 and again.usage.cached == 9
 
 
 def test_an_expired_batch_keeps_its_finished_lines_and_falls_back_online_on_request(
@@ -234,11 +242,13 @@ def test_an_expired_batch_keeps_its_finished_lines_and_falls_back_online_on_requ
         rescued = semex.llm_batch(prompts, lm, mode=semex.BatchMode(
             poll_interval=0.02, fallback="online"))
     assert list(rescued) == [f"echo: {p}" for p in prompts]
-    # the re-run put the five unanswered in a new batch (which expired at half too), and
-    # the rest went online
+    # the re-run took the five answered from the first batch (paid and reported by the
+    # first run: counted as saved), put the other five in a new batch (which expired at half
+    # too) and sent the rest online
     stats = mock.stats()
     assert stats["batches_created"] == 2 and 0 < stats["requests"] <= 5
-    assert rescued.usage.batched + stats["requests"] == 10
+    assert rescued.usage.cached == 5
+    assert rescued.usage.batched + stats["requests"] == 5
 
 
 def test_transient_line_errors_go_online_with_fallback(start_mock):
@@ -396,8 +406,13 @@ def test_embed_in_batch_mode_equals_online_and_keeps_the_per_row_contract(start_
         else:
             assert out.errors[i] is None and np.array_equal(out.embeddings[i], online[i])
     assert out.usage.batched == 4 and out.usage.failed == 8
-    with pytest.raises(E.BatchError):
-        semex.embed(texts, model, mode=FAST, progress=False)
+    # run again: the four answered requests come from the recorded batch, the refused one
+    # is sent again (alone in a new batch, where the mock does not refuse it)
+    with embedder(mock, cache=False) as model:
+        again = semex.embed(texts, model, mode=FAST, progress=False)
+    assert np.array_equal(again, online)
+    assert mock.stats()["batch_lines"] - after["batch_lines"] == 1
+    assert model.total_usage.batched == 1 and model.total_usage.cached == 32
 
 
 def test_embed_batch_fallback_and_async(start_mock):

@@ -419,14 +419,16 @@ class Plan:
     without the ones the answer cache had), and what to do with each answer."""
 
     def __init__(self, model: Any, endpoint: str, requests: List[Request],
-                 absorb: Callable[[Request, Any, int], None],
+                 absorb: Callable[[Request, Any, int, bool], None],
                  fail: Callable[[Request, type, str, int, Optional[bytes]], None],
                  online: Callable[[List[Request]], Any], progress: Callable[[int], None],
                  what: str, store: Any):
         self.model = model
         self.endpoint = endpoint
         self.requests = requests
-        self.absorb = absorb       # (request, answer dict, status)
+        # (request, answer dict, status, paid): paid is False for the answers of a batch an
+        # earlier call already collected (and reported): this call counts them as saved
+        self.absorb = absorb
         self.fail = fail           # (request, error class, message, status, body)
         self.online = online       # the online fallback: a job to drive for these requests
         self.progress = progress   # (requests finished so far)
@@ -473,7 +475,7 @@ class _Run:
                         batch["status"], record["requests"])
             self.sizes[batch_id] = record["requests"]
             if batch["status"] in TERMINAL:
-                yield from self.collect(batch, final=False)
+                yield from self.collect(batch, final=False, paid=not record["collected"])
             else:
                 self.active[batch_id] = batch
         held = store.keys_in_batches(list(self.pending), list(self.active))
@@ -524,9 +526,11 @@ class _Run:
             plan.fail(request, cls, message, status, body)
         self.pending = {}
 
-    def collect(self, batch: dict, final: bool) -> Iterator[tuple]:
+    def collect(self, batch: dict, final: bool, paid: bool = True) -> Iterator[tuple]:
         """Read a batch that has ended: every line answers its request; lines the batch
-        did not really answer (expired, cancelled, 429/5xx) are left for the fallback."""
+        did not really answer (expired, cancelled, 429/5xx) are left for the fallback. In a
+        batch of an earlier run (not `final`) only the answers count: a request that failed
+        there is sent again, as an online re-run retries its errors."""
         plan, what, client = self.plan, self.plan.what, self.client
         batch_id, status = batch["id"], batch["status"]
         counts = batch.get("request_counts") or {}
@@ -555,8 +559,10 @@ class _Run:
                     continue
                 if line.status == 200 and line.error is None and isinstance(line.body, dict):
                     del self.pending[line.key]
-                    plan.absorb(request, line.body, 200)
+                    plan.absorb(request, line.body, 200, paid)
                     answered += 1
+                elif not final:
+                    continue  # an earlier run's failure: this run sends it again
                 elif transient(line):
                     self.retry[line.key] = line_error(line, batch_id)
                 else:

@@ -522,12 +522,13 @@ class Cache:
             found = []
             for batch_id in ids:
                 row = conn.execute(
-                    "SELECT id, input_file_id, status, requests, created_at FROM batches "
-                    "WHERE id = ? AND api_base = ? AND endpoint = ?",
+                    "SELECT id, input_file_id, status, requests, created_at, collected "
+                    "FROM batches WHERE id = ? AND api_base = ? AND endpoint = ?",
                     (batch_id, api_base, endpoint)).fetchone()
                 if row is not None:
                     found.append({"id": row[0], "input_file_id": row[1], "status": row[2],
-                                  "requests": row[3], "created_at": row[4]})
+                                  "requests": row[3], "created_at": row[4],
+                                  "collected": bool(row[5])})
         return sorted(found, key=lambda r: r["created_at"])
 
     def keys_in_batches(self, keys: Sequence[bytes], batch_ids: Sequence[str]) -> set:

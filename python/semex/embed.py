@@ -497,10 +497,10 @@ class _Job:
             requests.append(_batch_api.Request(h.digest(), body, r))
         usage = self.usage
 
-        def absorb(request: _batch_api.Request, answer: Any, status: int) -> None:
+        def absorb(request: _batch_api.Request, answer: Any, status: int,
+                   paid: bool) -> None:
             r = request.rows[0]
             a, b = int(offsets[r]), int(offsets[r + 1])
-            usage.requests += 1
             if self.out is None:
                 dim = _first_dim(answer)
                 if dim is None:
@@ -515,10 +515,15 @@ class _Job:
             if read is None:
                 return
             prompt_tokens, total_tokens, _vectors, out_of_range, bad_length = read
-            usage.prompt_tokens += prompt_tokens
-            usage.total_tokens += total_tokens
-            usage.batched += 1
-            self.batched_tokens += prompt_tokens
+            if paid:
+                usage.requests += 1
+                usage.prompt_tokens += prompt_tokens
+                usage.total_tokens += total_tokens
+                usage.batched += 1
+                self.batched_tokens += prompt_tokens
+            else:  # an earlier call's batch, reported then: saved now
+                usage.cached += b - a
+                usage.cached_prompt_tokens += prompt_tokens
             for k in np.flatnonzero(state != _ROW_OK).tolist():
                 self._row_problem(r, k, int(state[k]), out_of_range, bad_length, b - a,
                                   status, 1)

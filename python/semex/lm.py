@@ -847,20 +847,25 @@ def _batch_plan(job: "_Job") -> "_batch_api.Plan":
     progress = job.progress
     n_hits = len(hits)
 
-    def absorb(request: _batch_api.Request, answer: Any, status: int) -> None:
+    def absorb(request: _batch_api.Request, answer: Any, status: int, paid: bool) -> None:
         first = request.rows[0]
-        usage.requests += 1
         chat = job.read_parsed(first, answer, status, 1)
         if chat is None:
             _fan_out_error(request)
             return
         content, finish_reason, prompt_tokens, completion_tokens, total_tokens = chat
-        usage.prompt_tokens += prompt_tokens
-        usage.completion_tokens += completion_tokens
-        usage.total_tokens += total_tokens
-        usage.batched += 1
-        job.batched_tokens[0] += prompt_tokens
-        job.batched_tokens[1] += completion_tokens
+        if paid:
+            usage.requests += 1
+            usage.prompt_tokens += prompt_tokens
+            usage.completion_tokens += completion_tokens
+            usage.total_tokens += total_tokens
+            usage.batched += 1
+            job.batched_tokens[0] += prompt_tokens
+            job.batched_tokens[1] += completion_tokens
+        else:  # an earlier call's batch, reported then: saved now, like a cache hit
+            usage.cached += 1
+            usage.cached_prompt_tokens += prompt_tokens
+            usage.cached_completion_tokens += completion_tokens
         if content is None:
             errors[first] = E.ResponseFormatError(
                 f"item {first}: the answer has no text content (finish_reason="
