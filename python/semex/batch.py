@@ -68,6 +68,8 @@ def _upstream_failures(prompts: Sequence[Any], error_items: str
             f"unsent) or 'send' (it is sent as its text), got {error_items!r}")
     prompts = list(prompts)
     failures: List[Optional[RequestError]] = [None] * len(prompts)
+    if all(type(p) is str for p in prompts):  # the usual case: nothing from a failed stage
+        return prompts, list(range(len(prompts))), failures
     send: List[Any] = []
     positions: List[int] = []
     for i, prompt in enumerate(prompts):
@@ -84,7 +86,10 @@ def _upstream_failures(prompts: Sequence[Any], error_items: str
 def _finish(n: int, positions: List[int], failures: List[Optional[RequestError]],
             output: Optional[LMOutput], errors: str) -> Results:
     outputs: List[Optional[str]] = [None] * n
-    if output is not None:
+    if output is not None and len(positions) == n:  # every prompt was sent
+        outputs = list(output.outputs)
+        failures = list(output.errors) if output.errors else [None] * n
+    elif output is not None:
         for k, i in enumerate(positions):
             outputs[i] = output.outputs[k]
             failures[i] = output.errors[k] if output.errors else None
