@@ -86,6 +86,13 @@ CLIENTS = {
     "openai-aiohttp": dict(label="AsyncOpenAI (aiohttp transport)",
                            argv=["openai_async.py", "--transport", "aiohttp"],
                            retries=True, prior=600),
+    # the Anthropic Messages dialect on the same mock (POST /v1/messages): semex's native
+    # reader beside the official SDK
+    "semex-anthropic": dict(label="semex llm_batch (Anthropic dialect)",
+                            argv=["semex_llm_batch.py", "--provider", "anthropic"],
+                            retries=False, prior=1200),
+    "anthropic": dict(label="AsyncAnthropic (httpx, default)", argv=["anthropic_async.py"],
+                      retries=True, prior=400, pool_scan=True),
     "aiohttp": dict(label="aiohttp raw (asyncio)", argv=["aiohttp_raw.py"], retries=False,
                     prior=1100),
     "aiohttp-uvloop": dict(label="aiohttp raw (uvloop)", argv=["aiohttp_raw.py", "--uvloop"],
@@ -172,7 +179,8 @@ def cpu_model() -> str:
 
 def versions(python: str) -> dict:
     code = ("import json, importlib.metadata as m\nout={}\n"
-            "for p in ['semex','openai','httpx','httpx2','aiohttp','litellm','lotus-ai',"
+            "for p in ['semex','openai','anthropic','httpx','httpx2','aiohttp','litellm',"
+            "'lotus-ai',"
             "'torch','uvloop','matplotlib','pandas','numpy']:\n"
             "    try: out[p]=m.version(p)\n"
             "    except Exception: out[p]=None\n"
@@ -835,6 +843,17 @@ def targets(records, conc):
                              f"{verdict(sc * lim <= pc)}")
     else:
         lines.append("- semex at C=1000: no result")
+    for c in conc:  # the Anthropic dialect: the same margins over its official SDK
+        s, p = find(records, "throughput", "semex-anthropic", c), \
+            find(records, "throughput", "anthropic", c)
+        if s and p:
+            x, y = s["result"], p["result"]
+            lines.append(f"- Anthropic dialect at C={c:,}: semex {x['rps']:,.0f} req/s vs "
+                         f"AsyncAnthropic {y['rps']:,.0f} = {x['rps'] / y['rps']:.1f}× "
+                         f"(≥ 5×) → {verdict(x['rps'] >= 5 * y['rps'])}; CPU/request "
+                         f"{x['cpu_us_per_req']:.0f} vs {y['cpu_us_per_req']:.0f} µs = 1/"
+                         f"{y['cpu_us_per_req'] / x['cpu_us_per_req']:.1f} (≤ 1/5) → "
+                         f"{verdict(x['cpu_us_per_req'] * 5 <= y['cpu_us_per_req'])}")
     s = find(records, "inflight", "semex", 10000) or find(records, "throughput", "semex", 10000)
     if s:
         x = s["result"]

@@ -479,3 +479,22 @@ def test_a_recursive_model_is_refused_for_gemini_before_sending():
         response_schema(Node.model_json_schema())
     with pytest.raises(E.ConfigurationError, match="does not resolve"):
         response_schema({"type": "object", "properties": {"a": {"$ref": "#/$defs/Nope"}}})
+
+
+def test_deployments_of_a_native_provider_share_its_dialect(server):
+    lm = semex.LM("test-model", deployments=[
+        {"api_base": server._root + "/east", "api_key": server.api_key, "provider": "gemini"},
+        {"api_base": server._root + "/west", "api_key": server.api_key, "provider": "gemini"},
+    ], max_concurrency=8, backoff_base=0.05)
+    try:
+        out = semex.llm_batch([f"q{i}" for i in range(40)], model=lm)
+        assert out == [f"echo: q{i}" for i in range(40)]
+        paths = {r["path"].split("/v1beta")[0] for r in server.log()}
+        assert paths == {"/east", "/west"}
+        assert all(r["auth_header"] == "x-goog-api-key" for r in server.log())
+    finally:
+        lm.close()
+    with pytest.raises(E.ConfigurationError, match="one wire format"):
+        semex.LM("m", deployments=[
+            {"api_base": server._root, "api_key": "k", "provider": "anthropic"},
+            {"api_base": server.base_url, "api_key": "k"}])

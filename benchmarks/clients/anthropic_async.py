@@ -9,6 +9,9 @@ raised to C: Limits(max_connections=C, max_keepalive_connections=C), as openai_a
 for AsyncOpenAI. max_tokens=64 (the API requires it). Retries are the SDK's own (max_retries,
 honouring retry-after). Request and response event hooks count attempts and 429s.
 --url is the API root (the SDK appends /v1/messages); a trailing /v1 is dropped.
+The key and version go as x-api-key and anthropic-version: 2023-06-01 (default_headers), the
+headers the mock checks and semex sends: newer SDKs send the key as a bearer token and a newer
+version date by default.
 """
 from __future__ import annotations
 
@@ -45,9 +48,10 @@ async def run(args, anthropic, counters):
         limits=limits, event_hooks={"request": [on_request], "response": [on_response]},
         timeout=args.timeout)
     base = args.url[:-3] if args.url.rstrip("/").endswith("/v1") else args.url
-    client = anthropic.AsyncAnthropic(base_url=base.rstrip("/"), api_key="sk-ant-bench",
-                                      http_client=http_client, max_retries=args.max_retries,
-                                      timeout=args.timeout)
+    client = anthropic.AsyncAnthropic(
+        base_url=base.rstrip("/"), api_key="sk-ant-bench", http_client=http_client,
+        max_retries=args.max_retries, timeout=args.timeout,
+        default_headers={"x-api-key": "sk-ant-bench", "anthropic-version": "2023-06-01"})
     sem = asyncio.Semaphore(args.c)
     model = args.model
     results = [None] * args.n
