@@ -552,7 +552,8 @@ PyDoc_STRVAR(Engine_stats_doc,
 "window_cuts, lease_waits, bare_429_episodes (overload episodes told only by 429s without hints),\n"
 "learned_rpm (the requests/min learned from them; 0 until the first). With deployments, also\n"
 "deployments: one dict each (in_flight, window, cooldown_remaining, in_service,\n"
-"out_of_service_remaining, admitted, ok, failed, http_429, trips, learned_rpm).");
+"out_of_service_remaining, admitted, ok, failed, http_429, trips, learned_rpm, disabled:\n"
+"'auth' or 'quota' once a 401/403 or insufficient_quota took it out for good, else '').");
 
 static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -595,7 +596,7 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
             const sx_deploy *d = &deploys[i];
             double cool = d->cooldown_until - now, down = d->down_until - now;
             PyObject *item = Py_BuildValue(
-                "{s:n,s:i,s:d,s:O,s:d,s:K,s:K,s:K,s:K,s:K,s:d}", "in_flight",
+                "{s:n,s:i,s:d,s:O,s:d,s:K,s:K,s:K,s:K,s:K,s:d,s:s}", "in_flight",
                 (Py_ssize_t)d->in_flight, "window", windows[i], "cooldown_remaining",
                 cool > 0 ? cool : 0.0, "in_service",
                 sx_deploy_in_service(d, now) ? Py_True : Py_False, "out_of_service_remaining",
@@ -604,7 +605,8 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
                 "failed", (unsigned long long)d->stats.failed, "http_429",
                 (unsigned long long)d->stats.http_429, "trips",
                 (unsigned long long)d->stats.trips, "learned_rpm",
-                d->pace.active ? d->pace.rate * 60.0 : 0.0);
+                d->pace.active ? d->pace.rate * 60.0 : 0.0, "disabled",
+                !d->disabled ? "" : d->stats.disabled_kind == SX_ERR_QUOTA ? "quota" : "auth");
             if (!item) {
                 Py_CLEAR(list);
                 break;

@@ -211,7 +211,7 @@ int sx_deploy_window(const sx_sched *s, const sx_deploy *d)
 int sx_deploy_in_service(const sx_deploy *d, double now)
 {
     (void)now;
-    return d->fails < SX_DEPLOY_TRIP;
+    return !d->disabled && d->fails < SX_DEPLOY_TRIP;
 }
 
 int sx_sched_window(const sx_sched *s)
@@ -245,6 +245,8 @@ static double bucket_wait(sx_bucket *b, double cost, double now)
 static int deploy_may_send(const sx_sched *s, sx_deploy *d, const sx_slot *slot, double now,
                            double *wake_at)
 {
+    if (d->disabled)
+        return 0;
     if (d->fails >= SX_DEPLOY_TRIP) {
         if (now < d->down_until) {
             lower(wake_at, d->down_until);
@@ -574,6 +576,15 @@ static void deploy_health(sx_sched *s, sx_deploy *d, const sx_slot *slot,
     }
 }
 
+/* Is a deployment other than `d` not disabled (in service, or back after its pause)? */
+static int other_enabled(const sx_sched *s, const sx_deploy *d)
+{
+    for (size_t i = 0; i < s->ndeploy; i++)
+        if (&s->deploy[i] != d && !s->deploy[i].disabled)
+            return 1;
+    return 0;
+}
+
 /* Is a deployment other than `d` in service? */
 static int other_in_service(const sx_sched *s, const sx_deploy *d, double now)
 {
@@ -628,6 +639,16 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
         if (s->opts.adaptive)
             sx_window_success(lim.window);
         return SX_V_OK;
+    }
+    if (a->verdict == SX_V_ABORT_BATCH && lim.deploy) {
+        /* Its key is refused or its quota spent: that deployment is done for, not the
+         * batch, while another can take the request. */
+        if (!lim.deploy->disabled) {
+            lim.deploy->disabled = 1;
+            lim.deploy->stats.disabled_kind = a->kind;
+        }
+        if (other_enabled(s, lim.deploy) && slot->attempts <= b->opts.max_retries)
+            a->verdict = SX_V_RETRY;
     }
     if (a->verdict != SX_V_RETRY)
         return a->verdict;

@@ -95,7 +95,9 @@ typedef struct sx_sched_stats {
  * trip in a row, at most 30 s), then takes one request at a time until one succeeds, so a
  * dead deployment drains to the others and comes back when it answers again. The refused
  * connection rule (three attempts at most) holds only while no other deployment is in
- * service. */
+ * service. A 401/403 or an insufficient_quota there disables it for good (its key or its
+ * plan is wrong) and the request goes to another; only when none is left does the batch
+ * stop, as with one target. */
 #define SX_DEPLOY_TRIP 3
 
 typedef struct sx_deploy_stats {
@@ -104,6 +106,7 @@ typedef struct sx_deploy_stats {
     uint64_t failed;         /* attempts that failed there (any reason but a 429) */
     uint64_t http_429;
     uint64_t trips;          /* times it was put out of service */
+    int disabled_kind;       /* sx_error_kind that disabled it (AUTH, QUOTA); 0: none */
 } sx_deploy_stats;
 
 typedef struct sx_deploy {
@@ -118,6 +121,7 @@ typedef struct sx_deploy {
     int trips_in_row;        /* times out of service with no success in between */
     double down_until;       /* out of service until then; one request at a time after */
     uint64_t trip_seq;       /* admission count at the last trip: older failures are old news */
+    int disabled;            /* refused its key or its quota: never chosen again */
     sx_deploy_stats stats;
 } sx_deploy;
 

@@ -182,7 +182,7 @@ def test_usage_and_cost_per_deployment_add_up(mocks):
 
 def test_each_deployment_sends_its_own_key(server):
     """Deployment 1 is the fake server, which answers 401 to any other key than its own:
-    every row comes back, so the right key went to it (the C mock ignores keys)."""
+    it answered rows, so the right key went to it (the C mock ignores keys)."""
     if not os.path.exists(os.path.join(BENCH, "build", "mockserver")):
         subprocess.run(["make", "-s", "-C", BENCH], check=True, timeout=120)
     mock = Mock()
@@ -194,16 +194,38 @@ def test_each_deployment_sends_its_own_key(server):
         assert out.errors == [None] * 40
         served = [r for r in server.log() if r["outcome"] == 200]
         assert out.usage.by_deployment[server.base_url].answered == len(served) >= 1
-        # and a wrong key there is refused: the check above can fail
-        wrong = semex.LM("gpt-4o-mini", deployments=[(mock.base, KEYS[0]),
-                                                     (server.base_url, KEYS[1])],
-                         max_concurrency=4)
-        bad = wrong([[{"role": "user", "content": f"q{i}"}] for i in range(40)])
-        wrong.close()
-        assert any(isinstance(e, E.AuthenticationError) for e in bad.errors)
-        assert all(KEYS[1] not in str(e) for e in bad.errors if e is not None)
     finally:
         lm.close()
+        mock.stop()
+
+
+def test_a_refused_key_disables_that_deployment_only(server, caplog):
+    """The fake server refuses any key but its own: with a wrong one there, that deployment
+    is disabled and the C mock answers every row; with no deployment left, the call stops
+    with the authentication error as an LM of one endpoint does."""
+    mock = Mock()
+    wrong = semex.LM("gpt-4o-mini", deployments=[(mock.base, KEYS[0]),
+                                                 (server.base_url, KEYS[1])],
+                     max_concurrency=4)
+    try:
+        with caplog.at_level("WARNING", logger="semex"):
+            out = wrong([[{"role": "user", "content": f"q{i}"}] for i in range(40)])
+        assert out.errors == [None] * 40
+        assert out.usage.by_deployment[mock.base].answered == 40
+        stats = wrong.engine_stats()["deployments"]
+        assert stats[1]["disabled"] == "auth" and stats[0]["disabled"] == ""
+        assert stats[1]["admitted"] >= 1 and stats[1]["ok"] == 0
+        assert any("refused its API key" in r.getMessage() for r in caplog.records)
+        assert all(KEYS[1] not in r.getMessage() for r in caplog.records)
+        both = semex.LM("gpt-4o-mini", deployments=[(server.base_url, KEYS[0]),
+                                                    (server.base_url, KEYS[1])])
+        bad = both([[{"role": "user", "content": f"q{i}"}] for i in range(10)])
+        both.close()
+        assert any(isinstance(e, E.AuthenticationError) for e in bad.errors)
+        assert all(KEYS[0] not in str(e) and KEYS[1] not in str(e)
+                   for e in bad.errors if e is not None)
+    finally:
+        wrong.close()
         mock.stop()
 
 

@@ -497,6 +497,7 @@ class LM:
             options["deployments"] = engine_deployments
         self._engine = EngineHolder(**options)
         self._tick_hook: Optional[Callable[[], None]] = None
+        self._disabled_seen: set = set()
 
     @staticmethod
     def _deployments_given(deployments: Any, model: Any, api_base: Any,
@@ -630,6 +631,16 @@ class LM:
             from .settings import settings
             option = settings.cache
         return option if isinstance(option, _cache.Cache) else None
+
+    def _warn_disabled(self) -> None:
+        """Say once per deployment that a refused key or a spent quota took it out."""
+        for entry in self.engine_stats().get("deployments", ()):
+            if entry.get("disabled") and entry["name"] not in self._disabled_seen:
+                self._disabled_seen.add(entry["name"])
+                what = ("refused its API key (401/403)" if entry["disabled"] == "auth"
+                        else "has no quota left (insufficient_quota)")
+                logger.warning("deployment %s %s: it gets no more requests from this LM; "
+                               "the others take its share", entry["name"], what)
 
     def engine_stats(self) -> dict:
         """The scheduler's counters: in-flight, window, queued, 429s, cool-downs... With
@@ -1396,6 +1407,7 @@ class _Job:
             for du in self.by_deployment:
                 du.cost = lm._cost(du.prompt_tokens, du.completion_tokens)
             usage.by_deployment = dict(zip(lm.deployment_names, self.by_deployment))
+            lm._warn_disabled()
         if self.usage.cached:
             self.usage.cost_saved = lm._cost(self.usage.cached_prompt_tokens,
                                              self.usage.cached_completion_tokens)

@@ -3802,6 +3802,54 @@ static void test_sched_deploy_trips_and_recovers(void)
     sx_batch_free(b);
 }
 
+static void test_sched_deploy_bad_key_disables_it(void)
+{
+    sx_deploy_opts d[2] = {{.weight = 1}, {.weight = 1}};
+    sx_sched_opts so = deploy_sched_opts(4, d, 2);
+    sx_sched s;
+    REQUIRE(sx_sched_init(&s, &so, T0) == 0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 15);
+    sx_request_opts ro = req_opts();
+    sx_batch *b = mk_batch("k", 20, NULL, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    sx_slot *out[16];
+    double wake = -1;
+    REQUIRE(sx_sched_take(&s, out, 2, T0, &wake) == 2);
+    sx_slot *on0 = out[0]->deploy == 0 ? out[0] : out[1];
+    sx_slot *on1 = on0 == out[0] ? out[1] : out[0];
+    /* Deployment 0 refuses its key: it is disabled, the request is retried elsewhere. */
+    sx_attempt at;
+    mk_attempt(&at, CURLE_OK, 401, NULL);
+    CHECK(at.verdict == SX_V_ABORT_BATCH);
+    CHECK(sx_sched_outcome(&s, on0, &at, &rng, T0 + 0.01) == SX_V_RETRY);
+    CHECK(s.deploy[0].disabled && s.deploy[0].stats.disabled_kind == SX_ERR_AUTH);
+    CHECK(!sx_deploy_in_service(&s.deploy[0], T0 + 100));
+    finish_ok(&s, on1, &rng, T0 + 0.01);
+    for (int round = 0; round < 8 && b->done < b->n; round++) {
+        double t = T0 + 1.0 + round;
+        size_t n = sx_sched_take(&s, out, 16, t, &wake);
+        for (size_t i = 0; i < n; i++) {
+            CHECK(out[i]->deploy == 1);
+            finish_ok(&s, out[i], &rng, t);
+        }
+    }
+    CHECK(b->done == b->n && on0->state == SX_OK && on0->attempts == 2);
+    /* The last one refuses too: nothing left to go to, so the batch stops as it would. */
+    sx_batch *c = mk_batch("l", 2, NULL, &ro);
+    REQUIRE(c != NULL);
+    REQUIRE(sx_sched_push_batch(&s, c) == 0);
+    REQUIRE(sx_sched_take(&s, out, 16, T0 + 20, &wake) == 2);
+    mk_attempt(&at, CURLE_OK, 401, NULL);
+    CHECK(sx_sched_outcome(&s, out[0], &at, &rng, T0 + 20.01) == SX_V_ABORT_BATCH);
+    CHECK(s.deploy[1].disabled);
+    sx_sched_release(&s, out[1]);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+    sx_batch_free(c);
+}
+
 static sx_engine *mk_deploy_engine(int workers, int max_in_flight, const sx_deploy_opts *d,
                                    size_t n)
 {
@@ -4281,6 +4329,7 @@ static const test_case tests[] = {
     TEST(test_sched_deploy_split_by_limits),
     TEST(test_sched_deploy_429_drains_to_others),
     TEST(test_sched_deploy_trips_and_recovers),
+    TEST(test_sched_deploy_bad_key_disables_it),
     TEST(test_engine_echo_500),
     TEST(test_engine_retry_503),
     TEST(test_engine_cancel),
