@@ -498,3 +498,30 @@ def test_deployments_of_a_native_provider_share_its_dialect(server):
         semex.LM("m", deployments=[
             {"api_base": server._root, "api_key": "k", "provider": "anthropic"},
             {"api_base": server.base_url, "api_key": "k"}])
+
+
+def test_anthropic_system_blocks_keep_cache_control(server, make_dialect_lm, dialect):
+    """Prompt caching: system text given as Anthropic's blocks goes out as blocks, its
+    cache_control kept; plain text stays one string."""
+    if dialect != "anthropic":
+        pytest.skip("Anthropic's prompt caching")
+    cached = {"type": "text", "text": "a long shared preamble",
+              "cache_control": {"type": "ephemeral"}}
+    lm = make_dialect_lm(extra_body={"system": [cached]})
+    assert semex.llm_batch(["q [[cache_tokens]]"], model=lm, system_prompt="be brief") == \
+        ["echo: q"]
+    out = lm([[{"role": "system", "content": [{"type": "text", "text": "row rules",
+                                               "cache_control": {"type": "ephemeral"}}]},
+               {"role": "user", "content": "r"}]])
+    assert out.outputs == ["echo: r"] and out.usage.prompt_tokens > 0
+    first, second = chat_log(server)
+    assert first["native"]["system"] == [cached, {"type": "text", "text": "be brief"}]
+    assert second["native"]["system"][0] == cached
+    assert second["native"]["system"][1]["cache_control"] == {"type": "ephemeral"}
+    plain = make_dialect_lm()
+    plain([[{"role": "system", "content": [{"type": "text", "text": "a"}]},
+            {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]])
+    assert chat_log(server)[-1]["native"]["system"] == "a\n\nb"
+    with pytest.raises(E.ConfigurationError, match="text blocks only"):
+        plain([[{"role": "system", "content": [{"type": "image"}]},
+                {"role": "user", "content": "c"}]])

@@ -79,27 +79,40 @@ class Anthropic(N.Dialect):
             native["tools"] = [{"name": name, "description": "Record the answer.",
                                 "input_schema": schema}]
             native["tool_choice"] = {"type": "tool", "name": name}
-        extra_system = f.pop("system", None)
-        if extra_system is not None and not isinstance(extra_system, str):
-            raise E.ConfigurationError("system must be a string")
+        # The call's system prompt as blocks: a `system` field given as Anthropic's text
+        # blocks (with cache_control, to cache a long shared preamble) comes first.
+        base = _system_blocks(f.pop("system", None), "system")
+        if system_prompt:
+            base.append({"type": "text", "text": system_prompt})
         native.update(f)  # Anthropic's own fields (top_k, metadata, thinking...) as given
-        if extra_system:
-            system_prompt = (system_prompt + "\n\n" + extra_system) if system_prompt \
-                else extra_system
         prefix = N.open_prefix(native)
 
-        def open_for(system: Optional[str]) -> str:
+        def open_for(blocks: List[Dict[str, Any]]) -> str:
+            system = _system_value(blocks)
             return prefix + (f'"system": {N.encode(system, "system_prompt")}, '
                              if system else "")
 
-        user_open = open_for(system_prompt) + '"messages": [{"role": "user", "content": '
+        user_open = open_for(base) + '"messages": [{"role": "user", "content": '
 
         def conversation(i: int, messages: Sequence[Mapping[str, Any]]) -> str:
             at = f"{where}[{i}]"
-            system, turns = N.split_system(messages, at, system_prompt)
+            blocks = list(base)
+            turns = []
+            for j, m in enumerate(messages):
+                role = m.get("role")
+                if role in ("system", "developer"):
+                    blocks += _system_blocks(m.get("content"), f"{at}[{j}]")
+                elif role in ("user", "assistant"):
+                    turns.append(m)
+                else:
+                    raise E.ConfigurationError(
+                        f"{at}[{j}]: role {role!r} is not supported here (system, user and "
+                        "assistant are)")
+            if not turns:
+                raise E.ConfigurationError(f"{at} has no user or assistant message")
             wire = [{"role": m["role"], "content": _content(m.get("content"), f"{at}[{j}]")}
                     for j, m in enumerate(turns)]
-            return open_for(system) + '"messages": ' + N.encode(wire, at) + "}"
+            return open_for(blocks) + '"messages": ' + N.encode(wire, at) + "}"
 
         return N.Plan(native, prefix, user_open, "}]}", conversation)
 
@@ -131,6 +144,33 @@ class Anthropic(N.Dialect):
             "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
         completion = N.token_count(usage.get("output_tokens"))
         return content, finish, prompt, completion, prompt + completion
+
+
+def _system_blocks(content: Any, where: str) -> List[Dict[str, Any]]:
+    """A system text (a string, or text blocks, which may carry cache_control) as blocks."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if isinstance(content, (list, tuple)):
+        blocks = []
+        for part in content:
+            if not isinstance(part, Mapping) or part.get("type") != "text" or \
+                    not isinstance(part.get("text"), str):
+                raise E.ConfigurationError(f"{where}: a system message holds text blocks "
+                                           "only ({'type': 'text', 'text': ...})")
+            blocks.append(dict(part))
+        return blocks
+    raise E.ConfigurationError(f"{where}: a system prompt must be a string or a list of text "
+                               f"blocks, got {type(content).__name__}")
+
+
+def _system_value(blocks: List[Dict[str, Any]]) -> Any:
+    """The `system` field: one string when the blocks are plain text (joined by blank
+    lines), else the blocks as they are (cache_control kept)."""
+    if all(set(b) <= {"type", "text"} for b in blocks):
+        return "\n\n".join(b["text"] for b in blocks if b["text"]) or None
+    return blocks
 
 
 def _content(content: Any, where: str) -> Any:
