@@ -113,12 +113,13 @@ def test_max_concurrent_bounds_the_whole_call_across_windows(server, make_lm, us
 
 @pytest.mark.parametrize("use_async", [False, True])
 def test_a_slow_request_does_not_hold_back_the_windows_after_it(server, make_lm, use_async):
-    # Answers are read window by window, in order. Row 0 takes 1.5 s; the other 2,599 rows
-    # take 5 ms each, about 0.2 s of work at 64 in flight. They must all be sent while row 0
-    # is still out (more windows submitted while its window waits), not after it.
+    # Answers are read window by window, in order. Row 0 takes 4 s; the other 2,599 rows
+    # take 5 ms each, about 0.2 s of work at 64 in flight (a second or two on a loaded
+    # machine, or under ASan). They must all be sent while row 0 is still out (more windows
+    # submitted while its window waits), not after it.
     server.reset()
     lm = make_lm(max_concurrency=64, timeout=10.0)
-    prompts = ["[[lat=1500]] slow"] + [f"[[lat=5]] r{i}" for i in range(1, 2600)]
+    prompts = ["[[lat=4000]] slow"] + [f"[[lat=5]] r{i}" for i in range(1, 2600)]
     if use_async:
         result = asyncio.run(semex.llm_batch_async(prompts, model=lm, max_concurrent=64))
     else:

@@ -55,12 +55,14 @@ def test_actors_share_one_rate_limit(ray_local, server, make_lm):
         server.configure(rpm=600)  # 10/s, a burst of 10
         try:
             lm = make_lm(rpm=600, max_concurrency=16, max_retries=12)
-            frames = [pd.DataFrame({"text": [f"r{cluster_limit}{k}-{i}" for i in range(10)]})
-                      for k in range(4)]  # four blocks: both actors get work
+            # four blocks, both actors get work: ~5 s of it each at the limit, so that they
+            # overlap even when one starts seconds after the other (a loaded machine)
+            frames = [pd.DataFrame({"text": [f"r{cluster_limit}{k}-{i}" for i in range(24)]})
+                      for k in range(4)]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", E.PartialFailureWarning)
                 out = ray.data.from_pandas(frames).map_batches(
-                    semex.ray.SemExtract, batch_format="pandas", batch_size=10, concurrency=2,
+                    semex.ray.SemExtract, batch_format="pandas", batch_size=24, concurrency=2,
                     fn_constructor_kwargs={"input_cols": ["text"], "output_cols": FIELDS,
                                            "model": lm, "batch_size": 1,
                                            "cluster_limit": cluster_limit}).to_pandas()
