@@ -173,7 +173,7 @@ done:
 PyDoc_STRVAR(Engine_doc,
 "Engine(*, workers=1, max_in_flight=64, rpm=0.0, tpm=0.0, adaptive=True, "
 "queue_limit=1000000, http2=True, max_connections=0, lease=False, lease_tokens=False, "
-"deployments=None)\n"
+"deployments=None, settle_tokens=True)\n"
 "--\n\n"
 "The C concurrency engine: `workers` I/O threads, each with its own libcurl multi handle,\n"
 "sharing one scheduler (in-flight cap, requests/min and tokens/min limits, cool-down after\n"
@@ -181,22 +181,27 @@ PyDoc_STRVAR(Engine_doc,
 "deployments: 2 or more (rpm, tpm, weight, max_in_flight) tuples, one per deployment of\n"
 "the same model; each keeps its own limits, window, cool-down and health, and every\n"
 "attempt goes to one of them (see csrc/sched.h). rpm/tpm/max_in_flight above then bound\n"
-"their sum; each batch gives one target (url, headers) per deployment.");
+"their sum; each batch gives one target (url, headers) per deployment.\n"
+"settle_tokens: a success whose answer (read with parse_chat) gives its usage settles the\n"
+"tokens it reserved: the unused part goes back to the tokens/min bucket(s), an overrun is\n"
+"charged; and the first x-ratelimit-remaining-tokens sets the bucket's level. False: the\n"
+"estimate is the charge.");
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"workers", "max_in_flight", "rpm", "tpm", "adaptive",
                              "queue_limit", "http2", "max_connections", "lease",
-                             "lease_tokens", "deployments", NULL};
+                             "lease_tokens", "deployments", "settle_tokens", NULL};
     int workers = 1, max_in_flight = 64, adaptive = 1, http2 = 1, lease = 0, lease_tokens = 0;
+    int settle_tokens = 1;
     double rpm = 0.0, tpm = 0.0;
     Py_ssize_t queue_limit = 1000000;
     long max_connections = 0;
     PyObject *deploys_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$iiddpnplppO:Engine", kwlist, &workers,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$iiddpnplppOp:Engine", kwlist, &workers,
                                      &max_in_flight, &rpm, &tpm, &adaptive, &queue_limit,
                                      &http2, &max_connections, &lease, &lease_tokens,
-                                     &deploys_obj))
+                                     &deploys_obj, &settle_tokens))
         return NULL;
     if (workers < 1 || workers > 64) {
         PyErr_Format(PyExc_ValueError, "workers must be between 1 and 64, got %d", workers);
@@ -233,6 +238,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     opts.sched.lease_tokens = lease && lease_tokens;
     opts.sched.deploys = deploys;
     opts.sched.ndeploys = (size_t)ndeploys;
+    opts.sched.settle_tokens = settle_tokens;
     opts.http2 = http2;
     opts.max_connections = max_connections;
     self->max_in_flight = max_in_flight;
@@ -553,7 +559,9 @@ PyDoc_STRVAR(Engine_stats_doc,
 "learned_rpm (the requests/min learned from them; 0 until the first). With deployments, also\n"
 "deployments: one dict each (in_flight, window, cooldown_remaining, in_service,\n"
 "out_of_service_remaining, admitted, ok, failed, http_429, trips, learned_rpm, disabled:\n"
-"'auth' or 'quota' once a 401/403 or insufficient_quota took it out for good, else '').");
+"'auth' or 'quota' once a 401/403 or insufficient_quota took it out for good, else '').\n"
+"tokens_settled (reservations settled against an answer's usage), tokens_refunded and\n"
+"tokens_overrun (what those settlements gave back to and took from the tokens/min bucket).");
 
 static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -580,7 +588,7 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
     if (nd && !deploys)
         return PyErr_NoMemory();
     PyObject *result = Py_BuildValue(
-        "{s:n,s:i,s:n,s:n,s:d,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:d}", "in_flight",
+        "{s:n,s:i,s:n,s:n,s:d,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:d,s:K,s:d,s:d}", "in_flight",
         (Py_ssize_t)in_flight,
         "window", window, "queued", (Py_ssize_t)queued, "retry_waiting", (Py_ssize_t)retrying,
         "cooldown_remaining", cooldown > 0 ? cooldown : 0.0, "admitted",
@@ -589,7 +597,9 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
         (unsigned long long)st.timeouts, "cooldowns", (unsigned long long)st.cooldowns,
         "window_cuts", (unsigned long long)st.window_cuts, "lease_waits",
         (unsigned long long)st.lease_waits, "bare_429_episodes",
-        (unsigned long long)st.bare_episodes, "learned_rpm", learned);
+        (unsigned long long)st.bare_episodes, "learned_rpm", learned, "tokens_settled",
+        (unsigned long long)st.settled, "tokens_refunded", st.tokens_refunded, "tokens_overrun",
+        st.tokens_overrun);
     if (result && nd) {
         PyObject *list = PyList_New((Py_ssize_t)nd);
         for (size_t i = 0; list && i < nd; i++) {

@@ -59,6 +59,24 @@ void sx_bucket_refund(sx_bucket *b, double cost)
         b->tokens = b->capacity;
 }
 
+void sx_bucket_settle(sx_bucket *b, double reserved, double used, double now)
+{
+    if (b->rate <= 0)
+        return;
+    bucket_refill(b, now);
+    b->tokens += reserved - used;
+    if (b->tokens > b->capacity)
+        b->tokens = b->capacity;
+}
+
+void sx_bucket_set(sx_bucket *b, double level, double now)
+{
+    if (b->rate <= 0)
+        return;
+    bucket_refill(b, now);
+    b->tokens = level < b->capacity ? level : b->capacity;
+}
+
 void sx_window_init(sx_window *w, double cap)
 {
     w->cap = cap >= 1 ? cap : 1;

@@ -39,6 +39,15 @@ void sx_bucket_raise(sx_bucket *b, double level, double now);
 /* Give back tokens that were taken for a request that was never sent. */
 void sx_bucket_refund(sx_bucket *b, double cost);
 
+/* A request took `reserved` tokens and turned out to use `used`: give back the unused part,
+ * or take the overrun (the level may go below zero: a debt that later admissions wait out).
+ * Refilled to `now` first; never above the capacity. */
+void sx_bucket_settle(sx_bucket *b, double reserved, double used, double now);
+
+/* Set the level to `level` (refilled to `now` first; at most the capacity; may lower it, and
+ * may go below zero): a server that says how much of its budget is left. */
+void sx_bucket_set(sx_bucket *b, double level, double now);
+
 typedef struct sx_window {
     double size;        /* current window (in-flight requests allowed) */
     double cap;         /* the user's cap: never exceeded */

@@ -355,6 +355,7 @@ size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double 
             sx_bucket_take(&d->rpm, 1.0, now);
             sx_bucket_take(&d->tpm, slot->tokens, now);
             d->in_flight++;
+            d->tokens_in_flight += slot->tokens;
             d->stats.admitted++;
             slot->deploy = (uint16_t)(d - s->deploy);
         }
@@ -375,6 +376,7 @@ size_t sx_sched_take(sx_sched *s, sx_slot **out, size_t max, double now, double 
         slot->attempts++;
         slot->admit_seq = ++s->stats.admitted;
         s->in_flight++;
+        s->tokens_in_flight += slot->tokens;
         slot->batch->in_flight++;
         if (slot->batch->cap)
             slot->batch->cap->in_flight++;
@@ -510,6 +512,37 @@ void sx_classify(sx_attempt *a, int curl_code, const char *curl_error, int statu
     }
 }
 
+/* What a success's answer says it used (usage.total_tokens, else prompt + completion), or -1
+ * when it says nothing (no usage, or an answer the worker left to Python). */
+static double used_tokens(const sx_attempt *a)
+{
+    if (!a->chat.parsed)
+        return -1;
+    if (a->chat.total_tokens > 0)
+        return (double)a->chat.total_tokens;
+    int64_t sum = a->chat.prompt_tokens + a->chat.completion_tokens;
+    return sum > 0 ? (double)sum : -1;
+}
+
+/* A success that used `used` of the `reserved` tokens it took at admission (from the
+ * scheduler's bucket and, with deployments, from deployment d's). */
+static void settle_tokens(sx_sched *s, sx_deploy *d, double reserved, double used, double now)
+{
+    double delta = reserved - used;
+    sx_bucket_settle(&s->tpm, reserved, used, now);
+    if (d)
+        sx_bucket_settle(&d->tpm, reserved, used, now);
+    if (s->opts.lease && s->opts.lease_tokens) {
+        s->lease.tokens += delta;
+        s->lease.used_tokens -= delta;
+    }
+    s->stats.settled++;
+    if (delta > 0)
+        s->stats.tokens_refunded += delta;
+    else
+        s->stats.tokens_overrun -= delta;
+}
+
 static void extend_cooldown(sx_sched *s, double *cooldown_until, double until)
 {
     if (until > *cooldown_until) {
@@ -528,16 +561,20 @@ typedef struct sx_limits {
     double *cooldown_until;
     int *rpm_seeded;
     size_t in_flight;           /* still in flight there, this attempt no longer counted */
+    sx_bucket *tpm;
+    int *tpm_seeded;
+    double tokens_in_flight;    /* reserved there by the others still in flight */
 } sx_limits;
 
 static sx_limits limits_of(sx_sched *s, const sx_slot *slot)
 {
     if (!s->ndeploy)
         return (sx_limits){NULL, &s->rpm, &s->window, &s->pace, &s->cooldown_until,
-                           &s->rpm_seeded, s->in_flight};
+                           &s->rpm_seeded, s->in_flight, &s->tpm, &s->tpm_seeded,
+                           s->tokens_in_flight};
     sx_deploy *d = &s->deploy[slot->deploy];
     return (sx_limits){d, &d->rpm, &d->window, &d->pace, &d->cooldown_until, &d->rpm_seeded,
-                       d->in_flight};
+                       d->in_flight, &d->tpm, &d->tpm_seeded, d->tokens_in_flight};
 }
 
 /* A failure that says something about the deployment rather than the request. */
@@ -599,14 +636,30 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
 {
     sx_batch *b = slot->batch;
     s->in_flight--;
+    s->tokens_in_flight -= slot->tokens;
     b->in_flight--;
     if (b->cap)
         b->cap->in_flight--;
     sx_limits lim = limits_of(s, slot);
     if (lim.deploy) {
         lim.deploy->in_flight--;
+        lim.deploy->tokens_in_flight -= slot->tokens;
         lim.in_flight--;
+        lim.tokens_in_flight -= slot->tokens;
         deploy_health(s, lim.deploy, slot, a, now);
+    }
+
+    /* Tokens: settle this reservation, then believe the server's count (see sched.h). */
+    if (a->verdict == SX_V_OK && s->opts.settle_tokens &&
+        (s->tpm.rate > 0 || (lim.deploy && lim.tpm->rate > 0))) {
+        double used = used_tokens(a);
+        if (used >= 0)
+            settle_tokens(s, lim.deploy, slot->tokens, used, now);
+    }
+    if (!*lim.tpm_seeded && s->opts.settle_tokens && a->hints.remaining_tokens >= 0 &&
+        lim.tpm->rate > 0) {
+        *lim.tpm_seeded = 1;
+        sx_bucket_set(lim.tpm, (double)a->hints.remaining_tokens - lim.tokens_in_flight, now);
     }
 
     if (a->rate_limited) {
@@ -735,9 +788,12 @@ void sx_sched_grant(sx_sched *s, double requests, double tokens)
 
 void sx_sched_release(sx_sched *s, sx_slot *slot)
 {
-    if (s->ndeploy)
+    if (s->ndeploy) {
         s->deploy[slot->deploy].in_flight--;
+        s->deploy[slot->deploy].tokens_in_flight -= slot->tokens;
+    }
     s->in_flight--;
+    s->tokens_in_flight -= slot->tokens;
     slot->batch->in_flight--;
     if (slot->batch->cap)
         slot->batch->cap->in_flight--;

@@ -25,6 +25,17 @@
  * own buckets, in-flight window, cool-down and learned pace, so everything above applies
  * per deployment; the scheduler's own buckets and cap then bound the sum.
  *
+ * Tokens: each attempt takes its estimate (slot->tokens: the caller's characters/4 +
+ * max_tokens) from the tokens/min bucket when it is admitted. With opts.settle_tokens, a
+ * success whose answer says what it used (usage.total_tokens, read by the worker) settles
+ * that reservation: the unused part goes back to the bucket (and to the lease), an overrun is
+ * charged, so a max_tokens far above the typical answer no longer holds the engine at a
+ * fraction of the limit. The first response with x-ratelimit-remaining-tokens sets the
+ * bucket's level to that, less the tokens reserved by the requests still in flight (each is
+ * settled when it returns, so the two views agree once they are back). With deployments, the
+ * settlement goes to the scheduler's bucket and to the deployment's (both were charged), and
+ * the header seeds the bucket of the deployment that sent it.
+ *
  * It knows HTTP statuses, time and limits; nothing about prompts. It does no locking and no
  * I/O and takes `now` as an argument, so tests drive it with a fake clock. The engine calls it
  * with the engine lock held. */
@@ -56,6 +67,7 @@ typedef struct sx_sched_opts {
     int lease_tokens;        /* with lease: the budget counts tokens too, not only requests */
     const sx_deploy_opts *deploys;  /* 2 or more: several deployments (copied by init); */
     size_t ndeploys;                /* 0 or 1: one target, the limits above */
+    int settle_tokens;       /* 1: settle each reservation against the answer's usage */
 } sx_sched_opts;
 
 /* A budget granted from outside the process: a cluster-wide rpm/tpm shared by several
@@ -80,6 +92,9 @@ typedef struct sx_sched_stats {
     uint64_t window_cuts;
     uint64_t lease_waits;    /* times admission stopped because the granted budget was spent */
     uint64_t bare_episodes;  /* overload episodes told only by bare 429s (sx_pace) */
+    uint64_t settled;        /* reservations settled against an answer's usage */
+    double tokens_refunded;  /* unused reserved tokens given back by settlements */
+    double tokens_overrun;   /* tokens charged beyond a reservation by settlements */
 } sx_sched_stats;
 
 /* A deployment of an engine with several (opts.ndeploys >= 2). A first attempt goes to the
@@ -116,7 +131,9 @@ typedef struct sx_deploy {
     sx_pace pace;
     double cooldown_until;
     int rpm_seeded;
+    int tpm_seeded;          /* its tpm level was set from a remaining header */
     size_t in_flight;
+    double tokens_in_flight; /* tokens reserved by its attempts at workers */
     int fails;               /* failed attempts in a row (no success in between) */
     int trips_in_row;        /* times out of service with no success in between */
     double down_until;       /* out of service until then; one request at a time after */
@@ -138,6 +155,8 @@ typedef struct sx_sched {
     sx_lease lease;
     sx_pace pace;               /* what a server that only says 429 will take */
     int rpm_seeded;             /* the rpm level was raised from a remaining header */
+    int tpm_seeded;             /* the tpm level was set from a remaining header */
+    double tokens_in_flight;    /* tokens reserved by the attempts at workers */
     sx_sched_stats stats;
     sx_deploy *deploy;          /* opts.ndeploys of them, or NULL: one target */
     size_t ndeploy;

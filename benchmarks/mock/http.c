@@ -7,6 +7,7 @@
 _Atomic uint64_t st_requests, st_200, st_429, st_faults, st_fail, st_drop, st_truncate,
     st_stall, st_other;
 _Atomic int64_t st_open, st_max_open;
+_Atomic uint64_t st_usage_tokens, st_embed_usage_tokens;
 
 char TAG_LISTEN, TAG_STOP;
 

@@ -1,5 +1,5 @@
-/* limits.c - what makes the mock answer 429: the --rpm/--tpm token buckets (with OpenAI's
- * x-ratelimit-* headers and retry-after-ms), the bare-429 limiter (--bare-*: no headers at
+/* limits.c - what makes the mock answer 429: the --rpm/--tpm/--embed-tpm token buckets (with
+ * OpenAI's x-ratelimit-* headers and retry-after-ms), the bare-429 limiter (--bare-*: no headers at
  * all), and the per-100-ms counts of 200s and 429s behind GET /_timeline. */
 #include "mock.h"
 
@@ -14,7 +14,7 @@ typedef struct {
     uint64_t last;
 } bucket_t;
 
-static bucket_t rl_req, rl_tok;
+static bucket_t rl_req, rl_tok, rl_etok; /* rl_etok: --embed-tpm */
 static pthread_mutex_t rl_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static void bucket_init(bucket_t *b, double per_minute, uint64_t now) {
@@ -97,11 +97,14 @@ static void put_rl_headers(buf_t *h, const char *what, const bucket_t *b, int ex
 /*
  * Takes one request (and body_len/4 tokens) if both buckets allow it. Appends the
  * x-ratelimit-* headers to `hdrs`. Returns 0 when admitted, else the retry-after in
- * ms, with *which = 1 (requests), 2 (tokens) or 3 (both).
+ * ms, with *which = 1 (requests), 2 (tokens) or 3 (both). With --tpm-usage the body's
+ * tokens are the prompt's; the completion's follow (ratelimit_charge).
  */
-uint64_t ratelimit_take(uint64_t now, size_t body_len, buf_t *hdrs, int *which, int dialect) {
+uint64_t ratelimit_take(uint64_t now, size_t body_len, buf_t *hdrs, int *which, int dialect,
+                        int embed) {
     *which = 0;
-    if (!rl_req.on && !rl_tok.on) return 0;
+    bucket_t *tok = embed && rl_etok.on ? &rl_etok : &rl_tok;
+    if (!rl_req.on && !tok->on) return 0;
     pthread_mutex_lock(&rl_mu);
     double tcost = (double)(body_len / 4);
     uint64_t wreq = 0, wtok = 0;
@@ -109,15 +112,15 @@ uint64_t ratelimit_take(uint64_t now, size_t body_len, buf_t *hdrs, int *which, 
         bucket_refill(&rl_req, now);
         wreq = bucket_wait_ms(&rl_req, 1.0);
     }
-    if (rl_tok.on) {
-        bucket_refill(&rl_tok, now);
-        if (tcost > rl_tok.cap) tcost = rl_tok.cap; /* else it could never pass */
-        wtok = bucket_wait_ms(&rl_tok, tcost);
+    if (tok->on) {
+        bucket_refill(tok, now);
+        if (tcost > tok->cap) tcost = tok->cap; /* else it could never pass */
+        wtok = bucket_wait_ms(tok, tcost);
     }
     uint64_t retry = wreq > wtok ? wreq : wtok;
     if (retry == 0) {
         if (rl_req.on) rl_req.tokens -= 1.0;
-        if (rl_tok.on) rl_tok.tokens -= tcost;
+        if (tok->on) tok->tokens -= tcost;
     }
     /* headers: on success the reset is the time until the bucket is full again */
     if (rl_req.on) {
@@ -125,10 +128,10 @@ uint64_t ratelimit_take(uint64_t now, size_t body_len, buf_t *hdrs, int *which, 
         if (!retry) reset = ceil_u64((rl_req.cap - rl_req.tokens) / rl_req.per_ns / 1e6);
         put_rl_headers(hdrs, "requests", &rl_req, wreq > 0, reset, dialect);
     }
-    if (rl_tok.on) {
+    if (tok->on) {
         uint64_t reset = wtok;
-        if (!retry) reset = ceil_u64((rl_tok.cap - rl_tok.tokens) / rl_tok.per_ns / 1e6);
-        put_rl_headers(hdrs, "tokens", &rl_tok, wtok > 0, reset, dialect);
+        if (!retry) reset = ceil_u64((tok->cap - tok->tokens) / tok->per_ns / 1e6);
+        put_rl_headers(hdrs, "tokens", tok, wtok > 0, reset, dialect);
     }
     pthread_mutex_unlock(&rl_mu);
     if (retry) {
@@ -144,6 +147,15 @@ uint64_t ratelimit_take(uint64_t now, size_t body_len, buf_t *hdrs, int *which, 
         }
     }
     return retry;
+}
+
+void ratelimit_charge(uint64_t now, uint64_t tokens, int embed) {
+    bucket_t *tok = embed && rl_etok.on ? &rl_etok : &rl_tok;
+    if (!cfg.tpm_usage || !tok->on || !tokens) return;
+    pthread_mutex_lock(&rl_mu);
+    bucket_refill(tok, now);
+    tok->tokens -= (double)tokens;
+    pthread_mutex_unlock(&rl_mu);
 }
 
 /* ------------------------------------------------ bare 429s and the timeline */
@@ -221,4 +233,5 @@ void build_timeline(buf_t *b) {
 void limits_init(uint64_t now) {
     bucket_init(&rl_req, cfg.rpm, now);
     bucket_init(&rl_tok, cfg.tpm, now);
+    bucket_init(&rl_etok, cfg.embed_tpm, now);
 }

@@ -24,7 +24,13 @@ static void usage(FILE *f) {
           "  --threads N            worker threads (default 1)\n"
           "  --latency-ms MS        mean response delay (default 0)\n"
           "  --jitter-ms MS         uniform jitter: delay in [MEAN-J, MEAN+J], clamped at 0\n"
-          "  --rpm N / --tpm N      token-bucket rate limits (429 when exceeded)\n"
+          "  --rpm N / --tpm N      token-bucket rate limits (429 when exceeded); a request\n"
+          "                         costs body bytes/4 tokens\n"
+          "  --tpm-usage            --tpm counts what answers use instead: a request needs its\n"
+          "                         prompt's tokens (body bytes/4) to be admitted, and then\n"
+          "                         costs its usage (prompt + completion: the level may go\n"
+          "                         below zero); GET /_stats usage_tokens sums the 200s' usage\n"
+          "  --embed-tpm N          embeddings' tokens in a bucket of their own (default: --tpm)\n"
           "  --bare-rate R          a limiter answering bare 429s (no headers) above R req/s\n"
           "  --bare-burst B         its bucket size (default 20)\n"
           "  --bare-halve-at S      halve its rate S seconds after the first request...\n"
@@ -92,7 +98,8 @@ static void parse_args(int argc, char **argv) {
     enum { OPT_HOST = 1, OPT_PORT, OPT_THREADS, OPT_LAT, OPT_JIT, OPT_RPM, OPT_TPM, OPT_FAIL, OPT_DROP,
            OPT_TRUNC, OPT_STALL, OPT_STALL_T, OPT_SEED, OPT_STDIN, OPT_EMBED_DIM, OPT_HELP,
            OPT_BARE_RATE, OPT_BARE_BURST, OPT_BARE_HALVE, OPT_BARE_RESTORE, OPT_BATCH_S,
-           OPT_BATCH_ERR, OPT_BATCH_TRANS, OPT_BATCH_EXP, OPT_BATCH_FAIL, OPT_BATCH_MAX };
+           OPT_BATCH_ERR, OPT_BATCH_TRANS, OPT_BATCH_EXP, OPT_BATCH_FAIL, OPT_BATCH_MAX, OPT_TPM_USAGE,
+           OPT_EMBED_TPM };
     static const struct option opts[] = {
         {"host", required_argument, 0, OPT_HOST},
         {"port", required_argument, 0, OPT_PORT},
@@ -120,6 +127,8 @@ static void parse_args(int argc, char **argv) {
         {"batch-expire-at", required_argument, 0, OPT_BATCH_EXP},
         {"batch-fail", no_argument, 0, OPT_BATCH_FAIL},
         {"batch-max-requests", required_argument, 0, OPT_BATCH_MAX},
+        {"tpm-usage", no_argument, 0, OPT_TPM_USAGE},
+        {"embed-tpm", required_argument, 0, OPT_EMBED_TPM},
         {0, 0, 0, 0},
     };
     int o;
@@ -142,6 +151,8 @@ static void parse_args(int argc, char **argv) {
         case OPT_JIT: cfg.jitter_ms = parse_num("jitter-ms", optarg, 0, 3.6e6); break;
         case OPT_RPM: cfg.rpm = parse_num("rpm", optarg, 0, 1e12); break;
         case OPT_TPM: cfg.tpm = parse_num("tpm", optarg, 0, 1e15); break;
+        case OPT_TPM_USAGE: cfg.tpm_usage = 1; break;
+        case OPT_EMBED_TPM: cfg.embed_tpm = parse_num("embed-tpm", optarg, 0, 1e15); break;
         case OPT_FAIL: cfg.fail_rate = parse_num("fail-rate", optarg, 0, 1); break;
         case OPT_DROP: cfg.drop_rate = parse_num("drop-rate", optarg, 0, 1); break;
         case OPT_TRUNC: cfg.truncate_rate = parse_num("truncate-rate", optarg, 0, 1); break;

@@ -97,6 +97,8 @@ typedef struct {
     int threads;
     double latency_ms, jitter_ms;
     double rpm, tpm;
+    int tpm_usage;                           /* --tpm counts answers' usage, not body/4 */
+    double embed_tpm;                        /* embeddings' own tokens/min; 0: share --tpm */
     double fail_rate, drop_rate, truncate_rate, stall_rate;
     double stall_timeout_ms;
     uint64_t seed;
@@ -118,6 +120,8 @@ extern uint64_t g_created;          /* unix time at start: "created" of every co
 extern _Atomic uint64_t st_requests, st_200, st_429, st_faults, st_fail, st_drop,
     st_truncate, st_stall, st_other;
 extern _Atomic int64_t st_open, st_max_open;
+/* usage tokens (prompt + completion) of the 200 answers: chat routes, embeddings routes */
+extern _Atomic uint64_t st_usage_tokens, st_embed_usage_tokens;
 
 #define INC(x) atomic_fetch_add_explicit(&(x), 1, memory_order_relaxed)
 #define LOAD(x) atomic_load_explicit(&(x), memory_order_relaxed)
@@ -274,6 +278,8 @@ typedef struct worker {
     buf_t ans;            /* scratch: a structured answer's JSON text */
     buf_t text;           /* scratch: a streamed answer's escaped content */
     rng_t rng_fault, rng_jitter;
+    uint64_t usage_prompt;     /* the usage the answer being built reports (its builder sets */
+    uint64_t usage_completion; /* them; 0 before each handler) */
     uint64_t now;
     unsigned fail_toggle;
 } worker_t;
@@ -309,7 +315,9 @@ void *worker_main(void *arg);
 /* ----------------------------------------------------------- routes (routes.c) */
 
 /* What a route's handler gets, and may change: it builds the body in w->body (empty when it
- * is called); status and ctype are what the response says. */
+ * is called); status and ctype are what the response says. A handler whose answer reports
+ * usage sets w->usage_prompt / w->usage_completion (build_chat does): handle_request counts
+ * them in /_stats and, with --tpm-usage, charges them to the tokens bucket. */
 typedef struct {
     const req_t *r;
     const char *body;     /* the request body, body[0, blen) (not NUL-terminated) */
@@ -329,6 +337,8 @@ enum {
     RT_FAULT = 4, /* --fail/--drop/--truncate/--stall-rate */
     RT_DELAY = 8, /* --latency-ms, --jitter-ms */
     RT_API = RT_COUNT | RT_LIMIT | RT_FAULT | RT_DELAY,
+    RT_EMBED = 16, /* its tokens go to the --embed-tpm bucket (when given) and count as
+                    * embeddings' in /_stats */
 };
 
 /* the wire format of a route's answers, errors and rate-limit headers */
@@ -372,8 +382,12 @@ void limits_init(uint64_t now);
  * retry-after-ms; Anthropic's anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}
  * (RFC 3339 resets) and retry-after in whole seconds; none for Gemini (its API sends none).
  * 0 when admitted, else the retry-after in ms, with *which = 1 (requests), 2 (tokens) or 3
- * (both). */
-uint64_t ratelimit_take(uint64_t now, size_t body_len, buf_t *hdrs, int *which, int dialect);
+ * (both). `embed`: the request's tokens go to the --embed-tpm bucket when there is one. */
+uint64_t ratelimit_take(uint64_t now, size_t body_len, buf_t *hdrs, int *which, int dialect,
+                        int embed);
+/* With --tpm-usage: an admitted request's answer used `tokens` more than it was charged at
+ * admission (its completion): take them (the level may go below zero). */
+void ratelimit_charge(uint64_t now, uint64_t tokens, int embed);
 /* 1 if the request may pass the bare-429 limiter (always, when it is off) */
 int bare_take(uint64_t now);
 /* the timeline starts at the first request; responses 200 and 429 are counted per slot */

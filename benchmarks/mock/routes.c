@@ -93,6 +93,8 @@ void build_chat(worker_t *w, const char *body, size_t blen, const scan_t *sc) {
         }
         build_chat_stream(w, hex, sc, t->p, t->len, prompt, completion);
         if (t->cap > (4u << 20)) buf_free(t);
+        w->usage_prompt = prompt;
+        w->usage_completion = completion;
         return;
     }
     buf_reserve(b, 320 + sc->content_len + sc->model_len + (structured ? w->ans.len : 0));
@@ -119,6 +121,8 @@ void build_chat(worker_t *w, const char *body, size_t blen, const scan_t *sc) {
     buf_puts(b, ",\"total_tokens\":");
     buf_putu(b, prompt + completion);
     buf_puts(b, "}}");
+    w->usage_prompt = prompt;
+    w->usage_completion = completion;
 }
 
 /* One vector of `dim` values in [-1, 1) from the input's hash: as JSON numbers with six
@@ -213,6 +217,8 @@ void build_embeddings(worker_t *w, const char *body, size_t blen, const scan_t *
     buf_puts(b, ",\"total_tokens\":");
     buf_putu(b, prompt);
     buf_puts(b, "}}");
+    w->usage_prompt = prompt;
+    w->usage_completion = 0;
 }
 
 static void build_stats(worker_t *w) {
@@ -231,6 +237,8 @@ static void build_stats(worker_t *w) {
     FIELD(",\"faults_truncate\":", LOAD(st_truncate));
     FIELD(",\"faults_stall\":", LOAD(st_stall));
     FIELD(",\"threads\":", cfg.threads);
+    FIELD(",\"usage_tokens\":", LOAD(st_usage_tokens));
+    FIELD(",\"embed_usage_tokens\":", LOAD(st_embed_usage_tokens));
     batches_stats(b);
     buf_puts(b, "}");
 #undef FIELD
@@ -271,7 +279,7 @@ static const route_t routes[] = {
     {NULL, MATCH_EXACT, "/_stats", 0, route_stats, D_OPENAI},
     {NULL, MATCH_EXACT, "/_timeline", 0, route_timeline, D_OPENAI},
     {"POST", MATCH_SUFFIX, "/chat/completions", RT_API, route_chat, D_OPENAI},
-    {"POST", MATCH_SUFFIX, "/embeddings", RT_API, route_embeddings, D_OPENAI},
+    {"POST", MATCH_SUFFIX, "/embeddings", RT_API | RT_EMBED, route_embeddings, D_OPENAI},
     {NULL, MATCH_PREFIX, "/v1/files", 0, route_files, D_OPENAI},  /* the Batch API (batches.c) */
     {NULL, MATCH_PREFIX, "/v1/batches", 0, route_batches, D_OPENAI},
     {"POST", MATCH_SUFFIX, "/v1/messages", RT_API, route_messages, D_ANTHROPIC},  /* native.c */
@@ -312,8 +320,9 @@ static const route_t *find_route(const req_t *r, const char **allowed) {
  * One request, in this order: the route (404/405); for RT_COUNT routes the request counts in
  * /_stats and starts the timeline; RT_LIMIT: the bare limiter, then --rpm/--tpm (429s);
  * RT_FAULT: --fail/--drop/--truncate/--stall; the handler builds w->body (not called for a
- * --fail fault); RT_DELAY: the response waits --latency-ms ± --jitter-ms. The x-ratelimit-*
- * headers go on 200s only.
+ * --fail fault) and, with --tpm-usage, its answer's completion tokens are charged (RT_LIMIT);
+ * RT_DELAY: the response waits --latency-ms ± --jitter-ms. The x-ratelimit-* headers (the
+ * level after the prompt's tokens) go on 200s only.
  */
 void handle_request(worker_t *w, conn_t *c, const req_t *r, const char *body, size_t blen) {
     const char *allowed;
@@ -348,7 +357,8 @@ void handle_request(worker_t *w, conn_t *c, const req_t *r, const char *body, si
         }
         /* rate limits */
         int which = 0;
-        uint64_t retry = ratelimit_take(w->now, blen, &w->hdrs, &which, rt->dialect);
+        uint64_t retry = ratelimit_take(w->now, blen, &w->hdrs, &which, rt->dialect,
+                                        !!(flags & RT_EMBED));
         if (retry) {
             char msg[160];
             snprintf(msg, sizeof msg,
@@ -404,7 +414,15 @@ void handle_request(worker_t *w, conn_t *c, const req_t *r, const char *body, si
         }
     } else {
         w->body.len = 0;
+        w->usage_prompt = w->usage_completion = 0;
         rt->handler(w, &rc);
+        if (flags & RT_LIMIT)
+            ratelimit_charge(w->now, w->usage_completion, !!(flags & RT_EMBED));
+        if (rc.status == 200 && (flags & RT_COUNT)) {
+            uint64_t used = w->usage_prompt + w->usage_completion;
+            atomic_fetch_add_explicit(flags & RT_EMBED ? &st_embed_usage_tokens : &st_usage_tokens,
+                                      used, memory_order_relaxed);
+        }
     }
     int status = rc.status;
     int keep = r->keep_alive && fault != F_TRUNC;

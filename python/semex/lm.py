@@ -36,7 +36,8 @@ ProgressCallback = Callable[[int, int], None]
 # LM parameters, for the "did you mean" check on unknown keywords (which are otherwise sent
 # in the request body, as LOTUS passes them on to the provider).
 _LM_PARAMETERS = (
-    "model", "api_base", "api_key", "max_concurrency", "rpm", "tpm", "max_retries", "timeout",
+    "model", "api_base", "api_key", "max_concurrency", "rpm", "tpm", "settle_tokens",
+    "max_retries", "timeout",
     "connect_timeout", "total_timeout", "temperature", "max_tokens", "extra_body",
     "extra_headers", "structured_output", "workers", "adaptive_concurrency",
     "max_response_bytes",
@@ -216,7 +217,14 @@ class LM:
         ``max_batch_size`` is accepted as an alias (LOTUS's name).
     rpm, tpm:
         Requests/minute and tokens/minute limits enforced client-side (None: no limit).
-        Each request's token cost is estimated as characters/4 plus ``max_tokens``.
+        Each request reserves an estimate (characters/4 plus ``max_tokens``) when it is sent.
+        The reservation is settled when the answer's ``usage`` arrives: what it did not use
+        goes back, and an overrun is charged. The first ``x-ratelimit-remaining-tokens`` the
+        server sends sets how much is left. So a ``max_tokens`` well above the typical
+        answer no longer holds the engine far below the limit.
+    settle_tokens:
+        True (default): settle as above. False: the estimate is the charge. Use that for a
+        provider that counts ``max_tokens`` against its own limit whatever the answer used.
     max_retries:
         Retries per request after the first attempt (connection errors, timeouts, 408, 409,
         429, 5xx), with exponential backoff and full jitter, never sooner than the server's
@@ -319,6 +327,7 @@ class LM:
         max_concurrency: Optional[int] = None,
         rpm: Optional[float] = None,
         tpm: Optional[float] = None,
+        settle_tokens: bool = True,
         max_retries: int = 6,
         timeout: float = 120.0,
         connect_timeout: float = 10.0,
@@ -436,6 +445,10 @@ class LM:
         self.max_concurrency = max_concurrency
         self.rpm = rpm
         self.tpm = tpm
+        if not isinstance(settle_tokens, bool):
+            raise E.ConfigurationError(
+                f"settle_tokens must be True or False, got {settle_tokens!r}")
+        self.settle_tokens = settle_tokens
         self.max_retries = max_retries
         self.timeout = float(timeout)
         self.connect_timeout = float(connect_timeout)
@@ -492,7 +505,8 @@ class LM:
                 for d, weight in zip(parsed, _deployments.weights(list(parsed)))]
         self._count_tokens = bool(tpm) or any(d.tpm for d in self.deployments)
         options = dict(workers=workers, max_in_flight=max_concurrency, rpm=float(rpm or 0),
-                       tpm=float(tpm or 0), adaptive=adaptive_concurrency)
+                       tpm=float(tpm or 0), adaptive=adaptive_concurrency,
+                       settle_tokens=settle_tokens)
         if engine_deployments:
             options["deployments"] = engine_deployments
         self._engine = EngineHolder(**options)

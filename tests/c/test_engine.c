@@ -1221,6 +1221,175 @@ static void test_sched_tpm(void)
     sx_batch_free(b);
 }
 
+/* A 200 whose answer was read and says it used `total` tokens (0: no usage). */
+static void mk_ok_usage(sx_attempt *a, int64_t total, const char *const *headers)
+{
+    mk_attempt(a, CURLE_OK, 200, headers);
+    a->chat.parsed = SX_CHAT_PARSED;
+    a->chat.prompt_tokens = total / 2;
+    a->chat.completion_tokens = total - total / 2;
+    a->chat.total_tokens = total;
+}
+
+static void test_sched_tpm_settle(void)
+{
+    /* Reservations are settled against the answer's usage: the unused part comes back at
+     * once (the next request goes without waiting for the refill), an overrun is charged
+     * (a debt), an answer without usage or left to Python keeps its estimate, and with
+     * settle_tokens off nothing changes. */
+    sx_sched s;
+    sx_sched_opts so = sched_opts(100);
+    so.tpm = 7680;   /* 128 tokens/s, burst 128 */
+    so.settle_tokens = 1;
+    sx_sched_init(&s, &so, T0);
+    sx_request_opts ro = req_opts();
+    const double tokens[] = {100, 100, 100, 100};
+    sx_batch *b = mk_batch("s", 4, tokens, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 1);
+    sx_slot *out[8];
+    double wake = -1;
+    size_t n = sx_sched_take(&s, out, 8, T0, &wake);
+    CHECK(n == 1 && out[0] == &b->slots[0]);
+    CHECK(s.tpm.tokens == 28.0 && s.tokens_in_flight == 100.0);
+    CHECK(wake == T0 + 72.0 / 128.0);
+
+    sx_attempt a;
+    mk_ok_usage(&a, 20, NULL);
+    CHECK(sx_sched_outcome(&s, &b->slots[0], &a, &rng, T0) == SX_V_OK);
+    CHECK(s.tpm.tokens == 108.0);       /* 80 unused tokens back */
+    CHECK(s.tokens_in_flight == 0.0);
+    CHECK(s.stats.settled == 1 && s.stats.tokens_refunded == 80.0);
+    wake = -1;
+    n = sx_sched_take(&s, out, 8, T0, &wake);
+    CHECK(n == 1 && out[0] == &b->slots[1]);   /* at once, not 0.56 s later */
+    CHECK(s.tpm.tokens == 8.0);
+
+    /* an overrun: 150 used of 100 reserved -> a debt of 42 */
+    mk_ok_usage(&a, 150, NULL);
+    CHECK(sx_sched_outcome(&s, &b->slots[1], &a, &rng, T0) == SX_V_OK);
+    CHECK(s.tpm.tokens == -42.0 && s.stats.tokens_overrun == 50.0);
+    wake = -1;
+    n = sx_sched_take(&s, out, 8, T0, &wake);
+    CHECK(n == 0 && wake == T0 + 142.0 / 128.0);   /* 100 needed from -42 */
+
+    /* no usage in the answer, or an answer the worker did not read: the estimate stands */
+    n = sx_sched_take(&s, out, 8, T0 + 142.0 / 128.0, &wake);
+    CHECK(n == 1 && out[0] == &b->slots[2]);
+    double level = s.tpm.tokens;
+    mk_ok_usage(&a, 0, NULL);
+    CHECK(sx_sched_outcome(&s, &b->slots[2], &a, &rng, T0 + 142.0 / 128.0) == SX_V_OK);
+    CHECK(s.tpm.tokens == level && s.stats.settled == 2);
+    /* a failure settles nothing either (its tokens were spent on an attempt) */
+    n = sx_sched_take(&s, out, 8, T0 + 10, &wake);
+    CHECK(n == 1 && out[0] == &b->slots[3]);
+    level = s.tpm.tokens;
+    mk_attempt(&a, CURLE_OK, 500, NULL);
+    a.chat.parsed = SX_CHAT_PARSED;
+    a.chat.total_tokens = 1;
+    CHECK(sx_sched_outcome(&s, &b->slots[3], &a, &rng, T0 + 10) == SX_V_RETRY);
+    CHECK(s.tpm.tokens == level && s.stats.settled == 2);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+
+    /* settle_tokens off: the reservation is the charge */
+    so.settle_tokens = 0;
+    sx_sched_init(&s, &so, T0);
+    b = mk_batch("o", 1, tokens, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    n = sx_sched_take(&s, out, 8, T0, &wake);
+    CHECK(n == 1);
+    static const char *const rem[] = {"x-ratelimit-remaining-tokens: 5", NULL};
+    mk_ok_usage(&a, 20, rem);
+    CHECK(sx_sched_outcome(&s, &b->slots[0], &a, &rng, T0) == SX_V_OK);
+    CHECK(s.tpm.tokens == 28.0 && s.stats.settled == 0 && !s.tpm_seeded);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+}
+
+static void test_sched_tpm_seed_from_remaining(void)
+{
+    /* The first x-ratelimit-remaining-tokens sets the level to it less what is still in
+     * flight (reserved), lowering it too; later ones do not; the in-flight request's
+     * settlement then brings the two views together. */
+    sx_sched s;
+    sx_sched_opts so = sched_opts(100);
+    so.tpm = 60000;  /* 1000/s, burst 1000 */
+    so.settle_tokens = 1;
+    sx_sched_init(&s, &so, T0);
+    sx_request_opts ro = req_opts();
+    const double tokens[] = {300, 300, 300};
+    sx_batch *b = mk_batch("r", 3, tokens, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    sx_rng rng;
+    sx_rng_seed(&rng, 1);
+    sx_slot *out[8];
+    double wake = -1;
+    size_t n = sx_sched_take(&s, out, 2, T0, &wake);
+    CHECK(n == 2 && s.tpm.tokens == 400.0 && s.tokens_in_flight == 600.0);
+    static const char *const rem[] = {"x-ratelimit-remaining-tokens: 500", NULL};
+    sx_attempt a;
+    mk_ok_usage(&a, 100, rem);
+    CHECK(sx_sched_outcome(&s, &b->slots[0], &a, &rng, T0) == SX_V_OK);
+    /* the server has 500 left; slot 1 still holds 300 of ours */
+    CHECK(s.tpm_seeded && s.tpm.tokens == 200.0);
+    static const char *const more[] = {"x-ratelimit-remaining-tokens: 999", NULL};
+    mk_ok_usage(&a, 100, more);
+    CHECK(sx_sched_outcome(&s, &b->slots[1], &a, &rng, T0) == SX_V_OK);
+    CHECK(s.tpm.tokens == 400.0);       /* settled (+200), not re-seeded */
+    /* a remaining above the burst fills the bucket, no more */
+    sx_sched s2;
+    sx_sched_init(&s2, &so, T0);
+    sx_batch *c = mk_batch("q", 1, tokens, &ro);
+    REQUIRE(c != NULL);
+    REQUIRE(sx_sched_push_batch(&s2, c) == 0);
+    n = sx_sched_take(&s2, out, 8, T0, &wake);
+    CHECK(n == 1);
+    static const char *const lots[] = {"x-ratelimit-remaining-tokens: 149000", NULL};
+    mk_ok_usage(&a, 100, lots);
+    CHECK(sx_sched_outcome(&s2, &c->slots[0], &a, &rng, T0) == SX_V_OK);
+    CHECK(s2.tpm.tokens == 1000.0);
+    sx_sched_destroy(&s2);
+    sx_batch_free(c);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+}
+
+static void test_sched_lease_settle(void)
+{
+    /* With a token lease, a settlement gives the unused tokens back to the lease too, and
+     * the owner's accounting (used_tokens) counts what was used. */
+    sx_sched s;
+    sx_sched_opts so = sched_opts(100);
+    so.lease = 1;
+    so.lease_tokens = 1;
+    so.tpm = 60000;
+    so.settle_tokens = 1;
+    sx_sched_init(&s, &so, T0);
+    sx_request_opts ro = req_opts();
+    const double tokens[] = {400};
+    sx_batch *b = mk_batch("l", 1, tokens, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    sx_sched_grant(&s, 1, 500);
+    sx_slot *out[2];
+    double wake = -1;
+    CHECK(sx_sched_take(&s, out, 2, T0, &wake) == 1);
+    CHECK(s.lease.tokens == 100 && s.lease.used_tokens == 400);
+    sx_rng rng;
+    sx_rng_seed(&rng, 1);
+    sx_attempt a;
+    mk_ok_usage(&a, 50, NULL);
+    CHECK(sx_sched_outcome(&s, &b->slots[0], &a, &rng, T0) == SX_V_OK);
+    CHECK(s.lease.tokens == 450 && s.lease.used_tokens == 50);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+}
+
 static void test_sched_lease(void)
 {
     /* A budget granted from outside: nothing goes out before a grant, each attempt spends
@@ -4319,6 +4488,9 @@ static const test_case tests[] = {
     TEST(test_sched_shared_cap),
     TEST(test_sched_rpm),
     TEST(test_sched_tpm),
+    TEST(test_sched_tpm_settle),
+    TEST(test_sched_tpm_seed_from_remaining),
+    TEST(test_sched_lease_settle),
     TEST(test_sched_lease),
     TEST(test_sched_429_retry_and_cooldown),
     TEST(test_sched_retry_before_first_attempts),
