@@ -102,13 +102,35 @@ def test_requests_per_minute_limit_holds_at_the_server(server, make_lm):
 
 def test_tokens_per_minute_limit_holds_at_the_server(server, make_lm):
     # each body is ~400 bytes -> ~100 estimated tokens + max_tokens 100 = ~200 tokens;
-    # 12,000 tokens/min = 200 tokens/s -> about one request per second after the burst
-    lm = make_lm(tpm=12_000, max_tokens=100, max_concurrency=50)
+    # 12,000 tokens/min = 200 tokens/s -> about one request per second after the burst.
+    # settle_tokens=False: the estimate is the charge (the fake server's usage counts words,
+    # ~4 tokens, so settled reservations would hardly pace at all: see the next test)
+    lm = make_lm(tpm=12_000, max_tokens=100, max_concurrency=50, settle_tokens=False)
     prompts = [("t%d " % i) + "x" * 300 for i in range(6)]
     out = lm(convs(prompts))
     assert out.errors == [None] * 6
     starts = sorted(r["t_start"] for r in server.log())
     assert starts[-1] - starts[0] >= 3.0
+
+
+def test_tokens_per_minute_settle_against_the_answers_usage(server, make_lm):
+    # The same requests, settled (the default) and not, one after the other: settled, each
+    # gives back all but the ~4 tokens its answer says it used, so the next one need not
+    # wait for the refill; unsettled, they go about one a second after the burst.
+    prompts = [("t%d " % i) + "x" * 300 for i in range(6)]
+    spans = {}
+    for settle in (True, False):
+        lm = make_lm(tpm=12_000, max_tokens=100, max_concurrency=1, settle_tokens=settle)
+        seen = len(server.log())
+        out = lm(convs(prompts))
+        assert out.errors == [None] * 6
+        stats = lm.engine_stats()
+        assert stats["tokens_settled"] == (6 if settle else 0)
+        assert (stats["tokens_refunded"] > 6 * 150) == settle
+        starts = sorted(r["t_start"] for r in server.log()[seen:])
+        spans[settle] = starts[-1] - starts[0]
+    assert spans[False] >= 3.0
+    assert spans[True] * 3 < spans[False], spans
 
 
 def test_retry_after_hints_are_honoured(server, make_lm):
