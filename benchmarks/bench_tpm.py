@@ -35,9 +35,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MOCK = os.path.join(HERE, "build", "mockserver")
 
 CLIENT = r"""
-import json, sys, time
+import json, sys, threading, time
 import semex
 cfg = json.loads(sys.argv[1])
+emb = {}
+def embed_side():
+    rm = semex.EmbeddingModel("emb", api_base=cfg["url"], api_key="sk-bench",
+                              tpm=cfg["embed_tpm"], max_concurrency=cfg["c"])
+    texts = ["text %d %s" % (i, "y" * cfg["prompt_chars"]) for i in range(cfg["embed_n"])]
+    t = time.perf_counter()
+    m = semex.embed(texts, rm, batch_size=8, progress=False)
+    emb.update(wall=time.perf_counter() - t, rows=int(m.shape[0]),
+               client_429=rm.engine_stats()["http_429"] if hasattr(rm, "engine_stats") else None)
+th = threading.Thread(target=embed_side) if cfg.get("embed_n") else None
+if th:
+    th.start()
 kw = {} if cfg["settle"] is None else {"settle_tokens": cfg["settle"]}
 lm = semex.LM("mock", api_base=cfg["url"], api_key="sk-bench", tpm=cfg["tpm"],
               max_tokens=cfg["max_tokens"], max_concurrency=cfg["c"], temperature=None, **kw)
@@ -48,18 +60,22 @@ out = semex.llm_batch(prompts, lm, max_concurrent=cfg["c"], errors="objects")
 wall = time.perf_counter() - t0
 ok = sum(1 for i, r in enumerate(out) if r == "echo: " + prompts[i])
 errors = sum(1 for r in out if not isinstance(r, str))
+if th:
+    th.join()
 st = lm.engine_stats()
 u = lm.total_usage
 print(json.dumps({"wall": wall, "ok": ok, "errors": errors, "client_429": st["http_429"],
                   "settled": st.get("tokens_settled"), "refunded": st.get("tokens_refunded"),
                   "overrun": st.get("tokens_overrun"), "prompt_tokens": u.prompt_tokens,
-                  "completion_tokens": u.completion_tokens}))
+                  "completion_tokens": u.completion_tokens, "embed": emb}))
 """
 
 
-def start_mock(args):
+def start_mock(args, embed=False):
     argv = [MOCK, "--port", "0", "--stdin-watch", "--latency-ms", str(args.latency_ms),
             "--jitter-ms", str(args.jitter_ms), "--tpm", str(args.tpm), "--tpm-usage"]
+    if embed:
+        argv += ["--embed-tpm", str(args.embed_tpm)]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line.startswith("PORT"):
@@ -78,10 +94,11 @@ def typical_answer_tokens(prompt_chars):
     return (len("echo: row 1000 ") + prompt_chars) // 4 + 1
 
 
-def run_one(args, name, python, settle, n):
-    proc, port, mock_argv = start_mock(args)
+def run_one(args, name, python, settle, n, embed_n=0):
+    proc, port, mock_argv = start_mock(args, embed=bool(embed_n))
     cfg = dict(url=f"http://127.0.0.1:{port}/v1", tpm=args.tpm, c=args.c, n=n,
-               max_tokens=args.max_tokens, prompt_chars=args.prompt_chars, settle=settle)
+               max_tokens=args.max_tokens, prompt_chars=args.prompt_chars, settle=settle,
+               embed_tpm=args.embed_tpm, embed_n=embed_n)
     try:
         t0 = time.time()
         p = subprocess.run([python, "-c", CLIENT, json.dumps(cfg)], capture_output=True,
@@ -104,6 +121,14 @@ def run_one(args, name, python, settle, n):
                share_net=(used - burst) / wall * 60.0 / args.tpm,
                share_429=srv["responses_429"] / max(1, srv["requests"]),
                lost=n - res["ok"] - res["errors"], rows_per_s=n / wall)
+    if embed_n:
+        e = res["embed"]
+        res["embed_share"] = srv["embed_usage_tokens"] / e["wall"] * 60.0 / args.embed_tpm
+        res["embed_share_net"] = ((srv["embed_usage_tokens"] - args.embed_tpm / 60.0)
+                                  / e["wall"] * 60.0 / args.embed_tpm)
+        print(f"   embeddings beside it: {e['rows']} rows in {e['wall']:.1f} s, "
+              f"{100 * res['embed_share']:.1f}% of --embed-tpm "
+              f"({100 * res['embed_share_net']:.1f}% net)", file=sys.stderr, flush=True)
     print(f"{name}: {res['achieved_tpm']:,.0f} TPM = {100 * res['share']:.1f}% "
           f"({100 * res['share_net']:.1f}% net of the start burst), 429s "
           f"{100 * res['share_429']:.2f}%, lost {res['lost']}, {res['rows_per_s']:.1f} rows/s",
@@ -147,6 +172,10 @@ def main():
     ap.add_argument("--old-n", type=int, default=None,
                     help="rows for the old runs (default: as many as the new ones)")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--embed-tpm", type=float, default=1_200_000,
+                    help="the mock's --embed-tpm for the chat + embeddings run")
+    ap.add_argument("--no-embed", action="store_true",
+                    help="skip the chat + embeddings run (new build only)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -167,6 +196,28 @@ def main():
         for name, python, settle, rows in runs:
             results.append(run_one(args, name, python, settle, rows))
     text = table(results, args)
+    emb_text = ""
+    if not args.no_embed:
+        # Chat and embeddings at once against a provider that limits them separately
+        # (--tpm and --embed-tpm): each holds its own limit, neither starves the other.
+        embed_tok = (len("text 1000 ") + args.prompt_chars + 3) / 4.0 + 40 / 8.0
+        embed_n = int(args.embed_tpm / 60.0 / embed_tok * args.seconds)
+        r = run_one(args, "new, chat + embeddings at once", sys.executable, True, n, embed_n)
+        e = r["embed"]
+        emb_text = (
+            f"Chat and embeddings at once, one process: llm_batch as above (`tpm={args.tpm:g}`) "
+            f"and `semex.embed` of {e['rows']:,} texts (batch_size=8, "
+            f"`EmbeddingModel(tpm={args.embed_tpm:g})`), mock `--tpm {args.tpm:g} "
+            f"--tpm-usage --embed-tpm {args.embed_tpm:g}`: each has a bucket of its own.\n\n"
+            "| side | wall s | % of its limit | % net of start burst | 429s (client) |\n"
+            "|---|---:|---:|---:|---:|\n"
+            f"| chat | {r['wall']:.1f} | {100 * r['share']:.1f}% | {100 * r['share_net']:.1f}% "
+            f"| {r['client_429']} |\n"
+            f"| embeddings | {e['wall']:.1f} | {100 * r['embed_share']:.1f}% | "
+            f"{100 * r['embed_share_net']:.1f}% | {e.get('client_429')} |\n"
+            f"\nThe mock answered {100 * r['share_429']:.2f}% of all requests 429 in that run.")
+        results.append(r)
+        text += "\n\n" + emb_text
     print(text)
     cmd = "python " + " ".join([os.path.relpath(__file__, os.path.dirname(HERE))] + sys.argv[1:])
     if args.out:
