@@ -3752,6 +3752,56 @@ static void run_deploys(sx_sched *s, sx_batch *b, double t0, double seconds, siz
     }
 }
 
+static void test_sched_deploy_tpm_settle(void)
+{
+    /* With deployments, a settlement refunds the deployment's tpm bucket as well as the
+     * scheduler's (both were charged), and a remaining-tokens header seeds the bucket of the
+     * deployment that sent it, less what is in flight there. */
+    sx_deploy_opts d[2] = {{.tpm = 60000, .weight = 1}, {.tpm = 60000, .weight = 1}};
+    sx_sched_opts so = deploy_sched_opts(64, d, 2);
+    so.tpm = 120000;   /* 2000/s for the sum */
+    so.settle_tokens = 1;
+    sx_sched s;
+    REQUIRE(sx_sched_init(&s, &so, T0) == 0);
+    sx_request_opts ro = req_opts();
+    const double tokens[] = {400, 400, 400};
+    sx_batch *b = mk_batch("d", 3, tokens, &ro);
+    REQUIRE(b != NULL);
+    REQUIRE(sx_sched_push_batch(&s, b) == 0);
+    sx_slot *out[4];
+    double wake = -1;
+    size_t n = sx_sched_take(&s, out, 3, T0, &wake);
+    REQUIRE(n == 3);
+    sx_slot *first = out[0];
+    int k = first->deploy;
+    sx_deploy *dk = &s.deploy[k];
+    double held = dk->tokens_in_flight;            /* 400 or 800: the others sent there */
+    CHECK(held >= 400 && s.tokens_in_flight == 1200);
+    double level_s = s.tpm.tokens, level_d = dk->tpm.tokens;
+    sx_rng rng;
+    sx_rng_seed(&rng, 1);
+    sx_attempt a;
+    mk_ok_usage(&a, 100, NULL);
+    CHECK(sx_sched_outcome(&s, first, &a, &rng, T0) == SX_V_OK);
+    CHECK(s.tpm.tokens == level_s + 300 && dk->tpm.tokens == level_d + 300);
+    CHECK(dk->tokens_in_flight == held - 400 && s.tokens_in_flight == 800);
+    /* the next answer from that deployment (if any) or the other seeds its own bucket */
+    sx_slot *second = out[1];
+    sx_deploy *d2 = &s.deploy[second->deploy];
+    static const char *const rem[] = {"x-ratelimit-remaining-tokens: 700", NULL};
+    mk_ok_usage(&a, 100, rem);
+    double s_before = s.tpm.tokens;
+    CHECK(sx_sched_outcome(&s, second, &a, &rng, T0) == SX_V_OK);
+    CHECK(d2->tpm_seeded && !s.tpm_seeded);
+    CHECK(d2->tpm.tokens == 700 - d2->tokens_in_flight);
+    CHECK(s.tpm.tokens == s_before + 300);         /* the sum's bucket is only settled */
+    finish_ok(&s, out[2], &rng, T0);
+    CHECK(s.tokens_in_flight == 0 && s.deploy[0].tokens_in_flight == 0 &&
+          s.deploy[1].tokens_in_flight == 0);
+    sx_sched_destroy(&s);
+    sx_batch_free(b);
+}
+
 static void test_sched_deploy_split_by_limits(void)
 {
     /* Both limited (10/s and 20/s), more work than they take: each gets its own rate. */
@@ -4498,6 +4548,7 @@ static const test_case tests[] = {
     TEST(test_sched_adaptive_window),
     TEST(test_sched_remove_batch),
     TEST(test_sched_queue_limit),
+    TEST(test_sched_deploy_tpm_settle),
     TEST(test_sched_deploy_split_by_limits),
     TEST(test_sched_deploy_429_drains_to_others),
     TEST(test_sched_deploy_trips_and_recovers),
