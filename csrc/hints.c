@@ -268,6 +268,35 @@ static int feed_anthropic(sx_hints *h, const char *name, size_t name_len, const 
     return 0;
 }
 
+void sx_hints_feed_body(sx_hints *h, const char *body, size_t len)
+{
+    static const char key[] = "\"retryDelay\"";
+    size_t n = sizeof key - 1;
+    if (!body || h->retry_after >= 0)
+        return;
+    for (size_t i = 0; i + n <= len; i++) {
+        if (body[i] != '"' || memcmp(body + i, key, n) != 0)
+            continue;
+        size_t j = i + n;
+        while (j < len && (body[j] == ' ' || body[j] == '\t' || body[j] == '\r' || body[j] == '\n'))
+            j++;
+        if (j >= len || body[j++] != ':')
+            return;
+        while (j < len && (body[j] == ' ' || body[j] == '\t' || body[j] == '\r' || body[j] == '\n'))
+            j++;
+        if (j >= len || body[j++] != '"')
+            return;
+        const char *close = memchr(body + j, '"', len - j);
+        if (!close || close == body + j || close[-1] != 's')
+            return;
+        /* digits [. digits] s: parse_number refuses anything else */
+        double v = parse_number(body + j, (size_t)(close - 1 - (body + j)));
+        if (v >= 0)
+            h->retry_after = v;
+        return;
+    }
+}
+
 void sx_hints_feed(sx_hints *h, const char *line, size_t len, double wall_now)
 {
     while (len && (line[len - 1] == '\r' || line[len - 1] == '\n'))

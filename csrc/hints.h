@@ -62,6 +62,12 @@ void sx_hints_reset(sx_hints *h);
  * clock if a date needs it" (most header lines do not, so the caller need not read it). */
 void sx_hints_feed(sx_hints *h, const char *line, size_t len, double wall_now);
 
+/* Gemini (any Google API) says when to retry a 429 / 503 in the error body, not a header: a
+ * google.rpc.RetryInfo detail, "retryDelay": "<seconds>s" (the protobuf Duration's JSON form,
+ * e.g. "37s", "0.5s"). Sets h->retry_after from the first such member in body[0, len) when
+ * no header gave one; a value outside that grammar is ignored. Capped like any hint. */
+void sx_hints_feed_body(sx_hints *h, const char *body, size_t len);
+
 /* Parse an OpenAI-style duration ("6m0s", "20ms", "1.5s", "1h", "2") into seconds.
  * Returns -1 on anything it cannot read completely. */
 double sx_parse_duration(const char *s, size_t len);

@@ -770,6 +770,8 @@ static void conclude(sx_worker *w, sx_xfer *x, sx_done *d)
     d->x = x;
     sx_classify(&d->a, code, x->errbuf, (int)status, x->buf, x->len, x->overflow);
     d->a.hints = x->hints;
+    if (code == CURLE_OK && (status == 429 || status == 503))
+        sx_hints_feed_body(&d->a.hints, x->buf, x->len);
     d->response = NULL;
     d->response_len = 0;
     d->tail = 0;

@@ -74,7 +74,8 @@ when a tool is forced and the answer is a JSON object), usage input/output_token
 {"type": "error", "error": {"type": ..._error}} (a 529 is overloaded_error), retry-after in
 whole seconds and anthropic-ratelimit-{requests,tokens}-{remaining,reset} (RFC 3339) in
 place of x-ratelimit-*; Gemini's candidates/usageMetadata, {"error": {"code", "message",
-"status": RESOURCE_EXHAUSTED | UNAVAILABLE | ...}} and no rate-limit headers. /_log
+"status": RESOURCE_EXHAUSTED | UNAVAILABLE | ...}} with the retry delay of a 429/503 in a
+google.rpc.RetryInfo detail ("retryDelay": "0.7s") and no rate-limit headers. /_log
 records carry "dialect", "native" (the request body as sent) and "headers_seen".
 Directives for them: [[blocked=REASON]] (Gemini: a candidate without content and that
 finishReason; Anthropic: stop_reason "refusal"), [[prompt_blocked=REASON]] (Gemini: no
@@ -737,12 +738,32 @@ GEMINI_BAD_KEY = _dumps({"error": {
         "domain": "googleapis.com"}]}}).encode()
 
 
-def native_error(dialect: str, status: int, message: str) -> bytes:
+def native_error(dialect: str, status: int, message: str, retry_delay=None) -> bytes:
+    """An error body in the API's shape; Gemini's says when to retry in a RetryInfo detail
+    (retry_delay seconds), as Google's APIs do instead of a Retry-After header."""
     if dialect == "anthropic":
         return _dumps({"type": "error", "error": {
             "type": _ANTHROPIC_ERRORS.get(status, "api_error"), "message": message}}).encode()
-    return _dumps({"error": {"code": status, "message": message,
-                             "status": _GOOGLE_STATUS.get(status, "UNKNOWN")}}).encode()
+    error = {"code": status, "message": message,
+             "status": _GOOGLE_STATUS.get(status, "UNKNOWN")}
+    if retry_delay is not None:
+        error["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                             "retryDelay": ("%.3f" % retry_delay).rstrip("0").rstrip(".")
+                             + "s"}]
+    return _dumps({"error": error}).encode()
+
+
+def _retry_seconds(extra):
+    """The retry delay OpenAI's hint headers in `extra` say, in seconds, or None."""
+    for name, value in extra or []:
+        try:
+            if name.lower() == "retry-after-ms":
+                return float(value) / 1000.0
+            if name.lower() == "retry-after":
+                return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _native_text(content, where: str) -> str:
@@ -1010,9 +1031,11 @@ async def handle_chat(conn: Conn, headers: dict, body: bytes, keep_alive: bool,
                     ctype: str = "application/json") -> bool:
         finish(status)
         if dialect:
+            delay = _retry_seconds(extra)
             extra = native_headers(dialect, extra)
             if status >= 400 and rbody.startswith(b'{"error":{"message"'):
-                rbody = native_error(dialect, status, json.loads(rbody)["error"]["message"])
+                rbody = native_error(dialect, status, json.loads(rbody)["error"]["message"],
+                                     delay if status in (429, 503) else None)
         if raw_headers:
             extra = list(extra or []) + raw_headers
         await conn.send(build_response(status, rbody, keep_alive, ctype, extra=extra))

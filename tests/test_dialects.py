@@ -104,8 +104,8 @@ def test_a_bad_key_fails_the_whole_call_fast_on_each_dialect(server, make_dialec
 
 def test_retry_hints_are_honoured_in_each_dialects_own_words(server, make_dialect_lm,
                                                              dialect):
-    """Anthropic: retry-after in seconds and anthropic-ratelimit-*-reset dates; Gemini sends
-    no hint (our own backoff retries it)."""
+    """Anthropic: retry-after in seconds; Gemini: no header, a RetryInfo retryDelay in the
+    error body."""
     lm = make_dialect_lm(max_retries=2, adaptive_concurrency=False)
     out = lm(convs(["a [[fail=429*1]][[retry_after_ms=700]]"]))
     assert out.errors == [None]
@@ -113,7 +113,7 @@ def test_retry_hints_are_honoured_in_each_dialects_own_words(server, make_dialec
     gap = second["t_start"] - first["t_end"]
     if dialect == "anthropic":
         assert gap >= 0.9  # 700 ms is "retry-after: 1" in Anthropic's whole seconds
-    elif dialect == "openai":
+    else:  # OpenAI's retry-after-ms; Gemini's RetryInfo "retryDelay": "0.7s" in the body
         assert gap >= 0.6
 
 

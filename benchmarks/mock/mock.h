@@ -482,7 +482,9 @@ int last_user_text(const char *p, size_t len, size_t msgs, size_t *ts, size_t *t
 /* route handlers: POST .../v1/messages (Anthropic), POST .../models/M:generateContent */
 void route_messages(worker_t *w, route_ctx_t *rc);
 void route_generate(worker_t *w, route_ctx_t *rc);
-/* b = an error body in `dialect`'s shape for `status` with `msg` */
-void put_dialect_error(buf_t *b, int dialect, int status, const char *msg, const char *type);
+/* b = an error body in `dialect`'s shape for `status` with `msg`; for Gemini with retry_ms > 0
+ * a google.rpc.RetryInfo detail says when to retry (its API sends no Retry-After header) */
+void put_dialect_error(buf_t *b, int dialect, int status, const char *msg, const char *type,
+                       uint64_t retry_ms);
 
 #endif

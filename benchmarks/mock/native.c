@@ -12,7 +12,7 @@
  *       schema-shaped answer as that text; a responseSchema holding additionalProperties or
  *       $ref is a 400, as Gemini's OpenAPI subset refuses them.
  * Errors are in each API's shape (put_dialect_error); limits and faults answer in it too
- * (routes.c, limits.c). Usage: input/prompt tokens body/4 + 1, output tokens text/4 + 1. */
+ * (routes.c, limits.c), a Gemini 429 with its retry delay in a RetryInfo detail. Usage: input/prompt tokens body/4 + 1, output tokens text/4 + 1. */
 #include "mock.h"
 
 static const char *anthropic_type(int status) {
@@ -40,7 +40,8 @@ static const char *google_status(int status) {
     }
 }
 
-void put_dialect_error(buf_t *b, int dialect, int status, const char *msg, const char *type) {
+void put_dialect_error(buf_t *b, int dialect, int status, const char *msg, const char *type,
+                       uint64_t retry_ms) {
     b->len = 0;
     if (dialect == D_ANTHROPIC) {
         buf_puts(b, "{\"type\":\"error\",\"error\":{\"type\":\"");
@@ -56,12 +57,22 @@ void put_dialect_error(buf_t *b, int dialect, int status, const char *msg, const
     put_escaped(b, msg, strlen(msg));
     buf_puts(b, "\",\"status\":\"");
     buf_puts(b, google_status(status));
+    if (retry_ms) {
+        char delay[48];
+        snprintf(delay, sizeof delay, "%llu.%03llus", (unsigned long long)(retry_ms / 1000),
+                 (unsigned long long)(retry_ms % 1000));
+        buf_puts(b, "\",\"details\":[{\"@type\":\"type.googleapis.com/google.rpc.RetryInfo\","
+                    "\"retryDelay\":\"");
+        buf_puts(b, delay);
+        buf_puts(b, "\"}]}}");
+        return;
+    }
     buf_puts(b, "\"}}");
 }
 
 static void fail(worker_t *w, route_ctx_t *rc, int dialect, int status, const char *msg) {
     rc->status = status;
-    put_dialect_error(&w->body, dialect, status, msg, NULL);
+    put_dialect_error(&w->body, dialect, status, msg, NULL, 0);
 }
 
 static void put_hex_id(buf_t *b, const char *body, size_t blen) {

@@ -368,7 +368,7 @@ void handle_request(worker_t *w, conn_t *c, const req_t *r, const char *body, si
                 put_error_body(&w->body, msg, which & 1 ? "requests" : "tokens",
                                "rate_limit_exceeded");
             else
-                put_dialect_error(&w->body, rt->dialect, 429, msg, "rate_limit_error");
+                put_dialect_error(&w->body, rt->dialect, 429, msg, "rate_limit_error", retry);
             respond_now(w, c, 429, &w->hdrs, r->keep_alive);
             return;
         }
@@ -410,7 +410,7 @@ void handle_request(worker_t *w, conn_t *c, const req_t *r, const char *body, si
             if (rc.status == 503 && rt->dialect == D_ANTHROPIC) rc.status = 529;
             w->body.len = 0;
             put_dialect_error(&w->body, rt->dialect, rc.status, msg,
-                              rc.status == 500 ? "api_error" : "overloaded_error");
+                              rc.status == 500 ? "api_error" : "overloaded_error", 0);
         }
     } else {
         w->body.len = 0;

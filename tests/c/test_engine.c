@@ -533,6 +533,40 @@ static void test_hints_anthropic(void)
     CHECK(h.reset_requests < 0 && h.remaining_input_tokens < 0 && h.reset_output_tokens < 0);
 }
 
+static void test_hints_retry_info_body(void)
+{
+    sx_hints h;
+    const char *gemini = "{\"error\":{\"code\":429,\"status\":\"RESOURCE_EXHAUSTED\","
+                         "\"details\":[{\"@type\":\"type.googleapis.com/google.rpc.RetryInfo\","
+                         "\"retryDelay\": \"37s\"}]}}";
+    sx_hints_reset(&h);
+    sx_hints_feed_body(&h, gemini, strlen(gemini));
+    CHECK_NEAR(h.retry_after, 37.0, EPS);
+    CHECK_NEAR(sx_hints_retry_delay(&h, MAXW), 37.0, EPS);
+    CHECK(sx_hints_retry_delay(&h, 10.0) < 0);  /* capped like any hint */
+    sx_hints_reset(&h);
+    sx_hints_feed_body(&h, "{\"retryDelay\":\"0.25s\"}", 21);
+    CHECK_NEAR(h.retry_after, 0.25, EPS);
+    /* a header's hint wins; bad values are no hint */
+    sx_hints_reset(&h);
+    feed(&h, "Retry-After: 3\r\n", 0);
+    sx_hints_feed_body(&h, gemini, strlen(gemini));
+    CHECK_NEAR(h.retry_after, 3.0, EPS);
+    const char *bad[] = {"{\"retryDelay\":\"37\"}", "{\"retryDelay\":\"-3s\"}",
+                         "{\"retryDelay\":\"1e9s\"}", "{\"retryDelay\":\"s\"}",
+                         "{\"retryDelay\":37}", "{\"retryDelay\":\"3m\"}", "{\"retryDelay\"",
+                         "{\"retryDelay\":\"3s", "{\"xretryDelay\":\"3s\"}"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        sx_hints_reset(&h);
+        sx_hints_feed_body(&h, bad[i], strlen(bad[i]));
+        CHECK(h.retry_after < 0);
+    }
+    /* only len bytes are read */
+    sx_hints_reset(&h);
+    sx_hints_feed_body(&h, "{\"retryDelay\":\"4s\"}", 15);
+    CHECK(h.retry_after < 0);
+}
+
 static void test_hints_durations(void)
 {
     CHECK_NEAR(dur("1s"), 1.0, EPS);
@@ -4529,6 +4563,7 @@ static const test_case tests[] = {
     TEST(test_hints_retry_after),
     TEST(test_hints_durations),
     TEST(test_hints_anthropic),
+    TEST(test_hints_retry_info_body),
     TEST(test_native_readers),
     TEST(test_hints_ratelimit_headers),
     TEST(test_classify),

@@ -52,6 +52,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         free(line);
         start = i + 1;
     }
+    /* the whole input as an error body too (Gemini's RetryInfo), in an exact-size copy */
+    char *body = malloc(size ? size : 1);
+    if (!body)
+        abort();
+    memcpy(body, data, size);
+    sx_hints_feed_body(&h, body, size);
+    free(body);
+    check(h.reset_input_tokens == -1 || (h.reset_input_tokens >= 0 &&
+                                         isfinite(h.reset_input_tokens)));
+    check(h.reset_output_tokens == -1 || (h.reset_output_tokens >= 0 &&
+                                          isfinite(h.reset_output_tokens)));
     check(h.retry_after == -1 || (h.retry_after >= 0 && isfinite(h.retry_after)));
     check(h.reset_requests == -1 || (h.reset_requests >= 0 && isfinite(h.reset_requests)));
     check(h.reset_tokens == -1 || (h.reset_tokens >= 0 && isfinite(h.reset_tokens)));
