@@ -17,6 +17,44 @@
 #include "results.h"
 #include "sx_clock.h"
 
+/* ------------------------------------------------------------ Python 3.9
+ * pyproject.toml promises Python >= 3.9. These four names arrived in 3.10; on 3.9 each gets
+ * the nearest equivalent below. Everything else this file uses exists since 3.9
+ * (PyType_FromModuleAndSpec, PyType_GetModule, PyModule_AddType). */
+#if PY_VERSION_HEX < 0x030A0000
+static inline PyObject *sx_new_ref(PyObject *obj)
+{
+    Py_INCREF(obj);
+    return obj;
+}
+#define Py_NewRef(obj) sx_new_ref((PyObject *)(obj))
+
+/* Like PyModule_AddObject, but the caller keeps its reference whatever happens. */
+static int sx_module_add_object_ref(PyObject *mod, const char *name, PyObject *value)
+{
+    if (!value) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_SystemError, "PyModule_AddObjectRef() given NULL");
+        return -1;
+    }
+    Py_INCREF(value);
+    if (PyModule_AddObject(mod, name, value) < 0) {
+        Py_DECREF(value);
+        return -1;
+    }
+    return 0;
+}
+#define PyModule_AddObjectRef sx_module_add_object_ref
+
+/* 3.9's heap types cannot be made immutable: their attributes can be reassigned (only by
+ * code that goes out of its way to; nothing in semex does). */
+#define Py_TPFLAGS_IMMUTABLETYPE 0
+/* 3.9 has no flag for "no Python-level constructor"; module_exec clears the type's tp_new
+ * instead, which is what the flag does (type_call then refuses with "cannot create"). */
+#define Py_TPFLAGS_DISALLOW_INSTANTIATION 0
+#define SX_NEEDS_NO_NEW 1
+#endif
+
 typedef struct {
     PyTypeObject *engine_type;
     PyTypeObject *batch_type;
@@ -1363,7 +1401,14 @@ static int module_exec(PyObject *m)
     if (!st->engine_type || PyModule_AddType(m, st->engine_type) < 0)
         return -1;
     st->batch_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Batch_spec, NULL);
-    if (!st->batch_type || PyModule_AddType(m, st->batch_type) < 0)
+    if (!st->batch_type)
+        return -1;
+#ifdef SX_NEEDS_NO_NEW
+    /* Batches come only from Engine.submit; 3.9 would otherwise inherit object.__new__ and
+     * let Python build a Batch with no sx_batch behind it. */
+    st->batch_type->tp_new = NULL;
+#endif
+    if (PyModule_AddType(m, st->batch_type) < 0)
         return -1;
 #define ADD_INT(name, value)                                  \
     if (PyModule_AddIntConstant(m, name, value) < 0)          \

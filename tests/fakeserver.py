@@ -349,21 +349,17 @@ class Conn:
                 t.cancel()
                 raise
             if not done:
+                # Stop the read, and let it finish: asyncio.wait raises CancelledError only
+                # when this handler itself is cancelled, never for the read we cancelled
+                # (Task.cancelling() would tell the two apart, but only from Python 3.11).
                 t.cancel()
-                try:
-                    data = await t
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise
+                await asyncio.wait((t,))
+                if t.cancelled():
                     return False
-                except (ConnectionError, OSError):
-                    data = b""
-            else:
-                try:
-                    data = t.result()
-                except (ConnectionError, OSError):
-                    data = b""
+            try:
+                data = t.result()
+            except (ConnectionError, OSError):
+                data = b""
             if not data:
                 self.eof = True
                 return True

@@ -95,6 +95,16 @@ def test_submit_checks_its_arguments(engine):
         _engine.Engine(workers=0)
 
 
+def test_a_batch_comes_only_from_submit(engine):
+    # On every Python semex supports (3.9 has no Py_TPFLAGS_DISALLOW_INSTANTIATION: module.c
+    # clears tp_new there instead): Python code cannot build a Batch with no work behind it.
+    with pytest.raises(TypeError, match="cannot create"):
+        _engine.Batch()
+    with pytest.raises(TypeError):
+        _engine.Batch.__new__(_engine.Batch)
+    assert type(engine.submit("http://127.0.0.1:1/", [], [])) is _engine.Batch
+
+
 def test_empty_batch_is_done_at_once(engine):
     batch = engine.submit("http://127.0.0.1:1/", [], [])
     assert batch.done and batch.wait(0) and batch.results() == []
