@@ -48,6 +48,7 @@ def _get(url):
         return json.loads(r.read())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("rpm", [6000, None])
 def test_llm_batch_learns_a_limit_told_only_by_bare_429s(gateway, rpm):

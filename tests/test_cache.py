@@ -212,6 +212,7 @@ def _kill_at(proc, server, at, limit=60.0):
 N_RESUME = 2000
 
 
+@pytest.mark.slow
 def test_the_cli_rerun_of_a_killed_job_sends_only_the_rest_and_writes_the_same_file(
         server, tmp_path):
     server.configure(latency_ms=[15, 35])
@@ -283,6 +284,7 @@ def _job(server, kind, db, n, out, **popen):
                             env=env_for(server), **popen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,n", [("llm_batch", 2000), ("sem_extract", 4000)])
 def test_a_killed_library_job_resumes_from_the_cache(server, tmp_path, kind, n):
     server.configure(latency_ms=[15, 35])
@@ -313,6 +315,7 @@ def test_a_killed_library_job_resumes_from_the_cache(server, tmp_path, kind, n):
         json.loads((tmp_path / "whole.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_running_the_same_job_at_once_both_finish_and_lose_nothing(
         server, tmp_path):
     server.configure(latency_ms=[2, 10])

@@ -11,6 +11,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_parsers_survive_a_short_fuzz_run_and_chatjson_agrees_with_json_loads(tmp_path):
     if shutil.which("clang") is None:

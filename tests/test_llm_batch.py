@@ -111,6 +111,7 @@ def test_max_concurrent_bounds_the_whole_call_across_windows(server, make_lm, us
     assert 1 <= server.stats()["max_in_flight"] <= 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_async", [False, True])
 def test_a_slow_request_does_not_hold_back_the_windows_after_it(server, make_lm, use_async):
     # Answers are read window by window, in order. Row 0 takes 4 s; the other 2,599 rows

@@ -86,6 +86,7 @@ def test_every_fault_kind_is_retried_or_reported_and_nothing_is_lost(server, mak
     assert out.usage.failed == 8
 
 
+@pytest.mark.slow
 def test_requests_per_minute_limit_holds_at_the_server(server, make_lm):
     lm = make_lm(rpm=600, max_concurrency=100)  # 10/s, bursts of at most 10
     prompts = [f"r{i}" for i in range(45)]
@@ -100,6 +101,7 @@ def test_requests_per_minute_limit_holds_at_the_server(server, make_lm):
     assert starts[-1] - starts[0] >= 3.0
 
 
+@pytest.mark.slow
 def test_tokens_per_minute_limit_holds_at_the_server(server, make_lm):
     # each body is ~400 bytes -> ~100 estimated tokens + max_tokens 100 = ~200 tokens;
     # 12,000 tokens/min = 200 tokens/s -> about one request per second after the burst.
@@ -133,6 +135,7 @@ def test_tokens_per_minute_settle_against_the_answers_usage(server, make_lm):
     assert spans[True] * 3 < spans[False], spans
 
 
+@pytest.mark.slow
 def test_retry_after_hints_are_honoured(server, make_lm):
     lm = make_lm(max_retries=2, adaptive_concurrency=False)
     prompts = {
