@@ -17,6 +17,9 @@ import sys
 from semex.providers.anthropic import Anthropic
 from semex.providers.gemini import Gemini
 
+# The dump is built with clang's ASan: a preloaded gcc libasan (make test-asan) is not its.
+_DUMP_ENV = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS")}
+
 # The readers only need their read(); building them needs no network and no key.
 READERS = {0: Anthropic(), 1: Gemini()}
 
@@ -60,7 +63,8 @@ def main(argv):
     parsed = bad = 0
     for start in range(0, len(files), 500):
         chunk = files[start:start + 500]
-        out = subprocess.run([dump] + chunk, check=True, capture_output=True).stdout
+        out = subprocess.run([dump] + chunk, check=True, capture_output=True,
+                             env=_DUMP_ENV).stdout
         for path, line in zip(chunk, out.decode().splitlines()):
             got = json.loads(line)
             if not got["parsed"]:
