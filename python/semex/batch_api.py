@@ -761,22 +761,18 @@ def fetch_into_cache(store: Any, model_for: Callable[[str], Any],
         client = _Client(model_for(record["api_base"]))
         lines, _ = read_lines(client.download(file_id, "semex batch fetch"),
                               "semex batch fetch")
+        from .lm import openai_answer
+
         rows = []
         for line in lines:
-            answer = line.body
-            if line.status != 200 or not isinstance(answer, dict):
+            if line.status != 200:
                 continue
             try:
-                choice = answer["choices"][0]
-                content = choice["message"]["content"]
-            except (KeyError, IndexError, TypeError):
+                chat = openai_answer(line.body)
+            except (KeyError, IndexError, TypeError, AttributeError):
                 continue
-            if not isinstance(content, str):
-                continue
-            usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
-            rows.append((line.key, content, choice.get("finish_reason"),
-                         *(_count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens",
-                                                          "total_tokens"))))
+            if isinstance(chat[0], str):
+                rows.append((line.key, *chat))
         store.put_many(rows)
         store.flush()
         store.mark_collected(batch_id)
@@ -795,7 +791,3 @@ def cancel(store: Any, model_for: Callable[[str], Any], ids: Sequence[str]) -> L
         out.append(batch)
     return out
 
-
-def _count(value: Any) -> int:
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) and \
-        value >= 0 else 0

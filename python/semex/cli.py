@@ -566,12 +566,6 @@ def _summary(n: int, failed: int, usage: Any, wall: float,
         _say(f"all {_plural(n, 'row')} extracted to {destination}")
 
 
-def semex_batch_mode(**options: Any) -> Any:
-    from .batch_api import BatchMode
-
-    return BatchMode(**options)
-
-
 def extract(args: argparse.Namespace) -> int:
     if args.local and args.api_base:
         raise UsageError("--local and --api-base exclude each other")
@@ -598,9 +592,11 @@ def extract(args: argparse.Namespace) -> int:
         errors: List[Optional[BaseException]] = [None] * len(df)
         mode = None
         if args.batch:
-            mode = semex_batch_mode(poll_interval=args.poll_interval,
-                                    max_poll_interval=max(60.0, args.poll_interval),
-                                    wait=not args.no_wait)
+            from .batch_api import BatchMode
+
+            mode = BatchMode(poll_interval=args.poll_interval,
+                             max_poll_interval=max(60.0, args.poll_interval),
+                             wait=not args.no_wait)
         try:
             frame = df.sem_extract(args.cols, fields, extract_quotes=args.quotes, model=lm,
                                    batch_size=batch_size,

@@ -966,6 +966,18 @@ def _token_count(value: Any) -> int:
     return 0
 
 
+def openai_answer(answer: Any) -> tuple:
+    """(content, finish_reason, prompt, completion, total tokens) of a parsed OpenAI chat
+    answer; KeyError/IndexError/TypeError when it has no first choice's message."""
+    choice = answer["choices"][0]
+    content = choice["message"]["content"]
+    u = answer.get("usage")
+    if not isinstance(u, dict):
+        u = {}
+    return (content, choice.get("finish_reason"), _token_count(u.get("prompt_tokens")),
+            _token_count(u.get("completion_tokens")), _token_count(u.get("total_tokens")))
+
+
 def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
     if alias_value is None:
         return value
@@ -1357,8 +1369,7 @@ class _Job:
                 if not isinstance(answer, dict):
                     raise TypeError("the answer is not a JSON object")
                 return dialect.read(answer)
-            choice = answer["choices"][0]
-            content = choice["message"]["content"]
+            return openai_answer(answer)
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
             if body is None:
                 body = json.dumps(answer, ensure_ascii=False).encode("utf-8")
@@ -1367,11 +1378,6 @@ class _Job:
                 f"({type(exc).__name__}: {exc})", index=i, status=status, attempts=attempts,
                 body=self.lm._redact(body[:500].decode("utf-8", "replace")))
             return None
-        u = answer.get("usage")
-        if not isinstance(u, dict):
-            u = {}
-        return (content, choice.get("finish_reason"), _token_count(u.get("prompt_tokens")),
-                _token_count(u.get("completion_tokens")), _token_count(u.get("total_tokens")))
 
     def read_stream(self, i: int, body: bytes, status: int, attempts: int) -> Optional[tuple]:
         """read_answer for an event stream the engine's reader left to Python."""
