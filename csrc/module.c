@@ -13,6 +13,7 @@
 
 #include "embedjson.h"
 #include "engine.h"
+#include "module_rows.h"
 #include "nativejson.h"
 #include "results.h"
 #include "sx_clock.h"
@@ -1089,6 +1090,100 @@ static PyObject *Batch_chat_results(BatchObject *self, PyObject *Py_UNUSED(ignor
     return batch_tuples(self, slot_chat_tuple);
 }
 
+PyDoc_STRVAR(Batch_chat_result_doc,
+"chat_result($self, offset, /)\n--\n\n"
+"chat_results()[offset], alone.");
+
+static PyObject *Batch_chat_result(BatchObject *self, PyObject *arg)
+{
+    if (!batch_usable(self))
+        return NULL;
+    Py_ssize_t k = PyLong_AsSsize_t(arg);
+    if (k == -1 && PyErr_Occurred())
+        return NULL;
+    sx_batch *b = self->batch;
+    if (k < 0 || (size_t)k >= b->n) {
+        PyErr_SetString(PyExc_IndexError, "chat_result: no such offset");
+        return NULL;
+    }
+    batch_lock(self);
+    PyObject *item = slot_chat_tuple(&b->slots[k]);
+    batch_unlock(self);
+    return item;
+}
+
+PyDoc_STRVAR(Batch_collect_chat_doc,
+"collect_chat($self, outputs, finish_reasons, start, /)\n--\n\n"
+"For a finished batch submitted with parse_chat=True: each answer the worker read with text\n"
+"content goes into outputs[start + offset] (its finish reason into finish_reasons[...]), so\n"
+"Python touches no tuple for it. Returns (rest, requests, retries, prompt_tokens,\n"
+"completion_tokens, total_tokens): `rest` the offsets left for chat_result() (failed, not\n"
+"read, or null content), the counts summed over the others.");
+
+static PyObject *Batch_collect_chat(BatchObject *self, PyObject *args)
+{
+    PyObject *outputs, *finishes;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "O!O!n:collect_chat", &PyList_Type, &outputs, &PyList_Type,
+                          &finishes, &start))
+        return NULL;
+    if (!batch_usable(self))
+        return NULL;
+    sx_batch *b = self->batch;
+    batch_lock(self);
+    int done = b->done == b->n;
+    batch_unlock(self);
+    if (!done) {
+        PyErr_SetString(PyExc_RuntimeError, "collect_chat: the batch has not finished");
+        return NULL;
+    }
+    if (start < 0 || start + (Py_ssize_t)b->n > PyList_GET_SIZE(outputs) ||
+        start + (Py_ssize_t)b->n > PyList_GET_SIZE(finishes)) {
+        PyErr_SetString(PyExc_IndexError, "collect_chat: the lists are too short");
+        return NULL;
+    }
+    PyObject *rest = PyList_New(0);
+    if (!rest)
+        return NULL;
+    long long requests = 0, retries = 0, prompt = 0, completion = 0, total = 0;
+    for (size_t k = 0; k < b->n; k++) {
+        const sx_slot *s = &b->slots[k];
+        const sx_chat *c = &s->chat;
+        if (s->state != SX_OK || !c->parsed || !s->response || c->content_null) {
+            PyObject *offset = PyLong_FromSize_t(k);
+            if (!offset || PyList_Append(rest, offset) < 0) {
+                Py_XDECREF(offset);
+                Py_DECREF(rest);
+                return NULL;
+            }
+            Py_DECREF(offset);
+            continue;
+        }
+        PyObject *content = PyUnicode_DecodeUTF8(s->response + c->content_off,
+                                                 (Py_ssize_t)c->content_len, "strict");
+        PyObject *finish = c->finish_null ? Py_NewRef(Py_None)
+                                          : PyUnicode_DecodeUTF8(s->response + c->finish_off,
+                                                                 (Py_ssize_t)c->finish_len,
+                                                                 "strict");
+        if (!content || !finish) {
+            Py_XDECREF(content);
+            Py_XDECREF(finish);
+            Py_DECREF(rest);
+            return NULL;
+        }
+        Py_ssize_t i = start + (Py_ssize_t)k;
+        PyList_SetItem(outputs, i, content);   /* steals; releases what was there */
+        PyList_SetItem(finishes, i, finish);
+        requests += s->attempts;
+        if (s->attempts > 1)
+            retries += s->attempts - 1;
+        prompt += c->prompt_tokens;
+        completion += c->completion_tokens;
+        total += c->total_tokens;
+    }
+    return Py_BuildValue("(NLLLLL)", rest, requests, retries, prompt, completion, total);
+}
+
 /* A 1-D buffer of n items of `itemsize` bytes with format `fmt` (any of its characters). */
 static int get_vector_buffer(PyObject *obj, Py_buffer *view, int writable, const char *fmts,
                              Py_ssize_t itemsize, const char *name)
@@ -1327,6 +1422,8 @@ static PyMethodDef Batch_methods[] = {
     {"results", (PyCFunction)Batch_results, METH_NOARGS, Batch_results_doc},
     {"deployments", (PyCFunction)Batch_deployments, METH_NOARGS, Batch_deployments_doc},
     {"chat_results", (PyCFunction)Batch_chat_results, METH_NOARGS, Batch_chat_results_doc},
+    {"chat_result", (PyCFunction)Batch_chat_result, METH_O, Batch_chat_result_doc},
+    {"collect_chat", (PyCFunction)Batch_collect_chat, METH_VARARGS, Batch_collect_chat_doc},
     {"read_embeddings", (PyCFunction)(void (*)(void))Batch_read_embeddings,
      METH_VARARGS | METH_KEYWORDS, Batch_read_embeddings_doc},
     {NULL, NULL, 0, NULL},
@@ -1368,6 +1465,9 @@ static PyObject *mod_curl_version(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ig
 static PyMethodDef module_methods[] = {
     {"curl_version", mod_curl_version, METH_NOARGS,
      "curl_version()\n--\n\nThe libcurl version string in use."},
+    {"read_rows", sx_py_read_rows, METH_VARARGS, sx_py_read_rows_doc},
+    {"render_docs", sx_py_render_docs, METH_VARARGS, sx_py_render_docs_doc},
+    {"chat_bodies", sx_py_chat_bodies, METH_VARARGS, sx_py_chat_bodies_doc},
     {NULL, NULL, 0, NULL},
 };
 

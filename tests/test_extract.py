@@ -430,16 +430,24 @@ def test_an_async_step_that_raises_cancels_the_step_in_flight(server, make_lm, s
     runner_calls = []
     acall = semex._models.ModelRunner.acall
 
+    absorb_bulk = semex.extract._Extraction.absorb_bulk
+
     def failing_absorb(self, task, content, error, *args):
         if task.docs[0].text.endswith("boom"):
             raise _Stop()
         return absorb(self, task, content, error, *args)
+
+    def failing_absorb_bulk(self, bulk, *args):  # one document per prompt: rows in bulk
+        if any(text.endswith("boom") for text in bulk.texts):
+            raise _Stop()
+        return absorb_bulk(self, bulk, *args)
 
     async def counting_acall(self, conversations, response_format, progress):
         runner_calls.append(len(conversations))
         return await acall(self, conversations, response_format, progress)
 
     monkeypatch.setattr(semex.extract._Extraction, "absorb", failing_absorb)
+    monkeypatch.setattr(semex.extract._Extraction, "absorb_bulk", failing_absorb_bulk)
     monkeypatch.setattr(semex._models.ModelRunner, "acall", counting_acall)
     texts = ["boom", "x", "slow [[lat=8000]]", "slower [[lat=8000]]", "z"]
 

@@ -22,6 +22,10 @@ class RowInvalid(ValueError):
 
 REASONING_KEY = "reasoning"  # what the model fills first under a chain-of-thought strategy
 
+# Column kinds of the C row reader (csrc/module_rows.c): an untyped column (a string stripped,
+# blank None; other scalars as they are); a quote or the reasoning (a string as it is).
+_KIND_STRIP, _KIND_TEXT = 0, 1
+
 
 class OutputSpec:
     """``reasoning=True`` (LOTUS's COT / ZS_COT strategies): every answer object starts with
@@ -151,6 +155,19 @@ class OutputSpec:
                                 "schema": schema, "strict": strict}}
 
     # -- validation -----------------------------------------------------------------------
+    def row_reader(self) -> Optional[Tuple[Tuple[str, ...], bytes]]:
+        """(keys, kinds) for the C reader (``_engine.read_rows``) when it can read this
+        spec's answers exactly as :meth:`validate` would: the row's keys in ``validate``'s
+        order, each with its kind; None when every answer must be read in Python (a typed
+        model). Rows the reader cannot read exactly still come back to ``validate``."""
+        if self.model is not None:
+            return None
+        names = tuple(self.columns + self.quote_columns
+                      + ([REASONING_KEY] if self.reasoning else []))
+        kinds = bytes([_KIND_STRIP] * len(self.columns)
+                      + [_KIND_TEXT] * (len(names) - len(self.columns)))
+        return names, kinds
+
     def validate(self, obj: Any) -> Dict[str, Any]:
         """A parsed JSON object -> the output row (every column present). Raises RowInvalid."""
         if not isinstance(obj, dict):

@@ -14,11 +14,13 @@ missing or the values are mixed or structured, int64/float64/bool for typed pyda
 from __future__ import annotations
 
 import inspect
+from itertools import compress
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
+from . import _engine
 from . import errors as E
 from ._schema import REASONING_KEY, OutputSpec
 from .extract import (SemanticExtractOutput, _check_call, _drive, _drive_async, _ListSink,
@@ -61,13 +63,20 @@ class _FrameDocuments:
         for j, label in enumerate(sub.columns):
             last[label] = j
         self.keys = list(last)
+        self.labels = tuple(f"{key}" for key in self.keys)  # as render_pairs shows them
         self.series = [sub.iloc[:, j] for j in last.values()]
         self.n = len(df)
 
     def render(self, start: int, end: int) -> List[str]:
         columns = [s.iloc[start:end].tolist() for s in self.series]
-        keys = self.keys
-        return [render_pairs(zip(keys, values)) for values in zip(*columns)]
+        # text, None and NaN values in C; a row with any other value in render_pairs
+        texts = _engine.render_docs(self.labels, tuple(columns))
+        if None in texts:
+            keys = self.keys
+            for k, text in enumerate(texts):
+                if text is None:
+                    texts[k] = render_pairs(zip(keys, [column[k] for column in columns]))
+        return texts
 
     def render_row(self, i: int) -> str:
         return self.render(i, i + 1)[0]
@@ -174,6 +183,29 @@ class _ColumnSink:
             self.raw.blocks[chunk][k] = raw
         if error is not None:
             self.errors[i] = error
+
+    def write_many(self, chunk: int, rows: List[int], flags: bytearray,
+                   values: Dict[str, List[Any]], raw: List[Optional[str]]) -> None:
+        """write() of each rows[k] (all in ``chunk``, ascending) with flags[k] set: its
+        values[name][k] and raw[k]. Contiguous rows are one slice per column: the rows
+        without their flag get None there, which is what they hold until written."""
+        base = chunk * self.chunk_rows
+        first = rows[0] - base
+        contiguous = rows[-1] - rows[0] == len(rows) - 1
+        if not contiguous:
+            offsets = [i - base for i in compress(rows, flags)]
+        targets = [(column, values.get(name)) for name, column in self.columns.items()]
+        if self.raw is not None:
+            targets.append((self.raw, raw))
+        for column, column_values in targets:
+            if column_values is None:
+                continue  # a column the answer does not carry (none today)
+            block = column.blocks[chunk]
+            if contiguous:
+                block[first:first + len(rows)] = column_values
+            else:
+                for offset, value in zip(offsets, compress(column_values, flags)):
+                    block[offset] = value
 
     def read(self, i: int) -> Tuple[Dict[str, Any], Optional[str], Optional[E.RequestError]]:
         chunk, k = divmod(i, self.chunk_rows)

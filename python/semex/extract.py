@@ -28,13 +28,16 @@ hit across requests.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import mmap
 import sys
+from itertools import compress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from . import _engine
 from . import errors as E
 from ._models import ModelRunner, Prompts
 from ._schema import REASONING_KEY, OutputSpec, RowInvalid, parse_json_answer
@@ -93,6 +96,26 @@ class _Doc:
 class _Task:
     docs: Tuple[_Doc, ...]          # distinct documents in this prompt
     feedback: Optional[str] = None  # validation error to show the model (retry of one row)
+
+
+class _Bulk:
+    """A chunk's new distinct documents at one document per prompt, as parallel lists (no
+    object per row): sent as one call, whose answers are read in C (``_engine.read_rows``)
+    straight into the sink; only rows the reader leaves (an error, an answer that is not a
+    flat JSON object...) become _Doc/_Task and take the per-row path."""
+
+    __slots__ = ("rows", "texts", "chunk", "members")
+
+    def __init__(self, rows: List[int], texts: List[str], chunk: int):
+        self.rows = rows      # ascending
+        self.texts = texts
+        self.chunk = chunk
+        self.members: Dict[int, List[int]] = {}  # first row -> later rows with its text
+
+    def position(self, row: int) -> int:
+        """Where ``row`` is in this bulk, or -1."""
+        k = bisect.bisect_left(self.rows, row)
+        return k if k < len(self.rows) and self.rows[k] == row else -1
 
 
 _CONTEXT_MARKERS = ("context length", "context_length", "maximum context", "too many tokens",
@@ -214,6 +237,20 @@ class _ListSink:
             self.errors[i] = error
         self.raw[i] = raw
 
+    def write_many(self, chunk: int, rows: List[int], flags: bytearray,
+                   values: Dict[str, List[Any]], raw: List[Optional[str]]) -> None:
+        """write() of each rows[k] with flags[k] set: its values[name][k] and raw[k]."""
+        names = [name for name in values if name != REASONING_KEY]
+        columns = [values[name] for name in names]
+        reasoning = values.get(REASONING_KEY)
+        out_rows, out_raw, explanations = self.rows, self.raw, self.explanations
+        for k in compress(range(len(rows)), flags):
+            i = rows[k]
+            out_rows[i] = {name: column[k] for name, column in zip(names, columns)}
+            out_raw[i] = raw[k]
+            if reasoning is not None:
+                explanations[i] = reasoning[k]
+
     def read(self, i: int) -> Tuple[Optional[Dict[str, Any]], Optional[str],
                                     Optional[E.RequestError]]:
         row = self.rows[i]
@@ -307,6 +344,11 @@ class _Extraction:
         self.seen: Optional[_Seen] = None
         self.recent: Dict[int, tuple] = {}    # first row -> (text, row, raw, error), answered
         self.carry: List[_Doc] = []           # new documents not in a prompt yet
+        # At one document per prompt, with answers the C reader can read: new documents
+        # go in _Bulk lists (one per chunk, open until its answers are absorbed).
+        self.reader = spec.row_reader() if batch_size == 1 else None
+        self.bulks: Dict[int, _Bulk] = {}     # chunk -> its bulk, sent and not yet absorbed
+        self.new_bulk: Optional[_Bulk] = None  # the bulk of the chunk just read
         self.followups: List[_Task] = []      # splits and retries for the next step
         self.done = 0
         self.failed = 0
@@ -350,6 +392,9 @@ class _Extraction:
         texts = self.documents.render(start, end)
         hashes = [_text_hash(text) for text in texts]
         earlier = self.seen.lookup(hashes) if self.seen is not None else None
+        if self.reader is not None:
+            self._read_bulk(chunk, start, end, texts, hashes, earlier)
+            return
         local: Dict[int, _Doc] = {}
         new_hashes: List[int] = []
         new_rows: List[int] = []
@@ -383,6 +428,52 @@ class _Extraction:
                 self.seen = _Seen(self.n)
             self.seen.add(new_hashes, new_rows)
 
+    def _read_bulk(self, chunk: int, start: int, end: int, texts: List[str],
+                   hashes: List[int], earlier: Optional[List[int]]) -> None:
+        """read_chunk at one document per prompt: the chunk's new distinct documents go in
+        one _Bulk; a chunk with no empty and no repeated document costs no Python per row."""
+        if (earlier is None or max(earlier, default=-1) < 0) and "" not in texts and \
+                len(set(hashes)) == len(hashes):
+            rows = list(range(start, end))
+            bulk = _Bulk(rows, texts, chunk)
+            new_hashes, new_rows = hashes, rows
+        else:
+            bulk = _Bulk([], [], chunk)
+            rows, fresh = bulk.rows, bulk.texts
+            local: Dict[int, int] = {}  # hash -> position in the bulk
+            new_hashes, new_rows = [], []
+            for k, text in enumerate(texts):
+                i = start + k
+                if not text:
+                    self._write(i, None, None, EmptyDocumentError(
+                        f"row {i}: the document has no text in any input column; nothing "
+                        "sent", index=i))
+                    continue
+                h = hashes[k]
+                first = earlier[k] if earlier is not None else -1
+                if first >= 0:
+                    if self._same_as(first, i, text):
+                        continue
+                else:
+                    at = local.get(h)
+                    if at is not None and fresh[at] == text:
+                        bulk.members.setdefault(rows[at], []).append(i)
+                        self.cache_hits += 1
+                        continue
+                if first < 0 and h not in local:  # a hash collision stays out of the index
+                    local[h] = len(rows)
+                    new_hashes.append(h)
+                    new_rows.append(i)
+                rows.append(i)
+                fresh.append(text)
+        if bulk.rows:
+            self.bulks[chunk] = bulk
+            self.new_bulk = bulk
+        if new_rows and self.next_row < self.n:  # later chunks may repeat these
+            if self.seen is None:
+                self.seen = _Seen(self.n)
+            self.seen.add(new_hashes, new_rows)
+
     def _same_as(self, first: int, i: int, text: str) -> bool:
         """Row i repeats the document first seen at row ``first``: share its answer (now, or
         when it comes) and return True; False if only the hashes matched."""
@@ -391,6 +482,14 @@ class _Extraction:
             if doc.text != text:
                 return False
             _add_member(doc, i)
+            self.cache_hits += 1
+            return True
+        bulk = self.bulks.get(first // self.chunk_rows)
+        at = bulk.position(first) if bulk is not None else -1
+        if at >= 0:  # still waiting for its answer, in a bulk
+            if bulk.texts[at] != text:
+                return False
+            bulk.members.setdefault(first, []).append(i)
             self.cache_hits += 1
             return True
         entry = self.recent.get(first)
@@ -411,6 +510,9 @@ class _Extraction:
         """Leftovers first, then new documents in prompts of ``batch_size``; a partial batch
         waits for the next chunk unless nothing else would be sent."""
         tasks, self.followups = self.followups, []
+        if self.new_bulk is not None:
+            tasks.append(self.new_bulk)
+            self.new_bulk = None
         size = self.batch_size
         carry = self.carry
         cut = len(carry)
@@ -451,6 +553,53 @@ class _Extraction:
         else:
             del self.unfinished[chunk]
             self.sink.seal(chunk)
+
+    def _wrote(self, chunk: int, count: int) -> None:
+        """``count`` rows of ``chunk`` were written at once (see _write)."""
+        self.done += count
+        left = self.unfinished[chunk] - count
+        if left:
+            self.unfinished[chunk] = left
+        else:
+            del self.unfinished[chunk]
+            self.sink.seal(chunk)
+
+    def absorb_bulk(self, bulk: _Bulk, contents: List[Optional[str]],
+                    errors: Optional[List[Optional[E.RequestError]]],
+                    others_ok: bool) -> List[_Task]:
+        """Take a bulk's answers: the rows the C reader reads go straight to the sink; each
+        other row becomes a _Doc and takes absorb's per-row path (errors, retries)."""
+        del self.bulks[bulk.chunk]
+        names, kinds = self.reader
+        flags, columns = _engine.read_rows(contents, names, kinds)
+        if errors is not None and errors.count(None) != len(errors):
+            for k, error in enumerate(errors):
+                if error is not None:
+                    flags[k] = 0
+        values = dict(zip(names, columns))
+        read = flags.count(1)
+        if read:
+            self.sink.write_many(bulk.chunk, bulk.rows, flags, values, contents)
+            self._wrote(bulk.chunk, read)
+        rows, members = bulk.rows, bulk.members
+        for first, later in members.items():
+            at = bulk.position(first)
+            if flags[at]:
+                row = {name: values[name][at] for name in names}
+                for i in later:
+                    self._write(i, row, contents[at], None)
+        next_tasks: List[_Task] = []
+        if read < len(rows):
+            at = flags.find(0)
+            while at >= 0:
+                doc = _Doc(bulk.texts[at], rows[at])
+                doc.members = members.get(doc.row)
+                self.pending[doc.row] = doc
+                next_tasks += self.absorb(_Task((doc,)), contents[at],
+                                          errors[at] if errors is not None else None,
+                                          others_ok)
+                at = flags.find(0, at + 1)
+        return next_tasks
 
     def _finish(self, doc: _Doc, row: Optional[Dict[str, Any]], raw: Optional[str],
                 error: Optional[E.RequestError]) -> None:
@@ -610,14 +759,20 @@ def _check_call(output_cols: Any, strategy: Any, batch_size: Any, on_error: str,
 class _Call:
     """One model call of a step: prompts of one shape and their progress."""
 
-    __slots__ = ("tasks", "conversations", "response_format", "rows", "done", "step")
+    __slots__ = ("tasks", "bulk", "conversations", "response_format", "prompts", "rows",
+                 "done", "step")
 
     def __init__(self, tasks: List[_Task], conversations: Prompts,
-                 response_format: Optional[dict]):
+                 response_format: Optional[dict], bulk: Optional[_Bulk] = None):
         self.tasks = tasks
+        self.bulk = bulk  # or a bulk's documents, one prompt each
         self.conversations: Optional[Prompts] = conversations
         self.response_format = response_format
-        self.rows = sum(1 + len(d.members or ()) for t in tasks for d in t.docs)
+        self.prompts = len(conversations)
+        if bulk is not None:
+            self.rows = len(bulk.rows) + sum(len(m) for m in bulk.members.values())
+        else:
+            self.rows = sum(1 + len(d.members or ()) for t in tasks for d in t.docs)
         self.done = 0
         self.step: Optional[_Step] = None
 
@@ -698,6 +853,10 @@ class _Run:
             state.read_chunk()
         tasks = state.take_tasks()
         calls = []
+        for bulk in [t for t in tasks if type(t) is _Bulk]:
+            prompts = Prompts(state.system_single, ["Document:\n" + t for t in bulk.texts])
+            calls.append(_Call([], prompts, state.rf_single, bulk))
+        tasks = [t for t in tasks if type(t) is not _Bulk]
         for group, rf, system in (
                 ([t for t in tasks if len(t.docs) > 1], state.rf_batch, state.system_batch),
                 ([t for t in tasks if len(t.docs) == 1], state.rf_single, state.system_single)):
@@ -723,7 +882,7 @@ class _Run:
                 self.reported = done
                 self.callback(done, self.n)
             return
-        guess = sum(c.rows * c.done // max(1, len(c.tasks)) for c in self.in_flight)
+        guess = sum(c.rows * c.done // max(1, c.prompts) for c in self.in_flight)
         self.bar.update_to(self.state.done + guess, self.stats())
 
     def _engine_stats(self) -> Dict[str, Any]:
@@ -744,15 +903,18 @@ class _Run:
         self.in_flight.remove(call)
         call.conversations = None
         state.usage.add(out.usage)
-        errors = out.errors or [None] * len(call.tasks)
+        errors = out.errors or [None] * call.prompts
         self.answered = self.answered or any(e is None for e in errors)
+        if call.bulk is not None:
+            state.followups += state.absorb_bulk(call.bulk, out.outputs, out.errors,
+                                                 self.answered)
         for task, content, error in zip(call.tasks, out.outputs, errors):
             state.followups += state.absorb(task, content, error, self.answered)
         self._show()
 
     def check_complete(self) -> None:
         state = self.state
-        if state.unfinished or state.pending or state.done != self.n:
+        if state.unfinished or state.pending or state.bulks or state.done != self.n:
             raise RuntimeError(  # a bug in semex, never the user's fault
                 f"sem_extract ended with {self.n - state.done} rows without an outcome")
 
@@ -846,7 +1008,7 @@ class _Step:
 
     def check(self) -> None:
         if not self.tail.is_set() and \
-                sum(len(c.tasks) - c.done for c in self.calls) <= self.cap:
+                sum(c.prompts - c.done for c in self.calls) <= self.cap:
             self.tail.set()
 
     def waiter(self) -> "asyncio.Future":

@@ -1150,6 +1150,9 @@ class _Job:
             self.user_open = (self.prefix + (_ENCODE(self.system)[:-1] + ", " if self.system
                                              else "[") + '{"role": "user", "content": ')
             self.user_close = "}]}"
+        # a plain prompt's body is written in C (_engine.chat_bodies) around these
+        self.body_head = self.user_open.encode("utf-8")
+        self.body_tail = self.user_close.encode("utf-8")
         cache = lm.cache
         self.key_fields = fields
         self.cached: Optional[_cache.JobCache] = None if cache is None else _cache.JobCache(
@@ -1200,9 +1203,17 @@ class _Job:
         bodies = []
         items, user_open, system = self.batch, self.user_open, self.system
         user_close, conversation = self.user_close, self.conversation
+        # plain prompts (llm_batch, sem_extract): no message dicts built, written in C
+        written = _engine.chat_bodies(self.body_head, items[start:end], self.body_tail)
+        if None not in written:
+            return written
         for i in range(start, end):
             item = items[i]
-            if type(item) is str:  # a plain prompt (llm_batch): no message dicts built
+            body = written[i - start]
+            if body is not None:
+                bodies.append(body)
+                continue
+            if type(item) is str:  # a lone surrogate: refused here as before
                 bodies.append((user_open + encode(item) + user_close).encode("utf-8"))
                 continue
             if conversation is not None:  # a native dialect (providers/) writes its own
@@ -1290,8 +1301,20 @@ class _Job:
         answers: List[tuple] = []
         by_deployment = self.by_deployment
         deployment_of = batch.deployments() if by_deployment is not None else None
-        for offset, (state, kind, status, body, error, attempts, chat) in enumerate(
-                batch.chat_results()):
+        if cached is None and by_deployment is None and not self.blocked and \
+                self.lm._parse_chat:
+            # the answers read in C go into outputs in C; Python sees only the rest
+            rest, requests, retries, prompt, completion, total = batch.collect_chat(
+                outputs, finish_reasons, start)
+            usage.requests += requests
+            usage.retries += retries
+            usage.prompt_tokens += prompt
+            usage.completion_tokens += completion
+            usage.total_tokens += total
+            slots: Any = ((offset, batch.chat_result(offset)) for offset in rest)
+        else:
+            slots = enumerate(batch.chat_results())
+        for offset, (state, kind, status, body, error, attempts, chat) in slots:
             i = start + offset if rows is None else rows[offset]
             usage.requests += attempts
             if attempts > 1:
