@@ -1468,6 +1468,8 @@ static PyMethodDef module_methods[] = {
     {"read_rows", sx_py_read_rows, METH_VARARGS, sx_py_read_rows_doc},
     {"render_docs", sx_py_render_docs, METH_VARARGS, sx_py_render_docs_doc},
     {"chat_bodies", sx_py_chat_bodies, METH_VARARGS, sx_py_chat_bodies_doc},
+    {"render_dicts", sx_py_render_dicts, METH_O, sx_py_render_dicts_doc},
+    {"row_dicts", sx_py_row_dicts, METH_VARARGS, sx_py_row_dicts_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -445,3 +445,121 @@ done:
     PyBuffer_Release(&tail);
     return out;
 }
+
+/* ------------------------------------------------------------------ list documents */
+
+PyObject *sx_py_render_dicts(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    if (!PyList_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "render_dicts: a list of dicts");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(arg);
+    PyObject *out = PyList_New(n);
+    if (!out)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *doc = PyList_GET_ITEM(arg, i), *key, *value, *text = NULL;
+        Py_ssize_t pos = 0, len = 0, lines = 0;
+        Py_UCS4 maxchar = 127;
+        int python = !PyDict_CheckExact(doc);
+        while (!python && PyDict_Next(doc, &pos, &key, &value)) {
+            int skip = PyUnicode_CheckExact(key) ? left_out(value) : -1;
+            if (skip < 0) {
+                python = 1;
+            } else if (!skip) {
+                len += PyUnicode_GET_LENGTH(key) + 4 + PyUnicode_GET_LENGTH(value) +
+                       (lines ? 1 : 0);
+                lines++;
+                Py_UCS4 a = PyUnicode_MAX_CHAR_VALUE(key), b = PyUnicode_MAX_CHAR_VALUE(value);
+                maxchar = a > maxchar ? a : maxchar;
+                maxchar = b > maxchar ? b : maxchar;
+            }
+        }
+        if (python) {
+            text = new_ref(Py_None);  /* Python renders this one */
+        } else {
+            text = PyUnicode_New(len, maxchar);
+            if (!text)
+                goto fail;
+            int kind = PyUnicode_KIND(text);
+            void *data = PyUnicode_DATA(text);
+            Py_ssize_t at = 0;
+            pos = 0;
+            while (PyDict_Next(doc, &pos, &key, &value)) {
+                if (left_out(value))
+                    continue;
+                if (at)
+                    PyUnicode_WRITE(kind, data, at++, '\n');
+                PyUnicode_WRITE(kind, data, at++, '[');
+                if (PyUnicode_CopyCharacters(text, at, key, 0, PyUnicode_GET_LENGTH(key)) < 0)
+                    goto fail_text;
+                at += PyUnicode_GET_LENGTH(key);
+                PyUnicode_WRITE(kind, data, at++, ']');
+                PyUnicode_WRITE(kind, data, at++, ':');
+                PyUnicode_WRITE(kind, data, at++, ' ');
+                if (PyUnicode_CopyCharacters(text, at, value, 0,
+                                             PyUnicode_GET_LENGTH(value)) < 0)
+                    goto fail_text;
+                at += PyUnicode_GET_LENGTH(value);
+            }
+        }
+        PyList_SET_ITEM(out, i, text);
+        continue;
+    fail_text:
+        Py_DECREF(text);
+    fail:
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+/* ------------------------------------------------------------------ result rows */
+
+PyObject *sx_py_row_dicts(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *names, *columns;
+    Py_buffer flags;
+    if (!PyArg_ParseTuple(args, "O!O!y*:row_dicts", &PyTuple_Type, &names, &PyTuple_Type,
+                          &columns, &flags))
+        return NULL;
+    PyObject *out = NULL;
+    Py_ssize_t ncols = PyTuple_GET_SIZE(names), n = flags.len;
+    if (PyTuple_GET_SIZE(columns) != ncols) {
+        PyErr_SetString(PyExc_ValueError, "row_dicts: one column per name");
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < ncols; k++) {
+        PyObject *column = PyTuple_GET_ITEM(columns, k);
+        if (!PyList_Check(column) || PyList_GET_SIZE(column) != n) {
+            PyErr_SetString(PyExc_ValueError, "row_dicts: columns are lists, one item a flag");
+            goto done;
+        }
+    }
+    out = PyList_New(n);
+    if (!out)
+        goto done;
+    const unsigned char *flag = flags.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *row;
+        if (!flag[i]) {
+            row = new_ref(Py_None);
+        } else {
+            row = PyDict_New();
+            for (Py_ssize_t k = 0; row && k < ncols; k++) {
+                if (PyDict_SetItem(row, PyTuple_GET_ITEM(names, k),
+                                   PyList_GET_ITEM(PyTuple_GET_ITEM(columns, k), i)) < 0)
+                    Py_CLEAR(row);
+            }
+            if (!row) {
+                Py_CLEAR(out);
+                goto done;
+            }
+        }
+        PyList_SET_ITEM(out, i, row);
+    }
+done:
+    PyBuffer_Release(&flags);
+    return out;
+}

@@ -30,4 +30,17 @@ PyDoc_STRVAR(sx_py_chat_bodies_doc,
 
 PyObject *sx_py_chat_bodies(PyObject *m, PyObject *args);
 
+PyDoc_STRVAR(sx_py_render_dicts_doc,
+"render_dicts($module, docs, /)\n--\n\n"
+"render_docs for a list of dicts (each dict's own keys, in its order); None for an item that\n"
+"is not a dict, has a key that is not a str or a value render_docs leaves to Python.");
+
+PyObject *sx_py_render_dicts(PyObject *m, PyObject *arg);
+
+PyDoc_STRVAR(sx_py_row_dicts_doc,
+"row_dicts($module, names, columns, flags, /)\n--\n\n"
+"For each i with flags[i] set, {names[k]: columns[k][i]}; None where it is not.");
+
+PyObject *sx_py_row_dicts(PyObject *m, PyObject *args);
+
 #endif

@@ -107,13 +107,82 @@ def test_read_rows_refuses_what_it_cannot_read_exactly():
         _engine.read_rows(("{}",), names, kinds)
 
 
-def test_typed_models_are_read_in_python():
+TYPED_SEEDS = [
+    '{"name": "x", "count": 3, "score": 1.5, "urgent": true, "note": null, "level": 2}',
+    '{"name": " padded ", "count": -4, "score": 7, "urgent": false, "note": "n", '
+    '"level": null}', '{"name": "x", "count": "3", "score": 1, "urgent": true, "level": 1}',
+    '{"name": 5, "count": 1.0, "score": -2, "urgent": 1, "note": 3, "level": true}',
+    '{"name": null, "count": 10000000000000000000000, "score": 1e400, "urgent": "yes"}',
+    '{"count": 3, "score": 0.5, "urgent": true, "note": "", "level": 0}',
+    '{"name": "é", "count": 0, "score": -0.0, "urgent": false, "note": "q", "level": -1}',
+]
+
+
+def typed_model():
     pydantic = pytest.importorskip("pydantic")
+    from typing import Optional
 
     class Row(pydantic.BaseModel):
+        name: str
+        count: int
+        score: float
+        urgent: bool
+        note: Optional[str] = None
+        level: Optional[int]
+
+    return Row
+
+
+def test_read_rows_matches_pydantic_for_plain_typed_fields():
+    spec = OutputSpec(typed_model(), True)
+    reader = spec.row_reader()
+    assert reader is not None
+    names, kinds = reader
+    rng = random.Random(17)
+    texts = mangled(rng, TYPED_SEEDS, 30000, '{}[]":,. \ntrufalse0123.e-')
+    flags, columns = _engine.read_rows(texts, names, kinds)
+    read = 0
+    for i, text in enumerate(texts):
+        if not flags[i]:
+            continue
+        read += 1
+        row = {name: columns[k][i] for k, name in enumerate(names)}
+        expected = python_row(spec, text)
+        assert expected is not None, text
+        assert row == expected, text
+        assert all(type(row[n]) is type(expected[n]) for n in names), text
+    assert read > 1000
+
+
+def test_typed_fields_the_reader_cannot_reproduce_go_to_pydantic():
+    pydantic = pytest.importorskip("pydantic")
+    from typing import List
+
+    class Listed(pydantic.BaseModel):
+        tags: List[str]
+
+    class Bounded(pydantic.BaseModel):
+        n: int = pydantic.Field(ge=0)
+
+    class Checked(pydantic.BaseModel):
         n: int
 
-    assert OutputSpec(Row, False).row_reader() is None
+        @pydantic.field_validator("n")
+        @classmethod
+        def positive(cls, v):
+            return abs(v)
+
+    class Strict(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(str_strip_whitespace=True)
+        s: str
+
+    class Aliased(pydantic.BaseModel):
+        s: str = pydantic.Field(alias="S")
+
+    for model in (Listed, Bounded, Checked, Strict, Aliased):
+        assert OutputSpec(model, False).row_reader() is None, model
+    assert OutputSpec(typed_model(), False).row_reader()[1] == bytes(
+        [2, 3, 4, 5, 2 | 0x80, 3 | 0x80])
 
 
 def test_render_docs_matches_render_pairs():
@@ -143,6 +212,43 @@ def test_render_docs_matches_render_pairs():
         _engine.render_docs(("a", "b"), (["x"],))
 
 
+def test_render_dicts_matches_render_document():
+    from semex.extract import render_document
+
+    rng = random.Random(4)
+    pool = ["plain", "", "  ", " x ", "é€😀", "two\nlines", None, float("nan"), "\t"]
+    odd = [5, ["a"], {"k": 1}, pd.NA]
+    keys = ["text", "subject", "body", 3]
+    docs = []
+    for _ in range(4000):
+        doc = {k: rng.choice(pool + (odd if rng.random() < 0.1 else []))
+               for k in rng.sample(keys[:3] + ([keys[3]] if rng.random() < 0.05 else []),
+                                   rng.randint(0, 3))}
+        docs.append(doc)
+    docs += [{}, pd.Series({"text": "a series"})]
+    texts = _engine.render_dicts(docs)
+    handled = 0
+    for doc, text in zip(docs, texts):
+        if text is None:
+            assert type(doc) is not dict or any(
+                not isinstance(k, str) or not (v is None or isinstance(v, str) or
+                                               (type(v) is float and v != v))
+                for k, v in doc.items())
+            continue
+        handled += 1
+        assert text == render_document(doc)
+    assert handled > 3000
+
+
+def test_row_dicts():
+    flags = bytearray([1, 0, 1])
+    rows = _engine.row_dicts(("a", "b"), ([1, None, "x"], [2.5, None, None]), flags)
+    assert rows == [{"a": 1, "b": 2.5}, None, {"a": "x", "b": None}]
+    assert list(rows[0]) == ["a", "b"]
+    with pytest.raises(ValueError):
+        _engine.row_dicts(("a",), ([1, 2],), flags)
+
+
 def test_chat_bodies_match_json_dumps():
     rng = random.Random(5)
     chars = [chr(c) for c in range(0, 0x30)] + ['"', "\\", "é", "€", "😀", "\u2028", "\x7f"]
@@ -169,8 +275,10 @@ def comparable(out):
                                            for e in out.errors], out.explanations)
 
 
-@pytest.mark.parametrize("api", ["sync", "async", "frame"])
-def test_extractions_with_and_without_the_c_reader_agree(server, make_lm, monkeypatch, api):
+@pytest.mark.parametrize("api,typed", [("sync", False), ("async", False), ("frame", False),
+                                       ("sync", True), ("frame", True)])
+def test_extractions_with_and_without_the_c_reader_agree(server, make_lm, monkeypatch, api,
+                                                         typed):
     """Duplicates within and across chunks (also while their first copy is in flight),
     empty documents, answers only Python reads (fenced, prose, null), answers that fail
     validation once or always, refused documents and failed requests."""
@@ -193,6 +301,9 @@ def test_extractions_with_and_without_the_c_reader_agree(server, make_lm, monkey
             texts.append(f"doc {i}")
     docs = [{"text": t} for t in texts]
     fields = {"sentiment": "positive/negative/neutral", "product": None}
+    if typed:
+        fields = typed_model()
+        assert OutputSpec(fields, True).row_reader() is not None
 
     def call():
         lm = make_lm(max_retries=0, max_concurrency=16)
@@ -225,3 +336,44 @@ def test_extractions_with_and_without_the_c_reader_agree(server, make_lm, monkey
         monkeypatch.setattr(semex.extract, "_CHUNK_ROWS", 9)
         without = run_extract(monkeypatch, False, call)
     assert with_reader == without
+
+
+def test_ctrl_c_cancels_both_steps_of_a_sync_extraction(server, make_lm, monkeypatch):
+    """The synchronous driver keeps two steps in flight (extract._drive_overlapped): Ctrl-C
+    during the wait raises promptly, every request of both steps is cancelled, and the LM
+    still works after."""
+    import os
+    import signal
+    import threading
+    import time
+
+    monkeypatch.setattr(semex.extract, "_CHUNK_ROWS", 4)
+    lm = make_lm(timeout=30, max_concurrency=16)
+    started_steps = []
+    real_start = semex._models.ModelRunner.start
+
+    def start(self, *args):
+        started_steps.append(1)
+        return real_start(self, *args)
+
+    monkeypatch.setattr(semex._models.ModelRunner, "start", start)
+    texts = [f"d{i} [[stall]]" for i in range(8)]
+    timer = threading.Timer(0.4, os.kill, (os.getpid(), signal.SIGINT))
+    began = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            semex.sem_extract([{"text": t} for t in texts], lm, {"a": None}, batch_size=1,
+                              progress=False)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - began < 3
+    assert len(started_steps) == 2  # the second chunk was sent beside the first
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and server.stats()["open_connections"] > 0:
+        time.sleep(0.05)
+    outcomes = [r["outcome"] for r in server.log()]
+    assert len(outcomes) == 8 and set(outcomes) == {"client_closed"}
+    out = semex.sem_extract([{"text": "after"}], lm, {"a": None}, batch_size=1,
+                            progress=False)
+    assert out.errors == [None]

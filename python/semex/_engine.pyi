@@ -1,5 +1,5 @@
 """Type stubs for semex._engine, the C concurrency engine (see csrc/engine.h)."""
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 PENDING: int
 OK: int
@@ -61,6 +61,10 @@ def read_rows(contents: List[Optional[str]], names: Tuple[str, ...], kinds: byte
               ) -> Tuple[bytearray, Tuple[List[Any], ...]]: ...
 # None where Python must render the row
 def render_docs(keys: Tuple[str, ...], columns: Tuple[List[Any], ...]) -> List[Optional[str]]: ...
+def render_dicts(docs: List[Any]) -> List[Optional[str]]: ...
+# {names[k]: columns[k][i]} for each flagged i, else None
+def row_dicts(names: Tuple[str, ...], columns: Tuple[List[Any], ...], flags: bytes
+              ) -> List[Optional[Dict[str, Any]]]: ...
 # head + JSON string of each text + tail; None where Python must write it
 def chat_bodies(head: bytes, texts: List[Any], tail: bytes) -> List[Optional[bytes]]: ...
 

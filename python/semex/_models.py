@@ -133,6 +133,19 @@ class ModelRunner:
             progress(len(conversations), len(conversations))
         return out
 
+    @property
+    def can_start(self) -> bool:
+        """Whether ``start`` can run calls side by side from a synchronous caller: semex's
+        own LM, online."""
+        return self.fast_sync and self.mode is None
+
+    def start(self, prompts: Prompts, response_format: Optional[dict],
+              progress: Progress) -> Any:
+        """``call``, started and left running: an lm._Running (see ``can_start``)."""
+        fields = {"response_format": response_format} if response_format else {}
+        return self.model._start_prompts(prompts.users, prompts.system, progress,
+                                         self.max_concurrent, fields)
+
     async def acall(self, prompts: Prompts, response_format: Optional[dict],
                     progress: Progress) -> LMOutput:
         n = len(prompts)

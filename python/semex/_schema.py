@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 import json
 import re
+import types
+import typing
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .errors import ConfigurationError
@@ -23,8 +25,10 @@ class RowInvalid(ValueError):
 REASONING_KEY = "reasoning"  # what the model fills first under a chain-of-thought strategy
 
 # Column kinds of the C row reader (csrc/module_rows.c): an untyped column (a string stripped,
-# blank None; other scalars as they are); a quote or the reasoning (a string as it is).
-_KIND_STRIP, _KIND_TEXT = 0, 1
+# blank None; other scalars as they are); a quote or the reasoning (a string as it is); a
+# typed field's str, int, float or bool, | _KIND_NULLABLE when None is allowed.
+_KIND_STRIP, _KIND_TEXT, _KIND_STR, _KIND_INT, _KIND_FLOAT, _KIND_BOOL = range(6)
+_KIND_NULLABLE = 0x80
 
 
 class OutputSpec:
@@ -161,11 +165,14 @@ class OutputSpec:
         order, each with its kind; None when every answer must be read in Python (a typed
         model). Rows the reader cannot read exactly still come back to ``validate``."""
         if self.model is not None:
-            return None
+            columns = _typed_kinds(self.model)
+            if columns is None:
+                return None
+        else:
+            columns = [_KIND_STRIP] * len(self.columns)
         names = tuple(self.columns + self.quote_columns
                       + ([REASONING_KEY] if self.reasoning else []))
-        kinds = bytes([_KIND_STRIP] * len(self.columns)
-                      + [_KIND_TEXT] * (len(names) - len(self.columns)))
+        kinds = bytes(columns + [_KIND_TEXT] * (len(names) - len(self.columns)))
         return names, kinds
 
     def validate(self, obj: Any) -> Dict[str, Any]:
@@ -189,6 +196,42 @@ class OutputSpec:
             row[REASONING_KEY] = value if value is None or isinstance(value, str) \
                 else json.dumps(value, ensure_ascii=False)
         return row
+
+
+_TYPED_KINDS = {str: _KIND_STR, int: _KIND_INT, float: _KIND_FLOAT, bool: _KIND_BOOL}
+# model_config keys that do not change how a str/int/float/bool field validates
+_PLAIN_CONFIG = {"title", "extra", "json_schema_extra", "frozen", "populate_by_name",
+                 "protected_namespaces", "arbitrary_types_allowed", "from_attributes",
+                 "use_attribute_docstrings", "defer_build", "hide_input_in_errors"}
+
+
+def _typed_kinds(model: Any) -> Optional[List[int]]:
+    """The C reader's kind of each field of a pydantic model, or None unless every field is
+    exactly what the reader reproduces: a required ``str``, ``int``, ``float`` or ``bool``
+    (or that or None), with no constraint, alias or validator, on a model whose config does
+    not change validation (strict, str_strip_whitespace...). For those, pydantic's lax mode
+    takes a JSON value of the field's own type unchanged (an int as a float for ``float``);
+    every other value, and a missing key, still goes to model_validate."""
+    decorators = getattr(model, "__pydantic_decorators__", None)
+    if decorators is None or any(getattr(decorators, name, None) for name in (
+            "validators", "field_validators", "root_validators", "model_validators")):
+        return None
+    if set(getattr(model, "model_config", {})) - _PLAIN_CONFIG:
+        return None
+    kinds = []
+    for name, info in model.model_fields.items():
+        annotation, nullable = info.annotation, 0
+        args = typing.get_args(annotation)
+        if type(None) in args and len(args) == 2 and typing.get_origin(annotation) in (
+                typing.Union, getattr(types, "UnionType", typing.Union)):
+            annotation = args[0] if args[1] is type(None) else args[1]
+            nullable = _KIND_NULLABLE
+        kind = _TYPED_KINDS.get(annotation) if isinstance(annotation, type) else None
+        if kind is None or info.metadata or (info.alias not in (None, name)) or \
+                info.validation_alias is not None:
+            return None
+        kinds.append(kind | nullable)
+    return kinds
 
 
 def _scalar(value: Any) -> Any:

@@ -33,8 +33,9 @@ import json
 import logging
 import mmap
 import sys
-from itertools import compress
+from collections import deque
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import _engine
@@ -200,7 +201,12 @@ class _ListDocuments:
 
     def render(self, start: int, end: int) -> List[str]:
         docs = self.docs
-        return [render_document(docs[i]) for i in range(start, end)]
+        texts = _engine.render_dicts(docs[start:end])  # None: a row for render_document
+        if None in texts:
+            for k, text in enumerate(texts):
+                if text is None:
+                    texts[k] = render_document(docs[start + k])
+        return texts
 
     def render_row(self, i: int) -> str:
         return render_document(self.docs[i])
@@ -240,13 +246,19 @@ class _ListSink:
     def write_many(self, chunk: int, rows: List[int], flags: bytearray,
                    values: Dict[str, List[Any]], raw: List[Optional[str]]) -> None:
         """write() of each rows[k] with flags[k] set: its values[name][k] and raw[k]."""
-        names = [name for name in values if name != REASONING_KEY]
-        columns = [values[name] for name in names]
+        names = tuple(name for name in values if name != REASONING_KEY)
+        made = _engine.row_dicts(names, tuple(values[name] for name in names), flags)
         reasoning = values.get(REASONING_KEY)
         out_rows, out_raw, explanations = self.rows, self.raw, self.explanations
+        if rows[-1] - rows[0] == len(rows) - 1 and flags.count(1) == len(rows):
+            a, b = rows[0], rows[-1] + 1  # every row of a contiguous run: slices
+            out_rows[a:b], out_raw[a:b] = made, raw
+            if reasoning is not None:
+                explanations[a:b] = reasoning
+            return
         for k in compress(range(len(rows)), flags):
             i = rows[k]
-            out_rows[i] = {name: column[k] for name, column in zip(names, columns)}
+            out_rows[i] = made[k]
             out_raw[i] = raw[k]
             if reasoning is not None:
                 explanations[i] = reasoning[k]
@@ -705,7 +717,7 @@ def _check_docs(docs: Any) -> List[Mapping[str, Any]]:
             "docs must be a list of dicts (column -> value), got " + type(docs).__name__)
     docs = list(docs)
     for i, doc in enumerate(docs):
-        if not isinstance(doc, Mapping):
+        if type(doc) is not dict and not isinstance(doc, Mapping):
             raise E.ConfigurationError(
                 f"docs[{i}] must be a dict (column -> value), got {type(doc).__name__}")
     return docs
@@ -983,7 +995,12 @@ def _concurrency(cap: Optional[int], own: Optional[int]) -> int:
 
 def _drive(run: _Run) -> None:
     """The synchronous steps: each sends the next chunk with the previous step's leftovers
-    (no round is spent on stragglers alone); the LM pipelines its windows within a call."""
+    (no round is spent on stragglers alone); the LM pipelines its windows within a call.
+    With semex's LM and one limit over every call (run.overlap), two steps are in flight
+    as in the async driver (_drive_overlapped)."""
+    if run.overlap and run.runner.can_start:
+        _drive_overlapped(run)
+        return
     state = run.state
     try:
         while state.has_work():
@@ -992,6 +1009,45 @@ def _drive(run: _Run) -> None:
                                                  run.tick(call)))
     finally:
         run.bar.close(run.stats())
+
+
+def _drive_overlapped(run: _Run) -> None:
+    """_drive_async's schedule without an event loop: the next step's calls start once the
+    newest step is down to its last ``run.cap`` prompts, so the engine has the next chunk's
+    requests while the previous chunk's last answers arrive (a chunk boundary used to leave
+    it idle for about one answer latency). Waits are on the oldest call's oldest window, a
+    few milliseconds at a time, and release the GIL; Ctrl-C cancels every call in flight."""
+    state = run.state
+    steps: "deque[List[Tuple[_Call, Any]]]" = deque()
+    try:
+        while True:
+            newest = steps[-1] if steps else None
+            if state.has_work() and (newest is None or (
+                    len(steps) < 2 and
+                    sum(r.unfinished() for _, r in newest) <= run.cap)):
+                calls = run.next_step()
+                if calls:
+                    steps.append([(c, run.runner.start(c.conversations, c.response_format,
+                                                       run.tick(c))) for c in calls])
+                continue
+            if not steps:
+                break
+            for step in list(steps):
+                for _, running in step:
+                    if running.output is None:
+                        running.advance(_WAIT_S if step is steps[0] else 0.0)
+                if all(running.output is not None for _, running in step):
+                    steps.remove(step)
+                    for call, running in step:
+                        run.absorb(call, running.output)
+    finally:
+        for step in steps:
+            for _, running in step:
+                running.close()
+        run.bar.close(run.stats())
+
+
+_WAIT_S = 0.01  # _drive_overlapped's longest wait before it looks at every call again
 
 
 class _Step:

@@ -705,6 +705,13 @@ class LM:
                    prompts=True, system_prompt=system_prompt, mode=mode)
         return _drive_sync(job)
 
+    def _start_prompts(self, prompts: Sequence[Any], system_prompt: Optional[str],
+                       progress: Optional[ProgressCallback], max_concurrent: Optional[int],
+                       request_fields: Dict[str, Any]) -> "_Running":
+        """_run_prompts, started and left running (online mode only): see _Running."""
+        return _Running(_Job(self, prompts, request_fields, progress, max_concurrent,
+                             prompts=True, system_prompt=system_prompt))
+
     async def _run_prompts_async(self, prompts: Sequence[Any], system_prompt: Optional[str],
                                  progress: Optional[ProgressCallback],
                                  max_concurrent: Optional[int],
@@ -819,6 +826,48 @@ def _drive_sync(job: "_Job") -> LMOutput:
         job.keep_answers(pending)
         job.close_progress()
     return job.finish()
+
+
+class _Running:
+    """A job's windows driven a little at a time by a synchronous caller that keeps two
+    calls in flight (sem_extract starts its next step's requests while the previous step's
+    last answers arrive, as its async driver does). ``advance`` waits at most ``timeout``
+    for the oldest window, collects the windows that are done and says whether the job is;
+    ``result`` is then its LMOutput. ``close`` cancels what is left (keeping the answers that
+    arrived for the cache, as _drive_sync does)."""
+
+    def __init__(self, job: "_Job"):
+        self.job = job
+        self.windows = Windows(job.submit, job.n, job.window_size)
+        self.tick = job.ticker(self.windows)
+        self._windows = iter(self.windows)
+        self.current = next(self._windows, None)
+        self.output: Optional[LMOutput] = None
+
+    def unfinished(self) -> int:
+        """Requests of this job without their answer yet (sent or not)."""
+        return self.job.n - self.windows.completed()
+
+    def advance(self, timeout: float) -> bool:
+        while self.current is not None:
+            start, batch = self.current
+            if not batch.wait(timeout):  # Ctrl-C: raises here (the caller closes)
+                self.tick()
+                return False
+            self.tick()
+            self.job.collect(start, batch)
+            self.current = next(self._windows, None)
+            timeout = 0.0
+        if self.output is None:
+            self.close()
+            self.output = self.job.finish()
+        return True
+
+    def close(self) -> None:
+        pending = list(self.windows.pending)
+        self.windows.close()
+        self.job.keep_answers(pending)
+        self.job.close_progress()
 
 
 async def _drive_async(job: "_Job") -> LMOutput:
