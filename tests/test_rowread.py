@@ -12,7 +12,7 @@ import pytest
 import semex
 from semex import _engine
 from semex._schema import OutputSpec, parse_json_answer, RowInvalid
-from semex.extract import render_pairs
+from semex.extract import render_pairs, single_answer
 
 SEEDS = [
     '{"topic": "gas", "sender": "bob", "n": 3, "topic_quote": "q", "sender_quote": null}',
@@ -32,17 +32,8 @@ def python_row(spec, text):
     """What sem_extract's Python path makes of one answer at one document per prompt
     (extract._Extraction.absorb), or None when that row would not validate."""
     try:
-        value = parse_json_answer(text)
-    except ValueError:
-        return None
-    if isinstance(value, dict) and isinstance(value.get("results"), list) and \
-            len(value["results"]) == 1 and not set(value) & set(spec.columns):
-        value = value["results"][0]
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    try:
-        return spec.validate(value)
-    except RowInvalid:
+        return spec.validate(single_answer(parse_json_answer(text), spec))
+    except (ValueError, RowInvalid):
         return None
 
 

@@ -639,13 +639,7 @@ class _Extraction:
         except ValueError as exc:
             return self._unreadable(task, content, str(exc))
         if len(docs) == 1:
-            obj = value
-            if isinstance(obj, dict) and isinstance(obj.get("results"), list) and \
-                    len(obj["results"]) == 1 and not set(obj) & set(self.spec.columns):
-                obj = obj["results"][0]
-            if isinstance(obj, list) and len(obj) == 1:
-                obj = obj[0]
-            return self._take_row(task, docs[0], obj, content)
+            return self._take_row(task, docs[0], single_answer(value, self.spec), content)
         items = value.get("results") if isinstance(value, dict) else value
         if not isinstance(items, list) or len(items) != len(docs) or \
                 not all(isinstance(x, dict) for x in items):
@@ -682,6 +676,18 @@ class _Extraction:
         self._finish(doc, None, raw, E.ResponseFormatError(
             f"the answer did not match the requested fields: {reason}"))
         return []
+
+
+def single_answer(value: Any, spec: OutputSpec) -> Any:
+    """The row object in the parsed answer to a one-document prompt: the value itself, or
+    the one row of a ``{"results": [row]}`` (without any output column beside it) or of a
+    ``[row]`` that a model answered in the batch shape."""
+    if isinstance(value, dict) and isinstance(value.get("results"), list) and \
+            len(value["results"]) == 1 and not set(value) & set(spec.columns):
+        value = value["results"][0]
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return value
 
 
 def _add_member(doc: _Doc, row: int) -> None:
