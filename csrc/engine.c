@@ -70,6 +70,21 @@ void sx_engine_grant(sx_engine *e, double requests, double tokens)
     wake_all(e);
 }
 
+size_t sx_engine_settle(sx_engine *e, sx_batch *b, const size_t *index, const double *used,
+                        size_t n)
+{
+    size_t settled = 0;
+    pthread_mutex_lock(&e->lock);
+    double now = sx_now();
+    for (size_t k = 0; k < n; k++)
+        if (index[k] < b->n)
+            settled += (size_t)sx_sched_settle_late(&e->sched, &b->slots[index[k]], used[k], now);
+    pthread_mutex_unlock(&e->lock);
+    if (settled)
+        wake_all(e);  /* tokens came back: admission may go on */
+    return settled;
+}
+
 sx_lease sx_engine_lease(sx_engine *e)
 {
     pthread_mutex_lock(&e->lock);

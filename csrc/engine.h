@@ -79,6 +79,10 @@ int sx_engine_wait(sx_engine *e, sx_batch *b, double timeout);
 
 /* Grant budget to the engine's lease (sched.h, sx_lease) and wake the workers; snapshot it. */
 void sx_engine_grant(sx_engine *e, double requests, double tokens);
+/* sx_sched_settle_late for slots[index[k]] of a finished batch, used[k] tokens each;
+ * returns how many settled. */
+size_t sx_engine_settle(sx_engine *e, sx_batch *b, const size_t *index, const double *used,
+                        size_t n);
 sx_lease sx_engine_lease(sx_engine *e);
 
 void sx_engine_lock(sx_engine *e);

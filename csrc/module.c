@@ -1090,6 +1090,61 @@ static PyObject *Batch_chat_results(BatchObject *self, PyObject *Py_UNUSED(ignor
     return batch_tuples(self, slot_chat_tuple);
 }
 
+PyDoc_STRVAR(Batch_settle_doc,
+"settle($self, used, /)\n--\n\n"
+"used: a list of (offset, tokens) for successes whose usage Python read (answers the worker\n"
+"left to json.loads, embeddings answers): each such request's tokens/min reservation is\n"
+"settled against what it used, as the worker settles the answers it reads (Engine\n"
+"settle_tokens). A request already settled, or failed, is left alone. Returns how many\n"
+"were settled.");
+
+static PyObject *Batch_settle(BatchObject *self, PyObject *arg)
+{
+    if (!batch_usable(self))
+        return NULL;
+    if (!PyList_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "settle: a list of (offset, tokens)");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(arg);
+    if (n == 0)
+        return PyLong_FromLong(0);
+    size_t *index = PyMem_Malloc((size_t)n * sizeof *index);
+    double *used = PyMem_Malloc((size_t)n * sizeof *used);
+    PyObject *result = NULL;
+    if (!index || !used) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *item = PyList_GET_ITEM(arg, k);
+        Py_ssize_t offset;
+        double tokens;
+        if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "nd", &offset, &tokens)) {
+            if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_TypeError, "settle: a list of (offset, tokens)");
+            }
+            goto done;
+        }
+        if (offset < 0 || (size_t)offset >= self->batch->n) {
+            PyErr_SetString(PyExc_IndexError, "settle: no such offset");
+            goto done;
+        }
+        index[k] = (size_t)offset;
+        used[k] = tokens;
+    }
+    size_t settled = self->owner->engine  /* a closed engine has no buckets left */
+                         ? sx_engine_settle(self->owner->engine, self->batch, index, used,
+                                            (size_t)n)
+                         : 0;
+    result = PyLong_FromSize_t(settled);
+done:
+    PyMem_Free(index);
+    PyMem_Free(used);
+    return result;
+}
+
 PyDoc_STRVAR(Batch_chat_result_doc,
 "chat_result($self, offset, /)\n--\n\n"
 "chat_results()[offset], alone.");
@@ -1423,6 +1478,7 @@ static PyMethodDef Batch_methods[] = {
     {"deployments", (PyCFunction)Batch_deployments, METH_NOARGS, Batch_deployments_doc},
     {"chat_results", (PyCFunction)Batch_chat_results, METH_NOARGS, Batch_chat_results_doc},
     {"chat_result", (PyCFunction)Batch_chat_result, METH_O, Batch_chat_result_doc},
+    {"settle", (PyCFunction)Batch_settle, METH_O, Batch_settle_doc},
     {"collect_chat", (PyCFunction)Batch_collect_chat, METH_VARARGS, Batch_collect_chat_doc},
     {"read_embeddings", (PyCFunction)(void (*)(void))Batch_read_embeddings,
      METH_VARARGS | METH_KEYWORDS, Batch_read_embeddings_doc},

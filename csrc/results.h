@@ -108,6 +108,7 @@ typedef struct sx_slot {
     size_t heap_pos;         /* position in the retry heap */
     uint64_t admit_seq;      /* engine admission number of the current attempt */
     uint8_t where;           /* sx_where */
+    uint8_t settled;         /* its token reservation was settled against its usage */
     uint16_t deploy;         /* deployment of the current (or last) attempt (sched.h) */
 
     /* [E] outcome */

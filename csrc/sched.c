@@ -653,8 +653,10 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
     if (a->verdict == SX_V_OK && s->opts.settle_tokens &&
         (s->tpm.rate > 0 || (lim.deploy && lim.tpm->rate > 0))) {
         double used = used_tokens(a);
-        if (used >= 0)
+        if (used >= 0) {
             settle_tokens(s, lim.deploy, slot->tokens, used, now);
+            slot->settled = 1;
+        }
     }
     if (!*lim.tpm_seeded && s->opts.settle_tokens && a->hints.remaining_tokens >= 0 &&
         lim.tpm->rate > 0) {
@@ -776,6 +778,18 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
     s->stats.retries++;
     b->retries++;
     return SX_V_RETRY;
+}
+
+int sx_sched_settle_late(sx_sched *s, sx_slot *slot, double used, double now)
+{
+    if (!s->opts.settle_tokens || slot->settled || slot->state != SX_OK || used < 0)
+        return 0;
+    sx_limits lim = limits_of(s, slot);
+    if (!(s->tpm.rate > 0 || (lim.deploy && lim.tpm->rate > 0)))
+        return 0;
+    settle_tokens(s, lim.deploy, slot->tokens, used, now);
+    slot->settled = 1;
+    return 1;
 }
 
 void sx_sched_grant(sx_sched *s, double requests, double tokens)

@@ -129,3 +129,45 @@ def test_mock_tpm_usage_counts_the_answer_and_embeddings_have_their_own_bucket(m
     srv = _get(base + "/_stats")
     assert srv["usage_tokens"] == used
     assert srv["embed_usage_tokens"] == emb["usage"]["total_tokens"]
+
+
+def test_answers_read_in_python_and_embeddings_settle_too(server, make_lm):
+    """The worker settles the answers it reads; an answer it leaves to json.loads (here a
+    repeated "content" key on the path it reads) is settled when Python has read it, and an
+    embeddings answer when its usage has been read: every request settles exactly once."""
+    import base64
+
+    from conftest import client_factory
+
+    def raw(content, total):
+        body = ('{"choices": [{"message": {"role": "assistant", "content": "x", '
+                f'"content": "{content}"}}, "finish_reason": "stop"}}], "usage": '
+                f'{{"prompt_tokens": {total - 2}, "completion_tokens": 2, '
+                f'"total_tokens": {total}}}}}')
+        return "[[rawb64=" + base64.urlsafe_b64encode(body.encode()).decode() + "]]"
+
+    lm = make_lm(tpm=6_000_000, max_tokens=4000)
+    prompts = [f"p{i} " + raw(f"answer {i}", 10 + i) for i in range(6)] + ["plain a", "b"]
+    out = semex.llm_batch(prompts, model=lm, progress=False)
+    assert list(out[:6]) == [f"answer {i}" for i in range(6)]
+    assert list(out[6:]) == ["echo: plain a", "echo: b"]
+    stats = lm.engine_stats()
+    assert stats["tokens_settled"] == 8  # 6 read in Python, 2 by the worker
+    # each reservation held max_tokens=4000 + characters/4; the answers used 10-15 tokens
+    assert stats["tokens_refunded"] > 8 * 3900
+    again = semex.llm_batch(prompts[:2], model=lm, progress=False)
+    assert list(again) == [f"answer {i}" for i in range(2)] and lm.engine_stats()["tokens_settled"] == 10
+
+    gen = client_factory(server, lambda **o: semex.EmbeddingModel("test-embed", **o),
+                         0.02, 0.2)
+    make_rm = next(gen)
+    try:
+        rm = make_rm(tpm=6_000_000, max_batch_inputs=4)
+        texts = [f"document {i} " + "words " * 50 for i in range(10)]
+        vectors = semex.embed(texts, rm, progress=False)
+        assert vectors.shape[0] == 10
+        estats = rm.engine_stats()
+        assert estats["tokens_settled"] == 3  # one per request of 4, 4 and 2 inputs
+        assert estats["tokens_refunded"] + estats["tokens_overrun"] > 0
+    finally:
+        next(gen, None)

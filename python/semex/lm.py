@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import _engine, _stream
 from . import batch_api as _batch_api
@@ -1348,6 +1348,7 @@ class _Job:
         cached = self.cached
         rows = None if cached is None else cached.rows(start)  # the rows that were sent
         answers: List[tuple] = []
+        late: List[Tuple[int, float]] = []  # (offset, tokens used) of answers read here
         by_deployment = self.by_deployment
         deployment_of = batch.deployments() if by_deployment is not None else None
         if cached is None and by_deployment is None and not self.blocked and \
@@ -1378,6 +1379,9 @@ class _Job:
                 if chat is None:
                     usage.failed += 1
                     continue
+                used = chat[4] or chat[2] + chat[3]
+                if used > 0:  # the worker could not settle its token reservation: do it now
+                    late.append((offset, float(used)))
             content, finish_reason, prompt_tokens, completion_tokens, total_tokens = chat
             usage.prompt_tokens += prompt_tokens
             usage.completion_tokens += completion_tokens
@@ -1405,6 +1409,8 @@ class _Job:
                     answers.append((offset, chat))
         if cached is not None:
             cached.store(start, answers)
+        if late:
+            batch.settle(late)
         progress = batch.progress()
         usage.rate_limited += progress[5]
         if progress[4] or progress[5]:
