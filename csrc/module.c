@@ -1090,6 +1090,19 @@ static PyObject *Batch_chat_results(BatchObject *self, PyObject *Py_UNUSED(ignor
     return batch_tuples(self, slot_chat_tuple);
 }
 
+/* batch_usable, and every slot final (else RuntimeError naming `what`). */
+static int batch_finished(BatchObject *self, const char *what)
+{
+    if (!batch_usable(self))
+        return 0;
+    batch_lock(self);
+    int done = self->batch->done == self->batch->n;
+    batch_unlock(self);
+    if (!done)
+        PyErr_Format(PyExc_RuntimeError, "%s needs a finished batch", what);
+    return done;
+}
+
 PyDoc_STRVAR(Batch_settle_doc,
 "settle($self, used, /)\n--\n\n"
 "used: a list of (offset, tokens) for successes whose usage Python read (answers the worker\n"
@@ -1182,16 +1195,9 @@ static PyObject *Batch_collect_chat(BatchObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!O!n:collect_chat", &PyList_Type, &outputs, &PyList_Type,
                           &finishes, &start))
         return NULL;
-    if (!batch_usable(self))
+    if (!batch_finished(self, "collect_chat"))
         return NULL;
     sx_batch *b = self->batch;
-    batch_lock(self);
-    int done = b->done == b->n;
-    batch_unlock(self);
-    if (!done) {
-        PyErr_SetString(PyExc_RuntimeError, "collect_chat: the batch has not finished");
-        return NULL;
-    }
     if (start < 0 || start + (Py_ssize_t)b->n > PyList_GET_SIZE(outputs) ||
         start + (Py_ssize_t)b->n > PyList_GET_SIZE(finishes)) {
         PyErr_SetString(PyExc_IndexError, "collect_chat: the lists are too short");
@@ -1276,16 +1282,9 @@ static PyObject *Batch_read_embeddings(BatchObject *self, PyObject *args, PyObje
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO:read_embeddings", kwlist, &out_obj,
                                      &rows_obj, &offsets_obj, &state_obj))
         return NULL;
-    if (!batch_usable(self))
+    if (!batch_finished(self, "read_embeddings"))
         return NULL;
     sx_batch *b = self->batch;
-    batch_lock(self);
-    int done = b->done == b->n;
-    batch_unlock(self);
-    if (!done) {
-        PyErr_SetString(PyExc_RuntimeError, "read_embeddings needs a finished batch");
-        return NULL;
-    }
     Py_buffer out, rows, offsets, row_state;
     if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT |
                                               PyBUF_WRITABLE) < 0)

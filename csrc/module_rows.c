@@ -274,6 +274,58 @@ static int left_out(PyObject *value)
     return -1;
 }
 
+/* One document's text, "[key]: value" lines joined by "\n": measured over every (key,
+ * value) first (doc_measure), then allocated once (doc_start) and written (doc_write, the
+ * same pairs in the same order). */
+typedef struct {
+    Py_ssize_t len, lines;
+    Py_UCS4 maxchar;
+    PyObject *text;   /* borrowed from doc_start's caller */
+    Py_ssize_t at;
+} doc_text;
+
+/* 0, or -1 when only Python can show the value. */
+static int doc_measure(doc_text *t, PyObject *key, PyObject *value)
+{
+    int skip = left_out(value);
+    if (skip)
+        return skip < 0 ? -1 : 0;
+    t->len += PyUnicode_GET_LENGTH(key) + 4 + PyUnicode_GET_LENGTH(value) + (t->lines ? 1 : 0);
+    t->lines++;
+    Py_UCS4 a = PyUnicode_MAX_CHAR_VALUE(key), b = PyUnicode_MAX_CHAR_VALUE(value);
+    t->maxchar = a > t->maxchar ? a : t->maxchar;
+    t->maxchar = b > t->maxchar ? b : t->maxchar;
+    return 0;
+}
+
+static PyObject *doc_start(doc_text *t)
+{
+    t->text = PyUnicode_New(t->len, t->maxchar);
+    t->at = 0;
+    return t->text;
+}
+
+static int doc_write(doc_text *t, PyObject *key, PyObject *value)
+{
+    if (left_out(value))
+        return 0;
+    int kind = PyUnicode_KIND(t->text);
+    void *data = PyUnicode_DATA(t->text);
+    if (t->at)
+        PyUnicode_WRITE(kind, data, t->at++, '\n');
+    PyUnicode_WRITE(kind, data, t->at++, '[');
+    if (PyUnicode_CopyCharacters(t->text, t->at, key, 0, PyUnicode_GET_LENGTH(key)) < 0)
+        return -1;
+    t->at += PyUnicode_GET_LENGTH(key);
+    PyUnicode_WRITE(kind, data, t->at++, ']');
+    PyUnicode_WRITE(kind, data, t->at++, ':');
+    PyUnicode_WRITE(kind, data, t->at++, ' ');
+    if (PyUnicode_CopyCharacters(t->text, t->at, value, 0, PyUnicode_GET_LENGTH(value)) < 0)
+        return -1;
+    t->at += PyUnicode_GET_LENGTH(value);
+    return 0;
+}
+
 PyObject *sx_py_render_docs(PyObject *Py_UNUSED(m), PyObject *args)
 {
     PyObject *keys, *columns;
@@ -301,59 +353,20 @@ PyObject *sx_py_render_docs(PyObject *Py_UNUSED(m), PyObject *args)
         return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         /* "[key]: value" lines joined by "\n": sizes first, then one copy */
-        Py_ssize_t len = 0, lines = 0;
-        Py_UCS4 maxchar = 127;
+        doc_text t = {0, 0, 127, NULL, 0};
         int python = 0;
-        for (Py_ssize_t k = 0; k < ncols && !python; k++) {
-            PyObject *value = PyList_GET_ITEM(PyTuple_GET_ITEM(columns, k), i);
-            int skip = left_out(value);
-            if (skip < 0) {
-                python = 1;
-            } else if (!skip) {
-                PyObject *key = PyTuple_GET_ITEM(keys, k);
-                len += PyUnicode_GET_LENGTH(key) + 4 + PyUnicode_GET_LENGTH(value) +
-                       (lines ? 1 : 0);
-                lines++;
-                Py_UCS4 a = PyUnicode_MAX_CHAR_VALUE(key), b = PyUnicode_MAX_CHAR_VALUE(value);
-                maxchar = a > maxchar ? a : maxchar;
-                maxchar = b > maxchar ? b : maxchar;
-            }
-        }
-        PyObject *text;
-        if (python) {
-            text = new_ref(Py_None);  /* Python renders this row */
-        } else {
-            text = PyUnicode_New(len, maxchar);
-            if (!text) {
-                Py_DECREF(out);
-                return NULL;
-            }
-            Py_ssize_t at = 0;
-            for (Py_ssize_t k = 0; k < ncols; k++) {
-                PyObject *value = PyList_GET_ITEM(PyTuple_GET_ITEM(columns, k), i);
-                if (left_out(value))
-                    continue;
-                PyObject *key = PyTuple_GET_ITEM(keys, k);
-                if (at)
-                    PyUnicode_WRITE(PyUnicode_KIND(text), PyUnicode_DATA(text), at++, '\n');
-                PyUnicode_WRITE(PyUnicode_KIND(text), PyUnicode_DATA(text), at++, '[');
-                if (PyUnicode_CopyCharacters(text, at, key, 0, PyUnicode_GET_LENGTH(key)) < 0) {
-                    Py_DECREF(text);
-                    Py_DECREF(out);
-                    return NULL;
-                }
-                at += PyUnicode_GET_LENGTH(key);
-                PyUnicode_WRITE(PyUnicode_KIND(text), PyUnicode_DATA(text), at++, ']');
-                PyUnicode_WRITE(PyUnicode_KIND(text), PyUnicode_DATA(text), at++, ':');
-                PyUnicode_WRITE(PyUnicode_KIND(text), PyUnicode_DATA(text), at++, ' ');
-                if (PyUnicode_CopyCharacters(text, at, value, 0,
-                                             PyUnicode_GET_LENGTH(value)) < 0) {
-                    Py_DECREF(text);
-                    Py_DECREF(out);
-                    return NULL;
-                }
-                at += PyUnicode_GET_LENGTH(value);
-            }
+        for (Py_ssize_t k = 0; k < ncols && !python; k++)
+            python = doc_measure(&t, PyTuple_GET_ITEM(keys, k),
+                                 PyList_GET_ITEM(PyTuple_GET_ITEM(columns, k), i)) < 0;
+        PyObject *text = python ? new_ref(Py_None)  /* Python renders this row */
+                                : doc_start(&t);
+        for (Py_ssize_t k = 0; text && !python && k < ncols; k++)
+            if (doc_write(&t, PyTuple_GET_ITEM(keys, k),
+                          PyList_GET_ITEM(PyTuple_GET_ITEM(columns, k), i)) < 0)
+                Py_CLEAR(text);
+        if (!text) {
+            Py_DECREF(out);
+            return NULL;
         }
         PyList_SET_ITEM(out, i, text);
     }
@@ -459,58 +472,23 @@ PyObject *sx_py_render_dicts(PyObject *Py_UNUSED(m), PyObject *arg)
     if (!out)
         return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *doc = PyList_GET_ITEM(arg, i), *key, *value, *text = NULL;
-        Py_ssize_t pos = 0, len = 0, lines = 0;
-        Py_UCS4 maxchar = 127;
+        PyObject *doc = PyList_GET_ITEM(arg, i), *key, *value;
+        Py_ssize_t pos = 0;
+        doc_text t = {0, 0, 127, NULL, 0};
         int python = !PyDict_CheckExact(doc);
-        while (!python && PyDict_Next(doc, &pos, &key, &value)) {
-            int skip = PyUnicode_CheckExact(key) ? left_out(value) : -1;
-            if (skip < 0) {
-                python = 1;
-            } else if (!skip) {
-                len += PyUnicode_GET_LENGTH(key) + 4 + PyUnicode_GET_LENGTH(value) +
-                       (lines ? 1 : 0);
-                lines++;
-                Py_UCS4 a = PyUnicode_MAX_CHAR_VALUE(key), b = PyUnicode_MAX_CHAR_VALUE(value);
-                maxchar = a > maxchar ? a : maxchar;
-                maxchar = b > maxchar ? b : maxchar;
-            }
-        }
-        if (python) {
-            text = new_ref(Py_None);  /* Python renders this one */
-        } else {
-            text = PyUnicode_New(len, maxchar);
-            if (!text)
-                goto fail;
-            int kind = PyUnicode_KIND(text);
-            void *data = PyUnicode_DATA(text);
-            Py_ssize_t at = 0;
-            pos = 0;
-            while (PyDict_Next(doc, &pos, &key, &value)) {
-                if (left_out(value))
-                    continue;
-                if (at)
-                    PyUnicode_WRITE(kind, data, at++, '\n');
-                PyUnicode_WRITE(kind, data, at++, '[');
-                if (PyUnicode_CopyCharacters(text, at, key, 0, PyUnicode_GET_LENGTH(key)) < 0)
-                    goto fail_text;
-                at += PyUnicode_GET_LENGTH(key);
-                PyUnicode_WRITE(kind, data, at++, ']');
-                PyUnicode_WRITE(kind, data, at++, ':');
-                PyUnicode_WRITE(kind, data, at++, ' ');
-                if (PyUnicode_CopyCharacters(text, at, value, 0,
-                                             PyUnicode_GET_LENGTH(value)) < 0)
-                    goto fail_text;
-                at += PyUnicode_GET_LENGTH(value);
-            }
+        while (!python && PyDict_Next(doc, &pos, &key, &value))
+            python = !PyUnicode_CheckExact(key) || doc_measure(&t, key, value) < 0;
+        PyObject *text = python ? new_ref(Py_None)  /* Python renders this one */
+                                : doc_start(&t);
+        pos = 0;
+        while (text && !python && PyDict_Next(doc, &pos, &key, &value))
+            if (doc_write(&t, key, value) < 0)
+                Py_CLEAR(text);
+        if (!text) {
+            Py_DECREF(out);
+            return NULL;
         }
         PyList_SET_ITEM(out, i, text);
-        continue;
-    fail_text:
-        Py_DECREF(text);
-    fail:
-        Py_DECREF(out);
-        return NULL;
     }
     return out;
 }

@@ -394,7 +394,9 @@ class _Extraction:
 
     def read_chunk(self) -> None:
         """Render the next chunk; settle its empty documents and the duplicates of answered
-        ones now, attach duplicates of waiting ones, queue the rest."""
+        ones now, attach duplicates of waiting ones, queue the new distinct ones: as one
+        _Bulk at one document per prompt with the C reader, else as a _Doc each. A chunk
+        with no empty and no repeated document costs no Python per row up to that point."""
         start = self.next_row
         end = min(self.n, start + self.chunk_rows)
         self.next_row = end
@@ -404,55 +406,14 @@ class _Extraction:
         texts = self.documents.render(start, end)
         hashes = [_text_hash(text) for text in texts]
         earlier = self.seen.lookup(hashes) if self.seen is not None else None
-        if self.reader is not None:
-            self._read_bulk(chunk, start, end, texts, hashes, earlier)
-            return
-        local: Dict[int, _Doc] = {}
-        new_hashes: List[int] = []
-        new_rows: List[int] = []
-        for k, text in enumerate(texts):
-            i = start + k
-            if not text:
-                self._write(i, None, None, EmptyDocumentError(
-                    f"row {i}: the document has no text in any input column; nothing sent",
-                    index=i))
-                continue
-            h = hashes[k]
-            first = earlier[k] if earlier is not None else -1
-            if first >= 0:
-                if self._same_as(first, i, text):
-                    continue
-            else:
-                doc = local.get(h)
-                if doc is not None and doc.text == text:
-                    _add_member(doc, i)
-                    self.cache_hits += 1
-                    continue
-            doc = _Doc(text, i)
-            self.pending[i] = doc
-            self.carry.append(doc)
-            if first < 0 and h not in local:  # a hash collision stays out of the index
-                local[h] = doc
-                new_hashes.append(h)
-                new_rows.append(i)
-        if new_rows and self.next_row < self.n:  # later chunks may repeat these
-            if self.seen is None:
-                self.seen = _Seen(self.n)
-            self.seen.add(new_hashes, new_rows)
-
-    def _read_bulk(self, chunk: int, start: int, end: int, texts: List[str],
-                   hashes: List[int], earlier: Optional[List[int]]) -> None:
-        """read_chunk at one document per prompt: the chunk's new distinct documents go in
-        one _Bulk; a chunk with no empty and no repeated document costs no Python per row."""
         if (earlier is None or max(earlier, default=-1) < 0) and "" not in texts and \
                 len(set(hashes)) == len(hashes):
-            rows = list(range(start, end))
-            bulk = _Bulk(rows, texts, chunk)
-            new_hashes, new_rows = hashes, rows
+            fresh = _Bulk(list(range(start, end)), texts, chunk)
+            new_hashes, new_rows = hashes, fresh.rows
         else:
-            bulk = _Bulk([], [], chunk)
-            rows, fresh = bulk.rows, bulk.texts
-            local: Dict[int, int] = {}  # hash -> position in the bulk
+            fresh = _Bulk([], [], chunk)
+            rows, fresh_texts = fresh.rows, fresh.texts
+            local: Dict[int, int] = {}  # hash -> position in `fresh`
             new_hashes, new_rows = [], []
             for k, text in enumerate(texts):
                 i = start + k
@@ -468,8 +429,8 @@ class _Extraction:
                         continue
                 else:
                     at = local.get(h)
-                    if at is not None and fresh[at] == text:
-                        bulk.members.setdefault(rows[at], []).append(i)
+                    if at is not None and fresh_texts[at] == text:
+                        fresh.members.setdefault(rows[at], []).append(i)
                         self.cache_hits += 1
                         continue
                 if first < 0 and h not in local:  # a hash collision stays out of the index
@@ -477,10 +438,17 @@ class _Extraction:
                     new_hashes.append(h)
                     new_rows.append(i)
                 rows.append(i)
-                fresh.append(text)
-        if bulk.rows:
-            self.bulks[chunk] = bulk
-            self.new_bulk = bulk
+                fresh_texts.append(text)
+        if self.reader is not None:
+            if fresh.rows:
+                self.bulks[chunk] = fresh
+                self.new_bulk = fresh
+        else:
+            for i, text in zip(fresh.rows, fresh.texts):
+                doc = _Doc(text, i)
+                doc.members = fresh.members.get(i)
+                self.pending[i] = doc
+                self.carry.append(doc)
         if new_rows and self.next_row < self.n:  # later chunks may repeat these
             if self.seen is None:
                 self.seen = _Seen(self.n)
