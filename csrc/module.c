@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "blake2b.h"
+#include "cachekey.h"
 #include "embedjson.h"
 #include "engine.h"
 #include "module_rows.h"
@@ -1517,6 +1519,62 @@ static PyObject *mod_curl_version(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ig
     return PyUnicode_FromString(curl_version());
 }
 
+PyDoc_STRVAR(mod_prompt_keys_doc,
+"prompt_keys(head, close, prompts)\n--\n\n"
+"The answer cache's keys of plain-string prompts (semex.cache.JobCache), concatenated:\n"
+"16 bytes each, blake2b-128 of head + the prompt's JSON string (UTF-8, as\n"
+"json.dumps(prompt, ensure_ascii=False) writes it) + close. None when a prompt is not\n"
+"exactly a str or holds a lone surrogate: the caller keys those itself.");
+
+static PyObject *mod_prompt_keys(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    Py_buffer head, close;
+    PyObject *prompts, *seq, *out = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*O:prompt_keys", &head, &close, &prompts))
+        return NULL;
+    seq = PySequence_Fast(prompts, "prompt_keys: prompts must be a sequence");
+    if (!seq)
+        goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    sx_blake2b base;
+    sx_blake2b_init(&base, 16);
+    sx_blake2b_update(&base, head.buf, (size_t)head.len);
+    out = PyBytes_FromStringAndSize(NULL, 16 * n);
+    if (!out)
+        goto done;
+    uint8_t *key = (uint8_t *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++, key += 16) {
+        PyObject *text = items[i];
+        if (!PyUnicode_CheckExact(text))
+            goto fall_back;
+#if PY_VERSION_HEX < 0x030C0000
+        if (PyUnicode_READY(text) < 0)
+            goto fail;
+#endif
+        sx_blake2b h = base;
+        if (sx_hash_json_string(&h, (int)PyUnicode_KIND(text), PyUnicode_DATA(text),
+                                (size_t)PyUnicode_GET_LENGTH(text)) < 0)
+            goto fall_back;
+        sx_blake2b_update(&h, close.buf, (size_t)close.len);
+        sx_blake2b_final(&h, key);
+    }
+    goto done;
+fall_back:
+    Py_CLEAR(out);
+    out = Py_NewRef(Py_None);
+    goto done;
+#if PY_VERSION_HEX < 0x030C0000
+fail:
+    Py_CLEAR(out);
+#endif
+done:
+    Py_XDECREF(seq);
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&close);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"curl_version", mod_curl_version, METH_NOARGS,
      "curl_version()\n--\n\nThe libcurl version string in use."},
@@ -1525,6 +1583,7 @@ static PyMethodDef module_methods[] = {
     {"chat_bodies", sx_py_chat_bodies, METH_VARARGS, sx_py_chat_bodies_doc},
     {"render_dicts", sx_py_render_dicts, METH_O, sx_py_render_dicts_doc},
     {"row_dicts", sx_py_row_dicts, METH_VARARGS, sx_py_row_dicts_doc},
+    {"prompt_keys", mod_prompt_keys, METH_VARARGS, mod_prompt_keys_doc},
     {NULL, NULL, 0, NULL},
 };
 

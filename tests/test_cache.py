@@ -112,6 +112,39 @@ def test_another_api_key_still_hits(server, tmp_path):
     other.close()
 
 
+def test_the_engine_keys_plain_prompts_as_hashlib_keys_their_bodies():
+    """csrc/cachekey.c + blake2b.c against hashlib over the JSON string Python writes:
+    every escape, UTF-8 of 1-4 bytes, texts and heads across blake2b's 128-byte blocks;
+    a text it cannot key (not a str, a lone surrogate) hands the window back (None)."""
+    import hashlib
+    import random
+
+    from semex import _engine
+
+    encode = json.JSONEncoder(ensure_ascii=False).encode
+    rng = random.Random(7)
+    alphabet = ['a', 'Z', ' ', '"', '\\', '/', '\n', '\t', '\r', '\b', '\f', '\x00', '\x01',
+                '\x1f', '\x7f', '\x80', 'é', '\xff', 'Ā', '東', '\u2028', '\uffff',
+                '\U0001F600', '\U0010FFFF']
+    texts = ["", "plain", "x" * 127, "y" * 128, "z" * 129, "w" * 5000]
+    for _ in range(400):
+        size = rng.choice([1, 7, 31, 32, 33, 150, 400])
+        texts.append("".join(rng.choice(alphabet) for _ in range(size)))
+        texts.append("".join(rng.choice(["q"] * 30 + alphabet[:12]) for _ in range(size)))
+    for head_size in (0, 1, 110, 127, 128, 129, 300):
+        head = bytes(rng.randrange(256) for _ in range(head_size))
+        want = b"".join(hashlib.blake2b(head + encode(t).encode() + b"}]}",
+                                        digest_size=16).digest() for t in texts)
+        assert _engine.prompt_keys(head, b"}]}", texts) == want
+    assert _engine.prompt_keys(b"h", b"", []) == b""
+    assert _engine.prompt_keys(b"h", b"", ["fine", "\ud800 lone"]) is None
+    assert _engine.prompt_keys(b"h", b"", ["fine", 3]) is None
+
+    class Text(str):
+        pass
+    assert _engine.prompt_keys(b"h", b"", [Text("a subclass")]) is None
+
+
 def test_errors_are_not_cached(make_lm, server, tmp_path):
     path = str(tmp_path / "c.sqlite3")
     prompts = ["fine", "broken [[fail=500]]"]
