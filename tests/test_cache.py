@@ -112,6 +112,120 @@ def test_another_api_key_still_hits(server, tmp_path):
     other.close()
 
 
+def test_rows_of_a_rerun_get_their_own_entries_with_hits_and_misses_interleaved(
+        make_lm, server, tmp_path):
+    """The hit path across windows (the first of 256 rows, then 1,024) that mix hits and
+    misses, conversations among plain prompts, duplicates and texts JSON escapes: every row
+    gets its own answer, only the misses are sent, and the saved tokens are the hits'."""
+    path = str(tmp_path / "c.sqlite3")
+    prompts = [f"q {i}" for i in range(2600)]
+    odd = ['a "quote" and a \\ backslash', "tab\tnew\nline\x01\x1f\x7f end",
+           "naïve — 東京 \U0001F600", "\u2028 separators \u2029", "\x00 nul"]
+    for j, text in enumerate(odd):
+        prompts[3 * (40 + 150 * j)] = f"{j}: {text} end"  # cached below (a multiple of 3)
+    cached = prompts[::3]
+    first = make_lm(cache=path, max_concurrency=64)
+    assert semex.llm_batch(cached, model=first, max_concurrent=64) == \
+        [f"echo: {p}" for p in cached]
+    paid = first.total_usage
+    first.cache.flush()
+
+    server.reset()
+    items = list(prompts)
+    items[300] = [{"role": "user", "content": prompts[300]}]  # hits the prompt's entry
+    items[301] = [{"role": "user", "content": prompts[301]}]  # a miss
+    items[2599] = prompts[0]  # a duplicate of a hit
+    again = make_lm(cache=path, max_concurrency=64)
+    out = semex.llm_batch(items, model=again, max_concurrent=64)
+    assert out == [f"echo: {p}" for p in prompts[:2599]] + [f"echo: {prompts[0]}"]
+    hits = len(cached) + 1
+    assert requests_sent(server) == len(items) - hits
+    usage = again.total_usage
+    assert usage.cached == hits and usage.requests == len(items) - hits
+    first_row = semex.llm_batch([prompts[0]], model=make_lm(cache=False)).usage
+    assert usage.cached_prompt_tokens == paid.prompt_tokens + first_row.prompt_tokens
+    assert usage.cached_completion_tokens == \
+        paid.completion_tokens + first_row.completion_tokens
+    # finish reasons come with the answers, a miss's from its request
+    server.reset()
+    lm = make_lm(cache=path)
+    answer = lm([[{"role": "user", "content": p}] for p in prompts[:6]])
+    assert answer.outputs == [f"echo: {p}" for p in prompts[:6]]
+    assert answer.finish_reasons == ["stop"] * 6 and requests_sent(server) == 0
+
+
+def test_entries_written_by_the_whole_body_key_are_hits(make_lm, server, tmp_path):
+    """The key of a plain prompt is computed without building its body; it must stay the
+    key of the body (request_key over the canonical fields and the body after its shared
+    prefix), which is what every existing cache holds."""
+    path = str(tmp_path / "c.sqlite3")
+    lm = make_lm(cache=path, temperature=0.25, max_tokens=9)
+    url = server.base_url + "/chat/completions"
+    canonical = json.dumps({"model": "test-model", "temperature": 0.25, "max_tokens": 9},
+                           sort_keys=True).encode()
+    prompts = ["plain", 'with "quotes" \\ and\nbreaks', "ünïcödé \U0001F600", "\x00\x1f"]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        messages = json.dumps([{"role": "user", "content": prompt}], ensure_ascii=False)
+        rows.append((semex.cache.request_key(url, canonical + b"\0" + messages.encode()
+                                             + b"}"), f"stored {i}", "length", 3, 4, 7))
+    lm.cache.put_many(rows)
+    lm.cache.flush()
+    assert semex.llm_batch(prompts, model=lm, system_prompt=None) == \
+        [f"stored {i}" for i in range(4)]
+    assert requests_sent(server) == 0
+    assert lm.total_usage.cached_completion_tokens == 16
+    out = lm([[{"role": "user", "content": p}] for p in prompts])
+    assert out.finish_reasons == ["length"] * 4 and requests_sent(server) == 0
+
+
+@pytest.mark.parametrize("json_form", [True, False], ids=["json", "rows"])
+def test_the_hit_lookup_returns_texts_exactly_in_key_order(tmp_path, json_form):
+    """Cache._answers (one query per window) against get_many: the same texts, finish
+    reasons and token sums, misses as None, whether SQLite aggregates the window as JSON
+    or hands back rows (an SQLite without JSON functions, or a window holding a bytes
+    value, which JSON cannot carry)."""
+    cache = Cache(tmp_path / "c.sqlite3")
+    cache._json = json_form
+    texts = ["", "plain", 'quote " \\ /', "\x00\x01\x1f\x7f\t\n\r\b\f", "é東\U0001F600\u2028",
+             "x" * 70_000]
+    keys = [bytes([i]) * 16 for i in range(40)]
+    rows = [(k, texts[i % len(texts)], ("stop", "length", None)[i % 3], i, 2 * i, 3 * i)
+            for i, k in enumerate(keys) if i % 4]
+    rows.append((b"\xff" * 16, b"\x00bytes", None, 1, 1, 2))
+    cache.put_many(rows)
+    assert cache.flush()
+    want = cache.get_many(keys)
+    found = cache._answers(b"".join(keys))
+    assert found.values == [None if e is None else e.value for e in want]
+    assert found.finish_reasons == [None if e is None else e.finish_reason for e in want]
+    assert found.misses == [i for i, e in enumerate(want) if e is None]
+    assert found.prompt_tokens == sum(e.prompt_tokens for e in want if e is not None)
+    assert found.completion_tokens == sum(e.completion_tokens for e in want if e is not None)
+    mixed = cache._answers(b"".join(keys[:3]) + b"\xff" * 16)
+    assert mixed.values == [None, want[1].value, want[2].value, b"\x00bytes"]
+    assert cache._answers(b"") is None
+    cache.close()
+
+
+def test_the_hit_lookup_refreshes_the_last_use_of_old_entries(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    cache = Cache(path)
+    cache.put_many([(bytes([i]) * 16, f"v{i}", "stop", 1, 1, 2) for i in range(10)])
+    assert cache.flush()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE entries SET used_at = used_at - 7200 WHERE key < ?", (b"\x05" * 16,))
+    conn.commit()
+    old = dict(conn.execute("SELECT key, used_at FROM entries"))
+    cache._answers(b"".join(bytes([i]) * 16 for i in range(10)))
+    cache.put_many([(b"z" * 16, "later", "stop", 1, 1, 2)])  # committed with the touch
+    assert cache.flush()
+    new = dict(conn.execute("SELECT key, used_at FROM entries"))
+    assert [new[k] > old[k] for k in sorted(old)] == [True] * 5 + [False] * 5  # hits only
+    conn.close()
+    cache.close()
+
+
 def test_the_engine_keys_plain_prompts_as_hashlib_keys_their_bodies():
     """csrc/cachekey.c + blake2b.c against hashlib over the JSON string Python writes:
     every escape, UTF-8 of 1-4 bytes, texts and heads across blake2b's 128-byte blocks;
@@ -143,6 +257,28 @@ def test_the_engine_keys_plain_prompts_as_hashlib_keys_their_bodies():
     class Text(str):
         pass
     assert _engine.prompt_keys(b"h", b"", [Text("a subclass")]) is None
+
+
+@pytest.mark.parametrize("system_prompt", [None, "be brief"])
+def test_every_dialect_keys_a_plain_prompt_as_its_body_and_a_rerun_sends_nothing(
+        make_dialect_lm, server, tmp_path, system_prompt):
+    from semex import _engine
+    from semex.lm import _Job
+
+    path = str(tmp_path / "c.sqlite3")
+    prompts = ["one", 'two "quoted"\n', "東京 \U0001F600"]
+    lm = make_dialect_lm(cache=path, max_tokens=50)
+    job = _Job(lm, prompts, {}, None, prompts=True, system_prompt=system_prompt)
+    keyed = job.cached
+    assert _engine.prompt_keys(keyed.prompt_head, keyed.prompt_close, prompts) == b"".join(
+        semex.cache.chat_keys(keyed.base, keyed.skip, job.bodies_at(range(3))))
+    first = semex.llm_batch(prompts, model=lm, system_prompt=system_prompt)
+    assert all(a.startswith("echo: ") for a in first)
+    lm.cache.flush()
+    server.reset()
+    again = make_dialect_lm(cache=path, max_tokens=50)
+    assert semex.llm_batch(prompts, model=again, system_prompt=system_prompt) == first
+    assert requests_sent(server) == 0 and again.total_usage.cached == 3
 
 
 def test_errors_are_not_cached(make_lm, server, tmp_path):

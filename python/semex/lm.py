@@ -897,29 +897,27 @@ def _batch_plan(job: "_Job") -> "_batch_api.Plan":
     cache's hits taken first), and how an answer, a failure or an online fallback lands in
     the job's rows -- the same reading and per-row errors as the online path."""
     lm = job.lm
-    bodies = job.bodies(0, job.n)
+    bodies = job.bodies_at(range(job.n))
     keys = _cache.chat_keys(_cache.chat_key_base(lm.url, job.key_fields),
                             len(job.prefix.encode("utf-8")), bodies)
     cache = lm.cache
-    found = cache._lookup(keys) if cache is not None else {}
-    hits = []
+    found = cache._answers(b"".join(keys)) if cache is not None else None
+    misses = range(job.n) if found is None else found.misses
     requests: Dict[bytes, _batch_api.Request] = {}
     usage = job.usage
-    for i, (key, body) in enumerate(zip(keys, bodies)):
-        row = found.get(key)
-        if row is not None:
-            hits.append((i, row))
-        elif key in requests:
+    for i in misses:
+        key = keys[i]
+        if key in requests:
             requests[key].rows.append(i)
             usage.cache_hits += 1
         else:
-            requests[key] = _batch_api.Request(key, body, i)
+            requests[key] = _batch_api.Request(key, bodies[i], i)
     del bodies
-    if hits:
-        job.take_cached(hits)
+    n_hits = job.n - len(misses)
+    if n_hits:
+        job.take_cached(0, job.n, found)
     outputs, errors, finish_reasons = job.outputs, job.errors, job.finish_reasons
     progress = job.progress
-    n_hits = len(hits)
 
     def absorb(request: _batch_api.Request, answer: Any, status: int, paid: bool) -> None:
         first = request.rows[0]
@@ -1205,7 +1203,8 @@ class _Job:
         cache = lm.cache
         self.key_fields = fields
         self.cached: Optional[_cache.JobCache] = None if cache is None else _cache.JobCache(
-            cache, lm.url, fields, len(self.prefix.encode("utf-8")))
+            cache, lm.url, fields, len(self.prefix.encode("utf-8")), self.user_open,
+            self.user_close)
         # Two windows of 2x the concurrency are resident: enough queued work to cover the
         # time Python spends building the next window, without holding 4x as many bodies
         # and answers (at 10,000 in flight that was 80,000 requests resident).
@@ -1222,11 +1221,12 @@ class _Job:
 
     def submit(self, start: int, end: int) -> _engine.Batch:
         lm = self.lm
-        bodies = self.bodies(start, end)
         if self.cached is not None:
-            bodies, hits = self.cached.split(start, bodies)
-            if hits:
-                self.take_cached(hits)
+            bodies, found = self.cached.split(start, self.batch[start:end], self.bodies_at)
+            if found is not None:
+                self.take_cached(start, end, found)
+        else:
+            bodies = self.bodies_at(range(start, end))
         tokens = None
         if lm._count_tokens:
             tokens = [len(b) / 4.0 + self.token_extra for b in bodies]
@@ -1245,20 +1245,21 @@ class _Job:
             self.cap_holder = batch  # every later window counts against the same cap
         return batch
 
-    def bodies(self, start: int, end: int) -> List[bytes]:
-        """The request bodies of rows start..end."""
+    def bodies_at(self, rows: Sequence[int]) -> List[bytes]:
+        """The request bodies of `rows` (ascending row numbers; a range or a list)."""
         prefix = self.prefix
         encode = _ENCODE  # json.dumps(..., ensure_ascii=False) without its per-call set-up
         bodies = []
         items, user_open, system = self.batch, self.user_open, self.system
         user_close, conversation = self.user_close, self.conversation
+        picked = items[rows.start:rows.stop] if type(rows) is range and rows.step == 1 \
+            else [items[i] for i in rows]
         # plain prompts (llm_batch, sem_extract): no message dicts built, written in C
-        written = _engine.chat_bodies(self.body_head, items[start:end], self.body_tail)
+        written = _engine.chat_bodies(self.body_head, picked, self.body_tail)
         if None not in written:
             return written
-        for i in range(start, end):
+        for i, body in zip(rows, written):
             item = items[i]
-            body = written[i - start]
             if body is not None:
                 bodies.append(body)
                 continue
@@ -1276,19 +1277,15 @@ class _Job:
                     f"{self.name}[{i}] is not JSON-serializable: {exc}") from None
         return bodies
 
-    def take_cached(self, hits: List[tuple]) -> None:
-        """Rows the cache answered: no request, nothing paid (usage counts them as saved)."""
+    def take_cached(self, start: int, end: int, found: _cache.Answers) -> None:
+        """Rows start..end the cache answered (found.values[k] None: row start+k was not):
+        no request, nothing paid (usage counts them as saved)."""
+        self.outputs[start:end] = found.values  # a miss's None is what the row holds now
+        self.finish_reasons[start:end] = found.finish_reasons
         usage = self.usage
-        outputs, finish_reasons = self.outputs, self.finish_reasons
-        prompt = completion = 0
-        for i, (_, value, finish_reason, prompt_tokens, completion_tokens, *_) in hits:
-            outputs[i] = value
-            finish_reasons[i] = finish_reason
-            prompt += prompt_tokens
-            completion += completion_tokens
-        usage.cached += len(hits)
-        usage.cached_prompt_tokens += prompt
-        usage.cached_completion_tokens += completion
+        usage.cached += end - start - len(found.misses)
+        usage.cached_prompt_tokens += found.prompt_tokens
+        usage.cached_completion_tokens += found.completion_tokens
 
     def ticker(self, windows: Windows):
         """What a waiting call runs every _POLL_S (and, asynchronously, on each wake-up): top
