@@ -68,7 +68,7 @@ def _upstream_failures(prompts: Sequence[Any], error_items: str
             f"unsent) or 'send' (it is sent as its text), got {error_items!r}")
     prompts = list(prompts)
     failures: List[Optional[RequestError]] = [None] * len(prompts)
-    if all(type(p) is str for p in prompts):  # the usual case: nothing from a failed stage
+    if set(map(type, prompts)) <= {str}:  # the usual case: nothing from a failed stage
         return prompts, list(range(len(prompts))), failures
     send: List[Any] = []
     positions: List[int] = []

@@ -1115,7 +1115,9 @@ class _Job:
         self.lm = lm
         self.batch = list(messages_batch)
         self.n = len(self.batch)
-        for i, messages in enumerate(self.batch):
+        # plain str prompts only (llm_batch's usual call): nothing to check one by one
+        checked = prompts and self.n > 0 and set(map(type, self.batch)) == {str}
+        for i, messages in enumerate(() if checked else self.batch):
             if prompts and isinstance(messages, str):
                 if type(messages) is not str:
                     self.batch[i] = str(messages)  # submit() tells prompts by exact type
