@@ -117,9 +117,8 @@ def test_retry_hints_are_honoured_in_each_dialects_own_words(server, make_dialec
         assert gap >= 0.6
 
 
+@pytest.mark.parametrize("dialect", ["anthropic"], indirect=True)
 def test_anthropic_rate_limit_headers_pause_the_scheduler(server, make_dialect_lm, dialect):
-    if dialect != "anthropic":
-        pytest.skip("Anthropic's own headers")
     lm = make_dialect_lm(max_concurrency=4)
     reset = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + 1.6)) + "Z"
     gone = _hdrs("anthropic-ratelimit-requests-limit: 1",
@@ -139,9 +138,8 @@ def test_anthropic_rate_limit_headers_pause_the_scheduler(server, make_dialect_l
 
 
 # -- what each API requires ---------------------------------------------------------------------
+@pytest.mark.parametrize("dialect", ["anthropic", "gemini"], indirect=True)
 def test_requests_carry_what_each_native_api_requires(server, make_dialect_lm, dialect):
-    if dialect == "openai":
-        pytest.skip("native dialects")
     lm = make_dialect_lm(max_tokens=77, temperature=0.5)
     out = lm([[{"role": "system", "content": "be brief"},
                {"role": "user", "content": "hi"},
@@ -171,9 +169,8 @@ def test_requests_carry_what_each_native_api_requires(server, make_dialect_lm, d
         assert second["native"]["systemInstruction"] == {"parts": [{"text": "sys"}]}
 
 
+@pytest.mark.parametrize("dialect", ["anthropic"], indirect=True)
 def test_anthropic_always_sends_max_tokens(server, make_dialect_lm, dialect):
-    if dialect != "anthropic":
-        pytest.skip("Anthropic requires max_tokens")
     lm = make_dialect_lm()
     assert lm(convs(["x"])).outputs == ["echo: x"]
     assert chat_log(server)[0]["native"]["max_tokens"] == 4096
@@ -223,9 +220,8 @@ def test_the_fake_server_refuses_what_the_real_apis_refuse(server):
 
 
 # -- answers ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dialect", ["anthropic", "gemini"], indirect=True)
 def test_blocked_answers_are_that_rows_typed_error(server, make_dialect_lm, dialect):
-    if dialect == "openai":
-        pytest.skip("native dialects")
     lm = make_dialect_lm(max_retries=3)
     prompts = ["fine", "bad [[blocked=SAFETY]]", "fine too"]
     if dialect == "gemini":
@@ -264,11 +260,10 @@ def test_usage_is_mapped_from_each_dialects_counts(server, make_dialect_lm, dial
     assert lm.total_usage.prompt_tokens == 7
 
 
+@pytest.mark.parametrize("dialect", ["anthropic", "gemini"], indirect=True)
 def test_answers_the_engine_leaves_to_python_read_the_same(server, make_dialect_lm, dialect):
     """A body the C reader falls back on (a duplicate key) is read by the dialect's Python
     reader, with json.loads' meaning (the last key wins)."""
-    if dialect == "openai":
-        pytest.skip("native dialects")
     if dialect == "anthropic":
         fast = b'{"content":[{"type":"text","text":"A\\u00e9"}],"stop_reason":"end_turn",' \
                b'"usage":{"input_tokens":2,"output_tokens":3}}'
@@ -288,9 +283,8 @@ def test_answers_the_engine_leaves_to_python_read_the_same(server, make_dialect_
     assert out.usage.prompt_tokens == 4 and out.usage.completion_tokens == 6
 
 
+@pytest.mark.parametrize("dialect", ["anthropic", "gemini"], indirect=True)
 def test_streaming_is_refused_before_anything_is_sent(server, make_dialect_lm, dialect):
-    if dialect == "openai":
-        pytest.skip("native dialects")
     lm = make_dialect_lm()
     with pytest.raises(E.ConfigurationError, match="not supported with provider"):
         lm(convs(["x"]), stream=True)
@@ -299,10 +293,9 @@ def test_streaming_is_refused_before_anything_is_sent(server, make_dialect_lm, d
     assert chat_log(server) == []
 
 
+@pytest.mark.parametrize("dialect", ["anthropic", "gemini"], indirect=True)
 def test_bad_input_for_a_dialect_is_refused_before_anything_is_sent(server, make_dialect_lm,
                                                                    dialect):
-    if dialect == "openai":
-        pytest.skip("native dialects")
     lm = make_dialect_lm()
     with pytest.raises(E.ConfigurationError, match="temperature"):
         lm(convs(["x"]), temperature=2.5)
@@ -500,11 +493,10 @@ def test_deployments_of_a_native_provider_share_its_dialect(server):
             {"api_base": server.base_url, "api_key": "k"}])
 
 
+@pytest.mark.parametrize("dialect", ["anthropic"], indirect=True)
 def test_anthropic_system_blocks_keep_cache_control(server, make_dialect_lm, dialect):
     """Prompt caching: system text given as Anthropic's blocks goes out as blocks, its
     cache_control kept; plain text stays one string."""
-    if dialect != "anthropic":
-        pytest.skip("Anthropic's prompt caching")
     cached = {"type": "text", "text": "a long shared preamble",
               "cache_control": {"type": "ephemeral"}}
     lm = make_dialect_lm(extra_body={"system": [cached]})
