@@ -148,3 +148,28 @@ def make_dialect_lm(server, dialect):
         return semex.LM("test-model", **options)
 
     yield from client_factory(server, build, 0.05, 0.5)
+
+
+@pytest.fixture(scope="session")
+def mock_binary():
+    """The C mock provider's binary (tests/cmock.py), built once per session."""
+    from cmock import build_binary
+
+    return build_binary()
+
+
+@pytest.fixture
+def start_cmock(mock_binary):
+    """start(*options) -> a running CMock; each is closed (and checked) afterwards."""
+    from cmock import CMock
+
+    started = []
+
+    def start(*options):
+        mock = CMock(mock_binary, *options)
+        started.append(mock)
+        return mock
+
+    yield start
+    for mock in started:
+        mock.close()

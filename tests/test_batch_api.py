@@ -3,82 +3,20 @@ mock (benchmarks/mock/batches.c), which answers each batch line with the same bu
 its online routes, on a fast-forward clock, with injectable faults. Counts are read at the
 server (/_stats: batch_files, batches_created, batch_lines and online requests)."""
 import asyncio
-import json
-import os
-import selectors
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 
 import semex
 from semex import errors as E
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 FAST = semex.BatchMode(poll_interval=0.02, max_poll_interval=0.1)
 
 
-@pytest.fixture(scope="module")
-def mock_binary():
-    binary = os.environ.get("MOCKSERVER_BIN")
-    if binary:
-        return binary
-    build = subprocess.run(["make", "-s", "-C", BENCH], capture_output=True, text=True,
-                           timeout=120)
-    if build.returncode != 0:
-        pytest.fail("make -C benchmarks failed:\n" + build.stdout + build.stderr)
-    return os.path.join(BENCH, "build", "mockserver")
-
-
-class Mock:
-    def __init__(self, binary, *options):
-        self.proc = subprocess.Popen([binary, "--port", "0", "--stdin-watch", *options],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        assert sel.select(timeout=10), "mockserver did not print its port"
-        line = self.proc.stdout.readline().decode()
-        assert line.startswith("PORT "), line
-        self.root = f"http://127.0.0.1:{int(line.split()[1])}"
-        self.base = self.root + "/v1"
-
-    def stats(self):
-        with _opener.open(self.root + "/_stats", timeout=5) as r:
-            return json.load(r)
-
-    def get(self, path):
-        with _opener.open(self.base + path, timeout=5) as r:
-            return json.load(r)
-
-    def close(self):
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        err = self.proc.stderr.read().decode()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        assert self.proc.returncode == 0, err
-        assert "ERROR" not in err and "runtime error" not in err, err  # ASan / UBSan
-
-
 @pytest.fixture
-def start_mock(mock_binary):
-    started = []
-
-    def start(*options):
-        mock = Mock(mock_binary, "--batch-seconds", "0.2", *options)
-        started.append(mock)
-        return mock
-    yield start
-    for mock in started:
-        mock.close()
+def start_mock(start_cmock):
+    return lambda *options: start_cmock("--batch-seconds", "0.2", *options)
 
 
 def lm_for(mock, **options):

@@ -3,9 +3,6 @@ with their own headers, errors and rate-limit headers and refuses what each API 
 runs its fault suite against each dialect there (the benchmarks' mock, so the Anthropic rows
 of benchmarks/RESULTS.md measure a client the mock has checked)."""
 import json
-import os
-import selectors
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -15,68 +12,13 @@ import pytest
 import semex
 from semex import errors as E
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 DIALECTS = ("openai", "anthropic", "gemini")
 
 
-@pytest.fixture(scope="module")
-def binary():
-    path = os.environ.get("MOCKSERVER_BIN")
-    if path:
-        return path
-    build = subprocess.run(["make", "-s", "-C", BENCH], capture_output=True, text=True,
-                           timeout=120)
-    if build.returncode != 0:
-        pytest.fail("make -C benchmarks failed:\n" + build.stdout + build.stderr)
-    return os.path.join(BENCH, "build", "mockserver")
-
-
-class Mock:
-    def __init__(self, binary, *args):
-        self.proc = subprocess.Popen([binary, "--port", "0", "--stdin-watch", *args],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout=10):
-            self.proc.kill()
-            pytest.fail("mockserver did not print its port")
-        line = self.proc.stdout.readline().decode()
-        assert line.startswith("PORT "), line
-        self.root = f"http://127.0.0.1:{int(line.split()[1])}"
-
-    def stats(self):
-        with _opener.open(self.root + "/_stats", timeout=5) as resp:
-            return json.loads(resp.read())
-
-    def close(self):
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        err = self.proc.stderr.read().decode()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        assert self.proc.returncode == 0, err
-        assert "ERROR" not in err and "runtime error" not in err, err
-
-
 @pytest.fixture
-def start_mock(binary):
-    mocks = []
-
-    def start(*args):
-        mock = Mock(binary, *args)
-        mocks.append(mock)
-        return mock
-
-    yield start
-    for mock in mocks:
-        mock.close()
+def start_mock(start_cmock):
+    return start_cmock
 
 
 def lm_for(mock, dialect, **options):
