@@ -360,3 +360,55 @@ def test_ctrl_c_cancels_both_steps_of_a_sync_extraction(server, make_lm, monkeyp
     out = semex.sem_extract([{"text": "after"}], lm, {"a": None}, batch_size=1,
                             progress=False)
     assert out.errors == [None]
+
+
+def test_user_models_take_the_bulk_path_too(monkeypatch):
+    """A plain callable model (the synchronous fallback) and an async_call model at one
+    document per prompt: their answers go through the C reader as well, with the same rows
+    and errors as the Python reader gives, a wrong number of outputs failing every row of
+    that call."""
+    import asyncio
+
+    def answer(conversation):
+        doc = conversation[-1]["content"].split("]: ", 1)[-1]
+        if "fence" in doc:
+            return f'```json\n{{"a": "{doc}"}}\n```'
+        if "bad" in doc:
+            return "no json here"
+        return json.dumps({"a": f" {doc} ", "b": len(doc)})
+
+    def model(batch):
+        return [answer(c) for c in batch]
+
+    class AsyncModel:
+        async def async_call(self, batch):
+            return [answer(c) for c in batch]
+
+    texts = ["x1", "fence 2", "bad 3", "x1", "", "x5"] * 3
+    docs = [{"text": t} for t in texts]
+    fields = {"a": None, "b": None}
+
+    def run(fn):
+        return comparable(fn())
+
+    for call in (lambda: semex.sem_extract(docs, model, fields, batch_size=1, progress=False),
+                 lambda: asyncio.run(semex.sem_extract_async(
+                     docs, AsyncModel(), fields, batch_size=1, progress=False))):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fast = run(call)
+            monkeypatch.setattr(OutputSpec, "row_reader", lambda self: None)
+            slow = run(call)
+            monkeypatch.undo()
+        assert fast == slow
+        outputs = fast[0]
+        assert outputs[0] == {"a": "x1", "b": 2} and outputs[1] == {"a": "fence 2", "b": None}
+        assert fast[2][2] is not None and fast[2][4] is not None  # bad answer, empty doc
+
+    def short(batch):
+        return ['{"a": 1}'] * (len(batch) - 1)
+
+    with pytest.warns(Warning, match="3 of 3 rows failed"):
+        out = semex.sem_extract(docs[:3], short, fields, batch_size=1, progress=False)
+    assert all(e is not None for e in out.errors)
