@@ -1316,6 +1316,15 @@ static void test_sched_tpm_settle(void)
     mk_ok_usage(&a, 0, NULL);
     CHECK(sx_sched_outcome(&s, &b->slots[2], &a, &rng, T0 + 142.0 / 128.0) == SX_V_OK);
     CHECK(s.tpm.tokens == level && s.stats.settled == 2);
+    /* ... until Python has read the answer and settles it late, once: 30 of 100 used */
+    b->slots[2].state = SX_OK;  /* as sx_batch_finish_slot leaves it */
+    b->slots[0].state = SX_OK;
+    CHECK(sx_sched_settle_late(&s, &b->slots[2], 30, T0 + 142.0 / 128.0) == 1);
+    CHECK(s.tpm.tokens == level + 70.0 && s.stats.settled == 3);
+    CHECK(sx_sched_settle_late(&s, &b->slots[2], 30, T0 + 142.0 / 128.0) == 0);
+    CHECK(sx_sched_settle_late(&s, &b->slots[0], 30, T0 + 142.0 / 128.0) == 0);  /* done */
+    CHECK(s.tpm.tokens == level + 70.0 && s.stats.settled == 3);
+    level = s.tpm.tokens;
     /* a failure settles nothing either (its tokens were spent on an attempt) */
     n = sx_sched_take(&s, out, 8, T0 + 10, &wake);
     CHECK(n == 1 && out[0] == &b->slots[3]);
@@ -1324,7 +1333,8 @@ static void test_sched_tpm_settle(void)
     a.chat.parsed = SX_CHAT_PARSED;
     a.chat.total_tokens = 1;
     CHECK(sx_sched_outcome(&s, &b->slots[3], &a, &rng, T0 + 10) == SX_V_RETRY);
-    CHECK(s.tpm.tokens == level && s.stats.settled == 2);
+    CHECK(s.tpm.tokens == level && s.stats.settled == 3);
+    CHECK(sx_sched_settle_late(&s, &b->slots[3], 1, T0 + 10) == 0);  /* not a success */
     sx_sched_destroy(&s);
     sx_batch_free(b);
 
