@@ -100,6 +100,29 @@ def _text_array(values: List[Optional[str]], dtype: Any) -> Any:
     return pd.array(values, dtype=dtype)
 
 
+def _join_arrow(parts: List[Any], dtype: Any) -> Any:
+    """Arrow-backed string blocks as one array of ``dtype`` over all their chunks, without
+    copying them (pd.concat writes every value again: at the end of a long call, that copy
+    of each column beside its blocks was the peak of memory); None if they are not all such
+    arrays (then pd.concat joins them)."""
+    chunks: List[Any] = []
+    for part in parts:
+        arrow = getattr(part, "_pa_array", None)
+        if arrow is None or getattr(part, "dtype", None) != dtype:
+            return None
+        chunks.extend(arrow.chunks)
+    if not chunks:
+        return None
+    try:
+        import pyarrow as pa
+
+        array = dtype.construct_array_type()(pa.chunked_array(chunks, type=chunks[0].type),
+                                             dtype=dtype)
+    except (ImportError, TypeError, ValueError):  # pyarrow.ArrowInvalid is a ValueError
+        return None
+    return array if array.dtype == dtype else None
+
+
 class _Column:
     """One result column, chunk by chunk: a chunk's values stay Python objects until its last
     row is written; then, if they are all text or missing, a compact pandas string array."""
@@ -141,6 +164,9 @@ class _Column:
         parts = [self.blocks[c] for c in sorted(self.blocks)]
         self.blocks = {}
         if text_dtype is not None and self.has_text and not self.has_other:
+            joined = _join_arrow(parts, text_dtype)
+            if joined is not None:
+                return joined
             return pd.concat([pd.Series(p, copy=False) for p in parts],
                              ignore_index=True).array
         values: List[Any] = []
@@ -238,10 +264,20 @@ def _error_texts(n: int, errors: Dict[int, Any]) -> Any:
     """The error column: the error's text where a row failed, missing elsewhere, always with
     the dtype pandas gives text with gaps (``str`` with NaN under pandas 3, object with
     None before), whether or not any row failed."""
+    dtype = pd.Series(["text", None]).dtype
+    if not errors and getattr(dtype, "storage", None) == "pyarrow":
+        try:  # no row failed: a column of gaps, without n Python objects first
+            import pyarrow as pa
+
+            array = dtype.construct_array_type()(
+                pa.chunked_array([pa.nulls(n, type=pa.large_string())]), dtype=dtype)
+            if array.dtype == dtype:
+                return array
+        except (ImportError, TypeError, ValueError):
+            pass
     texts = np.full(n, None, dtype=object)
     for i, error in errors.items():
         texts[i] = str(error)
-    dtype = pd.Series(["text", None]).dtype
     return texts if dtype == object else pd.array(texts, dtype=dtype)
 
 
