@@ -12,9 +12,9 @@
 #include <string.h>
 
 #include "blake2b.h"
-#include "cachekey.h"
 #include "embedjson.h"
 #include "engine.h"
+#include "jsonstr.h"
 #include "module_rows.h"
 #include "nativejson.h"
 #include "results.h"
@@ -1526,6 +1526,11 @@ PyDoc_STRVAR(mod_prompt_keys_doc,
 "json.dumps(prompt, ensure_ascii=False) writes it) + close. None when a prompt is not\n"
 "exactly a str or holds a lone surrogate: the caller keys those itself.");
 
+static void hash_out(void *ctx, const void *bytes, size_t n)
+{
+    sx_blake2b_update(ctx, bytes, n);
+}
+
 static PyObject *mod_prompt_keys(PyObject *Py_UNUSED(m), PyObject *args)
 {
     Py_buffer head, close;
@@ -1553,8 +1558,8 @@ static PyObject *mod_prompt_keys(PyObject *Py_UNUSED(m), PyObject *args)
             goto fail;
 #endif
         sx_blake2b h = base;
-        if (sx_hash_json_string(&h, (int)PyUnicode_KIND(text), PyUnicode_DATA(text),
-                                (size_t)PyUnicode_GET_LENGTH(text)) < 0)
+        if (sx_json_string_write(hash_out, &h, (int)PyUnicode_KIND(text),
+                                 PyUnicode_DATA(text), (size_t)PyUnicode_GET_LENGTH(text)) < 0)
             goto fall_back;
         sx_blake2b_update(&h, close.buf, (size_t)close.len);
         sx_blake2b_final(&h, key);

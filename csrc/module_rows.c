@@ -1,7 +1,8 @@
-/* module_rows.c — CPython glue for sem_extract's per-row work: request bodies written around
- * each document's JSON string, and answers read into column lists (rowjson.h).
+/* module_rows.c — CPython glue for sem_extract's per-row work: documents rendered as the
+ * model sees them, request bodies written around each prompt's JSON string (jsonstr.h),
+ * answers read into column lists (rowjson.h) and those made into row dicts.
  *
- * Both run on the calling Python thread (the GIL held) over a whole window of rows per call,
+ * Each runs on the calling Python thread (the GIL held) over a whole window of rows per call,
  * so the per-row cost is C's, not the interpreter's. Every row these functions cannot handle
  * exactly as the Python code would is left to that code (flag 0 / None), never guessed. */
 #define PY_SSIZE_T_CLEAN
@@ -11,10 +12,11 @@
 #include <string.h>
 
 #include "jsonscan.h"
+#include "jsonstr.h"
 #include "module_rows.h"
 #include "rowjson.h"
 
-/* Column kinds (semex/_schema.py OutputSpec.row_kinds names them the same way). */
+/* Column kinds (semex/_schema.py's _KIND_* for OutputSpec.row_reader, the same numbers). */
 enum {
     K_STRIP = 0,  /* untyped column: a string stripped (blank: None), other scalars as they are */
     K_TEXT = 1,   /* a quote or the reasoning: a string as it is, null/absent None */
@@ -375,85 +377,70 @@ PyObject *sx_py_render_docs(PyObject *Py_UNUSED(m), PyObject *args)
 
 /* ------------------------------------------------------------------ request bodies */
 
+/* A growing byte buffer (jsonstr.h's out for a body). */
+typedef struct {
+    char *buf;
+    size_t len, cap;
+    int failed;  /* out of memory */
+} body_buf;
+
+static void body_out(void *ctx, const void *bytes, size_t n)
+{
+    body_buf *b = ctx;
+    if (b->failed)
+        return;
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 1024;
+        while (cap < b->len + n)
+            cap *= 2;
+        char *p = realloc(b->buf, cap);
+        if (!p) {
+            b->failed = 1;
+            return;
+        }
+        b->buf = p;
+        b->cap = cap;
+    }
+    memcpy(b->buf + b->len, bytes, n);
+    b->len += n;
+}
+
 PyObject *sx_py_chat_bodies(PyObject *Py_UNUSED(m), PyObject *args)
 {
     Py_buffer head, tail;
     PyObject *texts;
     if (!PyArg_ParseTuple(args, "y*O!y*:chat_bodies", &head, &PyList_Type, &texts, &tail))
         return NULL;
-    PyObject *out = NULL;
-    unsigned char *buf = NULL;
-    size_t cap = 0;
+    body_buf b = {NULL, 0, 0, 0};
     Py_ssize_t n = PyList_GET_SIZE(texts);
-    out = PyList_New(n);
-    if (!out)
-        goto done;
-    static const char hex[] = "0123456789abcdef";
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *text = PyList_GET_ITEM(texts, i), *body;
-        Py_ssize_t len;
-        const char *utf8 = PyUnicode_CheckExact(text) ? PyUnicode_AsUTF8AndSize(text, &len)
-                                                       : NULL;
-        if (!utf8) {  /* not a str, or a lone surrogate: Python writes (or refuses) it */
-            PyErr_Clear();
-            body = new_ref(Py_None);
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t i = 0; out && i < n; i++) {
+        PyObject *text = PyList_GET_ITEM(texts, i), *body = NULL;
+        b.len = 0;
+        body_out(&b, head.buf, (size_t)head.len);
+#if PY_VERSION_HEX < 0x030C0000
+        if (PyUnicode_CheckExact(text) && PyUnicode_READY(text) < 0) {
+            Py_CLEAR(out);
+            break;
+        }
+#endif
+        if (!PyUnicode_CheckExact(text) ||
+            sx_json_string_write(body_out, &b, (int)PyUnicode_KIND(text), PyUnicode_DATA(text),
+                                 (size_t)PyUnicode_GET_LENGTH(text)) < 0) {
+            body = new_ref(Py_None);  /* not a str, or a lone surrogate: Python writes (or
+                                       * refuses) it */
         } else {
-            size_t need = (size_t)head.len + 2 + 6 * (size_t)len + (size_t)tail.len;
-            if (need > cap) {
-                unsigned char *p = realloc(buf, need);
-                if (!p) {
-                    PyErr_NoMemory();
-                    Py_CLEAR(out);
-                    goto done;
-                }
-                buf = p;
-                cap = need;
-            }
-            unsigned char *w = buf;
-            memcpy(w, head.buf, (size_t)head.len);
-            w += head.len;
-            *w++ = '"';
-            /* json.dumps(text, ensure_ascii=False), in UTF-8 */
-            const unsigned char *p = (const unsigned char *)utf8, *end = p + len;
-            while (p < end) {
-                const unsigned char *run = p;
-                while (p < end && *p >= 0x20 && *p != '"' && *p != '\\')
-                    p++;
-                memcpy(w, run, (size_t)(p - run));
-                w += p - run;
-                if (p == end)
-                    break;
-                unsigned char ch = *p++;
-                *w++ = '\\';
-                switch (ch) {
-                case '"': *w++ = '"'; break;
-                case '\\': *w++ = '\\'; break;
-                case '\n': *w++ = 'n'; break;
-                case '\r': *w++ = 'r'; break;
-                case '\t': *w++ = 't'; break;
-                case '\b': *w++ = 'b'; break;
-                case '\f': *w++ = 'f'; break;
-                default:
-                    *w++ = 'u';
-                    *w++ = '0';
-                    *w++ = '0';
-                    *w++ = (unsigned char)hex[ch >> 4];
-                    *w++ = (unsigned char)hex[ch & 15];
-                }
-            }
-            *w++ = '"';
-            memcpy(w, tail.buf, (size_t)tail.len);
-            w += tail.len;
-            body = PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)(w - buf));
-            if (!body) {
-                Py_CLEAR(out);
-                goto done;
-            }
+            body_out(&b, tail.buf, (size_t)tail.len);
+            body = b.failed ? PyErr_NoMemory()
+                            : PyBytes_FromStringAndSize(b.buf, (Py_ssize_t)b.len);
+        }
+        if (!body) {
+            Py_CLEAR(out);
+            break;
         }
         PyList_SET_ITEM(out, i, body);
     }
-done:
-    free(buf);
+    free(b.buf);
     PyBuffer_Release(&head);
     PyBuffer_Release(&tail);
     return out;

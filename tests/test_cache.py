@@ -227,7 +227,7 @@ def test_the_hit_lookup_refreshes_the_last_use_of_old_entries(tmp_path):
 
 
 def test_the_engine_keys_plain_prompts_as_hashlib_keys_their_bodies():
-    """csrc/cachekey.c + blake2b.c against hashlib over the JSON string Python writes:
+    """csrc/jsonstr.c + blake2b.c against hashlib over the JSON string Python writes:
     every escape, UTF-8 of 1-4 bytes, texts and heads across blake2b's 128-byte blocks;
     a text it cannot key (not a str, a lone surrogate) hands the window back (None)."""
     import hashlib

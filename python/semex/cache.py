@@ -966,7 +966,7 @@ class JobCache:
     without ``stream``/``stream_options`` (a streamed answer is the same answer); the
     messages part is the body after its first `skip` bytes (the shared prefix). A plain
     prompt's body is `user_open` + its JSON string + `user_close`: the engine's
-    prompt_keys hashes those parts (csrc/cachekey.h) for a window of plain prompts at once,
+    prompt_keys hashes those parts (csrc/jsonstr.h) for a window of plain prompts at once,
     and only the bodies of the misses are built."""
 
     def __init__(self, cache: Cache, url: str, fields: Dict[str, Any], skip: int,

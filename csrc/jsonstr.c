@@ -1,6 +1,6 @@
-/* cachekey.c — see cachekey.h. Output goes through a small staging buffer; long runs of
- * ASCII that need no escape go to the hash straight from the str's own memory. */
-#include "cachekey.h"
+/* jsonstr.c — see jsonstr.h. Output goes through a small staging buffer; long runs of
+ * ASCII that need no escape go to `out` straight from the str's own memory. */
+#include "jsonstr.h"
 
 #include <stdint.h>
 #include <string.h>
@@ -9,7 +9,8 @@
 #define DIRECT_RUN 32  /* a run of plain ASCII this long skips the staging buffer */
 
 typedef struct {
-    sx_blake2b *s;
+    sx_bytes_out out;
+    void *ctx;
     uint8_t buf[STAGE];
     size_t len;
 } stage;
@@ -17,7 +18,7 @@ typedef struct {
 static inline void stage_flush(stage *st)
 {
     if (st->len) {
-        sx_blake2b_update(st->s, st->buf, st->len);
+        st->out(st->ctx, st->buf, st->len);
         st->len = 0;
     }
 }
@@ -93,10 +94,11 @@ static inline int put(stage *st, uint32_t c)
     return 0;
 }
 
-int sx_hash_json_string(sx_blake2b *s, int width, const void *units, size_t n)
+int sx_json_string_write(sx_bytes_out out, void *ctx, int width, const void *units, size_t n)
 {
     stage st;
-    st.s = s;
+    st.out = out;
+    st.ctx = ctx;
     st.len = 0;
     st.buf[st.len++] = '"';
     if (width == 1) {
@@ -108,7 +110,7 @@ int sx_hash_json_string(sx_blake2b *s, int width, const void *units, size_t n)
                 run++;
             if (run - i >= DIRECT_RUN) {
                 stage_flush(&st);
-                sx_blake2b_update(s, p + i, run - i);
+                out(ctx, p + i, run - i);
             } else {
                 for (size_t k = i; k < run; k++) {
                     stage_room(&st);
