@@ -1106,19 +1106,20 @@ static int batch_finished(BatchObject *self, const char *what)
 }
 
 PyDoc_STRVAR(Batch_settle_doc,
-"settle($self, used, /)\n--\n\n"
-"used: a list of (offset, tokens) for successes whose usage Python read (answers the worker\n"
-"left to json.loads, embeddings answers): each such request's tokens/min reservation is\n"
-"settled against what it used, as the worker settles the answers it reads (Engine\n"
-"settle_tokens). A request already settled, or failed, is left alone. Returns how many\n"
-"were settled.");
+"settle($self, usage, /)\n--\n\n"
+"usage: a list of (offset, prompt_tokens, completion_tokens, total_tokens) for successes\n"
+"whose usage Python read (answers the worker left to json.loads, embeddings answers): each\n"
+"such request's tokens/min reservation is settled against what it used, by the rule the\n"
+"worker settles the answers it reads by (Engine settle_tokens). A request already settled,\n"
+"failed, or whose usage says nothing is left alone. Returns how many were settled.");
 
 static PyObject *Batch_settle(BatchObject *self, PyObject *arg)
 {
     if (!batch_usable(self))
         return NULL;
     if (!PyList_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "settle: a list of (offset, tokens)");
+        PyErr_SetString(PyExc_TypeError,
+                        "settle: a list of (offset, prompt, completion, total)");
         return NULL;
     }
     Py_ssize_t n = PyList_GET_SIZE(arg);
@@ -1134,11 +1135,13 @@ static PyObject *Batch_settle(BatchObject *self, PyObject *arg)
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *item = PyList_GET_ITEM(arg, k);
         Py_ssize_t offset;
-        double tokens;
-        if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "nd", &offset, &tokens)) {
+        long long prompt, completion, total;
+        if (!PyTuple_Check(item) ||
+            !PyArg_ParseTuple(item, "nLLL", &offset, &prompt, &completion, &total)) {
             if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
                 PyErr_Clear();
-                PyErr_SetString(PyExc_TypeError, "settle: a list of (offset, tokens)");
+                PyErr_SetString(PyExc_TypeError,
+                                "settle: a list of (offset, prompt, completion, total)");
             }
             goto done;
         }
@@ -1147,7 +1150,7 @@ static PyObject *Batch_settle(BatchObject *self, PyObject *arg)
             goto done;
         }
         index[k] = (size_t)offset;
-        used[k] = tokens;
+        used[k] = sx_usage_tokens(prompt, completion, total);
     }
     size_t settled = self->owner->engine  /* a closed engine has no buckets left */
                          ? sx_engine_settle(self->owner->engine, self->batch, index, used,

@@ -512,16 +512,22 @@ void sx_classify(sx_attempt *a, int curl_code, const char *curl_error, int statu
     }
 }
 
-/* What a success's answer says it used (usage.total_tokens, else prompt + completion), or -1
- * when it says nothing (no usage, or an answer the worker left to Python). */
+double sx_usage_tokens(int64_t prompt, int64_t completion, int64_t total)
+{
+    if (total > 0)
+        return (double)total;
+    int64_t sum = prompt + completion;
+    return sum > 0 ? (double)sum : -1;
+}
+
+/* What a success's answer says it used, or -1 when it says nothing (no usage, or an answer
+ * the worker left to Python). */
 static double used_tokens(const sx_attempt *a)
 {
     if (!a->chat.parsed)
         return -1;
-    if (a->chat.total_tokens > 0)
-        return (double)a->chat.total_tokens;
-    int64_t sum = a->chat.prompt_tokens + a->chat.completion_tokens;
-    return sum > 0 ? (double)sum : -1;
+    return sx_usage_tokens(a->chat.prompt_tokens, a->chat.completion_tokens,
+                           a->chat.total_tokens);
 }
 
 /* A success that used `used` of the `reserved` tokens it took at admission (from the
@@ -542,6 +548,7 @@ static void settle_tokens(sx_sched *s, sx_deploy *d, double reserved, double use
     else
         s->stats.tokens_overrun -= delta;
 }
+
 
 static void extend_cooldown(sx_sched *s, double *cooldown_until, double until)
 {
@@ -575,6 +582,18 @@ static sx_limits limits_of(sx_sched *s, const sx_slot *slot)
     sx_deploy *d = &s->deploy[slot->deploy];
     return (sx_limits){d, &d->rpm, &d->window, &d->pace, &d->cooldown_until, &d->rpm_seeded,
                        d->in_flight, &d->tpm, &d->tpm_seeded, d->tokens_in_flight};
+}
+
+/* Settle a success's reservation against `used` (-1: unknown) once, where settlement is on
+ * and a tokens/min limit applies (the scheduler's or the slot's deployment's). 1 if it did. */
+static int settle_once(sx_sched *s, sx_limits lim, sx_slot *slot, double used, double now)
+{
+    if (!s->opts.settle_tokens || slot->settled || used < 0 ||
+        !(s->tpm.rate > 0 || (lim.deploy && lim.tpm->rate > 0)))
+        return 0;
+    settle_tokens(s, lim.deploy, slot->tokens, used, now);
+    slot->settled = 1;
+    return 1;
 }
 
 /* A failure that says something about the deployment rather than the request. */
@@ -650,14 +669,8 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
     }
 
     /* Tokens: settle this reservation, then believe the server's count (see sched.h). */
-    if (a->verdict == SX_V_OK && s->opts.settle_tokens &&
-        (s->tpm.rate > 0 || (lim.deploy && lim.tpm->rate > 0))) {
-        double used = used_tokens(a);
-        if (used >= 0) {
-            settle_tokens(s, lim.deploy, slot->tokens, used, now);
-            slot->settled = 1;
-        }
-    }
+    if (a->verdict == SX_V_OK)
+        settle_once(s, lim, slot, used_tokens(a), now);
     if (!*lim.tpm_seeded && s->opts.settle_tokens && a->hints.remaining_tokens >= 0 &&
         lim.tpm->rate > 0) {
         *lim.tpm_seeded = 1;
@@ -782,14 +795,7 @@ sx_verdict sx_sched_outcome(sx_sched *s, sx_slot *slot, sx_attempt *a, sx_rng *r
 
 int sx_sched_settle_late(sx_sched *s, sx_slot *slot, double used, double now)
 {
-    if (!s->opts.settle_tokens || slot->settled || slot->state != SX_OK || used < 0)
-        return 0;
-    sx_limits lim = limits_of(s, slot);
-    if (!(s->tpm.rate > 0 || (lim.deploy && lim.tpm->rate > 0)))
-        return 0;
-    settle_tokens(s, lim.deploy, slot->tokens, used, now);
-    slot->settled = 1;
-    return 1;
+    return slot->state == SX_OK && settle_once(s, limits_of(s, slot), slot, used, now);
 }
 
 void sx_sched_grant(sx_sched *s, double requests, double tokens)

@@ -216,13 +216,17 @@ void sx_sched_release(sx_sched *s, sx_slot *slot);
 /* Remove every waiting slot of batch b (queue and retry heap), calling fn on each. */
 void sx_sched_remove_batch(sx_sched *s, sx_batch *b, void (*fn)(sx_slot *, void *), void *arg);
 
-/* Add a grant to the lease (opts.lease), paying any debt first. */
 /* A success whose usage only the caller could read (an answer the worker left to Python, an
  * embeddings answer): settle its reservation now, as the outcome would have with
  * opts.settle_tokens. Once per slot; a failed slot or one already settled is left alone.
  * Returns 1 if it settled. */
 int sx_sched_settle_late(sx_sched *s, sx_slot *slot, double used, double now);
 
+/* The tokens an answer's usage says it used: total, else prompt + completion; -1 when it
+ * gives neither (nothing to settle). */
+double sx_usage_tokens(int64_t prompt, int64_t completion, int64_t total);
+
+/* Add a grant to the lease (opts.lease), paying any debt first. */
 void sx_sched_grant(sx_sched *s, double requests, double tokens);
 
 /* Current window limit (for stats; with several deployments, the sum of theirs, within

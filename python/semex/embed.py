@@ -627,7 +627,7 @@ class _Job:
             results = batch.read_embeddings(self.out, rows, offsets, state)
         else:  # every answer through json.loads (tests compare the two readers)
             results = [r[:6] + (None,) for r in batch.results()]
-        used = []  # (offset, tokens) of the answers whose usage says what they used
+        used = []  # (offset, prompt, completion, total tokens) of the answers read
         for j, (st, kind, status, body, error, attempts, read) in enumerate(results):
             r = start + j
             usage.requests += attempts
@@ -644,8 +644,7 @@ class _Job:
             prompt_tokens, total_tokens, _vectors, out_of_range, bad_length = read
             usage.prompt_tokens += prompt_tokens
             usage.total_tokens += total_tokens
-            if total_tokens or prompt_tokens:  # the reservation was an estimate: settle it
-                used.append((j, float(total_tokens or prompt_tokens)))
+            used.append((j, prompt_tokens, 0, total_tokens))  # the reservation: an estimate
             bad = np.flatnonzero(state[a:b] != _ROW_OK)
             for k in bad.tolist():
                 self._row_problem(r, k, int(state[a + k]), out_of_range, bad_length, b - a,

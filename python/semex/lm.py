@@ -1347,7 +1347,7 @@ class _Job:
         cached = self.cached
         rows = None if cached is None else cached.rows(start)  # the rows that were sent
         answers: List[tuple] = []
-        late: List[Tuple[int, float]] = []  # (offset, tokens used) of answers read here
+        late: List[Tuple[int, int, int, int]] = []  # (offset, usage) of answers read here
         by_deployment = self.by_deployment
         deployment_of = batch.deployments() if by_deployment is not None else None
         if cached is None and by_deployment is None and not self.blocked and \
@@ -1378,9 +1378,8 @@ class _Job:
                 if chat is None:
                     usage.failed += 1
                     continue
-                used = chat[4] or chat[2] + chat[3]
-                if used > 0:  # the worker could not settle its token reservation: do it now
-                    late.append((offset, float(used)))
+                # the worker could not settle this token reservation: it is done here
+                late.append((offset, chat[2], chat[3], chat[4]))
             content, finish_reason, prompt_tokens, completion_tokens, total_tokens = chat
             usage.prompt_tokens += prompt_tokens
             usage.completion_tokens += completion_tokens
