@@ -21,7 +21,7 @@ from . import _engine, _stream
 from . import batch_api as _batch_api
 from . import cache as _cache
 from . import errors as E
-from ._runtime import EngineHolder, Windows, wait_async, wait_sync
+from ._runtime import EngineHolder, Windows, wait_async
 from .progress import progress_reporter
 from .providers import resolve_endpoint, tls_settings as _tls_settings
 from ._stream import ChunkCallback
@@ -815,34 +815,36 @@ def _drive_sync(job: "_Job") -> LMOutput:
             if job.lm.cache is not None:  # a batch's answers are committed when it returns
                 job.lm.cache.flush()
         return job.finish()
-    windows = Windows(job.submit, job.n, job.window_size)
+    running = _Running(job)
     try:
-        for start, batch in windows:
-            wait_sync(batch, job.ticker(windows), interval=_POLL_S)
-            job.collect(start, batch)
+        while not running.advance(_POLL_S):
+            pass
     finally:
-        pending = list(windows.pending)
-        windows.close()  # cancel first: nothing is answered after keep_answers looked
-        job.keep_answers(pending)
-        job.close_progress()
-    return job.finish()
+        running.close()
+    return running.output
 
 
 class _Running:
-    """A job's windows driven a little at a time by a synchronous caller that keeps two
-    calls in flight (sem_extract starts its next step's requests while the previous step's
-    last answers arrive, as its async driver does). ``advance`` waits at most ``timeout``
-    for the oldest window, collects the windows that are done and says whether the job is;
-    ``result`` is then its LMOutput. ``close`` cancels what is left (keeping the answers that
-    arrived for the cache, as _drive_sync does)."""
+    """A job's windows in order, driven a little at a time: _drive_sync runs one to the end;
+    a synchronous caller that keeps two calls in flight advances each in turn (sem_extract
+    starts its next step's requests while the previous step's last answers arrive, as its
+    async driver does). The first windows are submitted at once. ``advance`` waits at most
+    ``timeout`` for the oldest window (keeping the engine fed meanwhile), collects the
+    windows that are done and says whether the job is; ``output`` is then its LMOutput.
+    ``close`` cancels what is left, keeping the answers that arrived for the cache."""
 
     def __init__(self, job: "_Job"):
         self.job = job
         self.windows = Windows(job.submit, job.n, job.window_size)
         self.tick = job.ticker(self.windows)
         self._windows = iter(self.windows)
-        self.current = next(self._windows, None)
+        self.closed = False
         self.output: Optional[LMOutput] = None
+        try:
+            self.current = next(self._windows, None)
+        except BaseException:  # a body that cannot be written: cancel what went out
+            self.close()
+            raise
 
     def unfinished(self) -> int:
         """Requests of this job without their answer yet (sent or not)."""
@@ -864,8 +866,11 @@ class _Running:
         return True
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         pending = list(self.windows.pending)
-        self.windows.close()
+        self.windows.close()  # cancel first: nothing is answered after keep_answers looked
         self.job.keep_answers(pending)
         self.job.close_progress()
 
