@@ -163,7 +163,8 @@ class OutputSpec:
         """(keys, kinds) for the C reader (``_engine.read_rows``) when it can read this
         spec's answers exactly as :meth:`validate` would: the row's keys in ``validate``'s
         order, each with its kind; None when every answer must be read in Python (a typed
-        model). Rows the reader cannot read exactly still come back to ``validate``."""
+        model with a field the reader does not reproduce, see _typed_kinds). Rows the
+        reader cannot read exactly still come back to ``validate``."""
         if self.model is not None:
             columns = _typed_kinds(self.model)
             if columns is None:

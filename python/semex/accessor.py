@@ -90,14 +90,23 @@ def _text_array(values: List[Optional[str]], dtype: Any) -> Any:
         try:
             import pyarrow as pa
 
-            arrow = pa.array(values, type=pa.large_string(), from_pandas=True,
-                             memory_pool=pa.system_memory_pool())
-            array = dtype.construct_array_type()(arrow, dtype=dtype)
-            if array.dtype == dtype:
+            array = _arrow_text(pa.array(values, type=pa.large_string(), from_pandas=True,
+                                         memory_pool=pa.system_memory_pool()), dtype)
+            if array is not None:
                 return array
-        except (ImportError, TypeError, ValueError):
+        except (ImportError, TypeError, ValueError):  # pyarrow.ArrowInvalid: a ValueError
             pass
     return pd.array(values, dtype=dtype)
+
+
+def _arrow_text(arrow: Any, dtype: Any) -> Any:
+    """An Arrow string array (or chunked array) as a pandas array of the Arrow-backed text
+    ``dtype``, sharing its buffers; None if pandas makes another dtype of it."""
+    try:
+        array = dtype.construct_array_type()(arrow, dtype=dtype)
+    except (TypeError, ValueError):
+        return None
+    return array if array.dtype == dtype else None
 
 
 def _join_arrow(parts: List[Any], dtype: Any) -> Any:
@@ -113,14 +122,9 @@ def _join_arrow(parts: List[Any], dtype: Any) -> Any:
         chunks.extend(arrow.chunks)
     if not chunks:
         return None
-    try:
-        import pyarrow as pa
+    import pyarrow as pa  # the blocks are Arrow arrays: it is there
 
-        array = dtype.construct_array_type()(pa.chunked_array(chunks, type=chunks[0].type),
-                                             dtype=dtype)
-    except (ImportError, TypeError, ValueError):  # pyarrow.ArrowInvalid is a ValueError
-        return None
-    return array if array.dtype == dtype else None
+    return _arrow_text(pa.chunked_array(chunks, type=chunks[0].type), dtype)
 
 
 class _Column:
@@ -220,12 +224,10 @@ class _ColumnSink:
         contiguous = rows[-1] - rows[0] == len(rows) - 1
         if not contiguous:
             offsets = [i - base for i in compress(rows, flags)]
-        targets = [(column, values.get(name)) for name, column in self.columns.items()]
+        targets = [(column, values[name]) for name, column in self.columns.items()]
         if self.raw is not None:
             targets.append((self.raw, raw))
         for column, column_values in targets:
-            if column_values is None:
-                continue  # a column the answer does not carry (none today)
             block = column.blocks[chunk]
             if contiguous:
                 block[first:first + len(rows)] = column_values
@@ -266,15 +268,11 @@ def _error_texts(n: int, errors: Dict[int, Any]) -> Any:
     None before), whether or not any row failed."""
     dtype = pd.Series(["text", None]).dtype
     if not errors and getattr(dtype, "storage", None) == "pyarrow":
-        try:  # no row failed: a column of gaps, without n Python objects first
-            import pyarrow as pa
+        import pyarrow as pa  # pandas' Arrow-backed text needs it
 
-            array = dtype.construct_array_type()(
-                pa.chunked_array([pa.nulls(n, type=pa.large_string())]), dtype=dtype)
-            if array.dtype == dtype:
-                return array
-        except (ImportError, TypeError, ValueError):
-            pass
+        array = _arrow_text(pa.chunked_array([pa.nulls(n, type=pa.large_string())]), dtype)
+        if array is not None:  # no row failed: a column of gaps, without n Nones first
+            return array
     texts = np.full(n, None, dtype=object)
     for i, error in errors.items():
         texts[i] = str(error)

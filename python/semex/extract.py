@@ -523,19 +523,12 @@ class _Extraction:
     def _write(self, i: int, row: Optional[Dict[str, Any]], raw: Optional[str],
                error: Optional[E.RequestError]) -> None:
         self.sink.write(i, row, raw, error)
-        self.done += 1
         if error is not None:
             self.failed += 1
-        chunk = i // self.chunk_rows
-        left = self.unfinished[chunk] - 1
-        if left:
-            self.unfinished[chunk] = left
-        else:
-            del self.unfinished[chunk]
-            self.sink.seal(chunk)
+        self._wrote(i // self.chunk_rows, 1)
 
     def _wrote(self, chunk: int, count: int) -> None:
-        """``count`` rows of ``chunk`` were written at once (see _write)."""
+        """``count`` rows of ``chunk`` have their outcome: the chunk is sealed after its last."""
         self.done += count
         left = self.unfinished[chunk] - count
         if left:
