@@ -1135,9 +1135,9 @@ static PyObject *Batch_settle(BatchObject *self, PyObject *arg)
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *item = PyList_GET_ITEM(arg, k);
         Py_ssize_t offset;
-        long long prompt, completion, total;
+        PyObject *counts[3];
         if (!PyTuple_Check(item) ||
-            !PyArg_ParseTuple(item, "nLLL", &offset, &prompt, &completion, &total)) {
+            !PyArg_ParseTuple(item, "nOOO", &offset, &counts[0], &counts[1], &counts[2])) {
             if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
                 PyErr_Clear();
                 PyErr_SetString(PyExc_TypeError,
@@ -1149,8 +1149,19 @@ static PyObject *Batch_settle(BatchObject *self, PyObject *arg)
             PyErr_SetString(PyExc_IndexError, "settle: no such offset");
             goto done;
         }
+        /* a provider's counts, whatever their size: one too big for a double (or not a
+         * number) says nothing to settle by */
+        double c[3];
+        int readable = 1;
+        for (int j = 0; j < 3; j++) {
+            c[j] = PyFloat_AsDouble(counts[j]);
+            if (c[j] == -1.0 && PyErr_Occurred()) {
+                PyErr_Clear();
+                readable = 0;
+            }
+        }
         index[k] = (size_t)offset;
-        used[k] = sx_usage_tokens(prompt, completion, total);
+        used[k] = readable ? sx_usage_tokens(c[0], c[1], c[2]) : -1;
     }
     size_t settled = self->owner->engine  /* a closed engine has no buckets left */
                          ? sx_engine_settle(self->owner->engine, self->batch, index, used,

@@ -512,12 +512,12 @@ void sx_classify(sx_attempt *a, int curl_code, const char *curl_error, int statu
     }
 }
 
-double sx_usage_tokens(int64_t prompt, int64_t completion, int64_t total)
+double sx_usage_tokens(double prompt, double completion, double total)
 {
     if (total > 0)
-        return (double)total;
-    int64_t sum = prompt + completion;
-    return sum > 0 ? (double)sum : -1;
+        return total;
+    double sum = prompt + completion;
+    return sum > 0 ? sum : -1;
 }
 
 /* What a success's answer says it used, or -1 when it says nothing (no usage, or an answer
@@ -526,8 +526,8 @@ static double used_tokens(const sx_attempt *a)
 {
     if (!a->chat.parsed)
         return -1;
-    return sx_usage_tokens(a->chat.prompt_tokens, a->chat.completion_tokens,
-                           a->chat.total_tokens);
+    return sx_usage_tokens((double)a->chat.prompt_tokens, (double)a->chat.completion_tokens,
+                           (double)a->chat.total_tokens);
 }
 
 /* A success that used `used` of the `reserved` tokens it took at admission (from the

@@ -224,7 +224,7 @@ int sx_sched_settle_late(sx_sched *s, sx_slot *slot, double used, double now);
 
 /* The tokens an answer's usage says it used: total, else prompt + completion; -1 when it
  * gives neither (nothing to settle). */
-double sx_usage_tokens(int64_t prompt, int64_t completion, int64_t total);
+double sx_usage_tokens(double prompt, double completion, double total);
 
 /* Add a grant to the lease (opts.lease), paying any debt first. */
 void sx_sched_grant(sx_sched *s, double requests, double tokens);
