@@ -34,6 +34,8 @@ typedef struct sx_engine_opts {
     sx_sched_opts sched;
     int http2;               /* 1: negotiate HTTP/2 over TLS and multiplex (PIPEWAIT) */
     long max_connections;    /* connection cache size per worker; 0: derived from the cap */
+    int own_http1;           /* 1: plain http:// requests run on the workers' own HTTP/1.1
+                              * (h1.h) where the batch's route allows; 0: always libcurl */
 } sx_engine_opts;
 
 typedef struct sx_engine {

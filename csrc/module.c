@@ -214,7 +214,7 @@ done:
 PyDoc_STRVAR(Engine_doc,
 "Engine(*, workers=1, max_in_flight=64, rpm=0.0, tpm=0.0, adaptive=True, "
 "queue_limit=1000000, http2=True, max_connections=0, lease=False, lease_tokens=False, "
-"deployments=None, settle_tokens=True)\n"
+"deployments=None, settle_tokens=True, own_http1=True)\n"
 "--\n\n"
 "The C concurrency engine: `workers` I/O threads, each with its own libcurl multi handle,\n"
 "sharing one scheduler (in-flight cap, requests/min and tokens/min limits, cool-down after\n"
@@ -226,23 +226,27 @@ PyDoc_STRVAR(Engine_doc,
 "settle_tokens: a success whose answer (read with parse_chat) gives its usage settles the\n"
 "tokens it reserved: the unused part goes back to the tokens/min bucket(s), an overrun is\n"
 "charged; and the first x-ratelimit-remaining-tokens sets the bucket's level. False: the\n"
-"estimate is the charge.");
+"estimate is the charge.\n"
+"own_http1: plain http:// requests to an IP address or localhost run on the workers' own\n"
+"HTTP/1.1 (csrc/h1.h: less than half libcurl's CPU per request); TLS, proxies, host names and\n"
+"special headers stay with libcurl. False, or SEMEX_HTTP=curl in the environment: libcurl\n"
+"carries every request.");
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"workers", "max_in_flight", "rpm", "tpm", "adaptive",
                              "queue_limit", "http2", "max_connections", "lease",
-                             "lease_tokens", "deployments", "settle_tokens", NULL};
+                             "lease_tokens", "deployments", "settle_tokens", "own_http1", NULL};
     int workers = 1, max_in_flight = 64, adaptive = 1, http2 = 1, lease = 0, lease_tokens = 0;
-    int settle_tokens = 1;
+    int settle_tokens = 1, own_http1 = 1;
     double rpm = 0.0, tpm = 0.0;
     Py_ssize_t queue_limit = 1000000;
     long max_connections = 0;
     PyObject *deploys_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$iiddpnplppOp:Engine", kwlist, &workers,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$iiddpnplppOpp:Engine", kwlist, &workers,
                                      &max_in_flight, &rpm, &tpm, &adaptive, &queue_limit,
                                      &http2, &max_connections, &lease, &lease_tokens,
-                                     &deploys_obj, &settle_tokens))
+                                     &deploys_obj, &settle_tokens, &own_http1))
         return NULL;
     if (workers < 1 || workers > 64) {
         PyErr_Format(PyExc_ValueError, "workers must be between 1 and 64, got %d", workers);
@@ -282,6 +286,8 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     opts.sched.settle_tokens = settle_tokens;
     opts.http2 = http2;
     opts.max_connections = max_connections;
+    const char *http_env = getenv("SEMEX_HTTP");
+    opts.own_http1 = own_http1 && !(http_env && strcmp(http_env, "curl") == 0);
     self->max_in_flight = max_in_flight;
     self->workers = workers;
     self->rpm = rpm;
@@ -1500,7 +1506,25 @@ static PyMethodDef Batch_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* Whether the engine's own HTTP/1.1 carries this batch's requests (h1.h), or libcurl. */
+static PyObject *Batch_get_transport(BatchObject *self, void *closure)
+{
+    (void)closure;
+    const sx_batch *b = self->batch;
+    int own = self->owner->engine && self->owner->engine->opts.own_http1;
+    if (own && b->ntargets) {
+        for (size_t i = 0; i < b->ntargets; i++)
+            own = own && b->targets[i].h1 != NULL;
+    } else if (own) {
+        own = b->h1 != NULL;
+    }
+    return PyUnicode_FromString(own ? "http1" : "curl");
+}
+
 static PyGetSetDef Batch_getset[] = {
+    {"transport", (getter)Batch_get_transport, NULL,
+     "\"http1\": the engine's own HTTP/1.1 carries the requests (csrc/h1.h); \"curl\": libcurl.",
+     NULL},
     {"done", (getter)Batch_get_done, NULL, "True when every request has its final outcome.",
      NULL},
     {"completed", (getter)Batch_get_completed, NULL, "Requests finished so far.", NULL},

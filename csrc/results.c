@@ -68,6 +68,7 @@ sx_batch *sx_batch_new(const char *url, const char *const *headers, size_t nhead
     b->is_https = strncasecmp(url, "https://", 8) == 0;
     if (header_list(&b->headers, headers, nheaders) != 0)
         goto err;
+    b->h1 = sx_h1_route_new(b->url, b->headers);  /* NULL: libcurl carries them */
 
     size_t total = 0;
     for (size_t i = 0; i < n; i++)
@@ -112,6 +113,7 @@ int sx_batch_add_target(sx_batch *b, const char *url, const char *const *headers
         curl_slist_free_all(t->headers);
         return -1;
     }
+    t->h1 = sx_h1_route_new(t->url, t->headers);
     b->ntargets++;
     return 0;
 }
@@ -147,7 +149,9 @@ void sx_batch_free(sx_batch *b)
     free(b->arena);
     curl_slist_free_all(b->headers);
     free(b->url);
+    sx_h1_route_free(b->h1);
     for (size_t i = 0; i < b->ntargets; i++) {
+        sx_h1_route_free(b->targets[i].h1);
         curl_slist_free_all(b->targets[i].headers);
         free(b->targets[i].url);
     }

@@ -21,6 +21,8 @@
 #include <stdint.h>
 #include <curl/curl.h>
 
+#include "h1.h"
+
 #include "chatjson.h"
 
 typedef enum sx_state {
@@ -83,6 +85,7 @@ typedef struct sx_target {
     char *url;
     int is_https;
     struct curl_slist *headers;  /* "Expect:" first, then the caller's */
+    sx_h1_route *h1;             /* the engine's own HTTP/1.1 route (h1.h); NULL: libcurl */
 } sx_target;
 
 /* A concurrency cap, shared by every batch of one call: Python splits a long call into
@@ -132,6 +135,7 @@ struct sx_batch {
     char *url;
     int is_https;
     struct curl_slist *headers;
+    sx_h1_route *h1;          /* the engine's own HTTP/1.1 route (h1.h); NULL: libcurl */
     sx_request_opts opts;
     sx_cap *cap;              /* NULL: only the engine's cap; set before submission */
     sx_target *targets;       /* one per deployment of the engine (sx_batch_add_target);

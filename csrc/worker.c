@@ -3,17 +3,23 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <curl/curl.h>
 
+#include "h1.h"
 #include "hints.h"
 #include "nativejson.h"
 #include "sse.h"
@@ -33,8 +39,14 @@
 #ifndef SX_SHARD_CAP
 #define SX_SHARD_CAP 64
 #endif
-/* epoll tag of the wake-up eventfd (sockets carry their shard index). */
+/* epoll tag of the wake-up eventfd (sockets carry their shard index), and of the worker's
+ * own HTTP/1.1 connections (h1.h). */
 #define SX_WAKE_TAG UINT32_MAX
+#define SX_H1_TAG (UINT32_MAX - 1)
+/* The own HTTP/1.1 path: bytes read per recv(), and how long an idle connection is kept
+ * (libcurl's default maximum age of a connection, CURLOPT_MAXAGE_CONN). */
+#define SX_H1_RBUF 65536
+#define SX_H1_MAX_IDLE_AGE 118.0
 /* New connections a worker opens per round. Opening one costs ~75 µs (socket, connect,
  * libcurl's connection setup); opening 1,000 in one pass delays every first request by the
  * whole pass (~80 ms) and holds up completions meanwhile. In steps, the first requests go out
@@ -97,7 +109,37 @@ typedef struct sx_xfer {
     struct sx_xfer *dirty_next;
     char errbuf[CURL_ERROR_SIZE];
     struct sx_xfer *next, *prev;   /* active list, or free list (next only) */
+    /* An attempt on the worker's own HTTP/1.1 (h1.h) instead of libcurl: */
+    const sx_h1_route *route;   /* non-NULL for such an attempt */
+    struct sx_h1c *conn;        /* the connection carrying it */
+    sx_h1_resp resp;            /* the response read so far */
+    char *head;                 /* the request head; then the body goes from the slot */
+    size_t head_len, head_cap;
+    size_t sent;                /* bytes of head + body written */
+    double started, deadline, connect_deadline;
+    uint8_t addr_i;             /* route address being tried */
+    uint8_t reopened;           /* already moved once off a connection the server had closed */
 } sx_xfer;
+
+/* A connection of the own HTTP/1.1 path. Idle ones wait in their origin's pool, registered
+ * for input so a close by the server is seen (and the connection dropped) at once. */
+typedef struct sx_h1c {
+    int fd;
+    struct sx_h1pool *pool;
+    sx_xfer *x;                 /* the attempt on it; NULL when idle */
+    uint32_t events;            /* registered epoll events */
+    uint8_t connecting;
+    uint8_t used;               /* has carried a whole response before */
+    double idle_since;
+    struct sx_h1c *next;        /* the pool's idle stack */
+} sx_h1c;
+
+typedef struct sx_h1pool {
+    char *origin;               /* sx_h1_route.origin */
+    sx_h1c *idle;               /* most recently used first */
+    size_t nidle;
+    struct sx_h1pool *next;
+} sx_h1pool;
 
 struct sx_worker {
     sx_engine *engine;
@@ -133,6 +175,15 @@ struct sx_worker {
     char *default_capath;
     long recv_window_max;        /* largest size wanted in the current window */
     unsigned recv_window_n;      /* completions counted in the current window */
+    /* The own HTTP/1.1 path (worker only). */
+    sx_h1pool *pools;            /* one per origin */
+    sx_h1c **conns;              /* by fd */
+    size_t nconns;
+    size_t h1_open, h1_peak;     /* connections open now, and at most */
+    size_t h1_max_idle;          /* idle connections kept per origin */
+    sx_xfer *h1_done;            /* finished attempts, reported by this round's reap */
+    double h1_next_deadline;     /* earliest timeout of an attempt on it; < 0: none */
+    char *rbuf;                  /* SX_H1_RBUF bytes */
     sx_slot *taken[SX_TAKE_CHUNK];
 };
 
@@ -144,7 +195,19 @@ typedef struct sx_fdinfo {
     uint8_t watched;            /* libcurl wants its events (not CURL_POLL_REMOVE'd) */
 } sx_fdinfo;
 
+static void h1_close(sx_worker *w, sx_h1c *c);
+
 /* ---- libcurl callbacks (run on this worker's thread, inside socket_action) ---- */
+
+/* The response's status code, from whichever path carries the attempt. */
+static long xfer_status(sx_xfer *x)
+{
+    if (x->route)
+        return x->resp.status;
+    long status = 0;
+    curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
+    return status;
+}
 
 /* The first body bytes of a response: read it as an event stream if it is one. */
 static void body_start(sx_xfer *x)
@@ -152,8 +215,7 @@ static void body_start(sx_xfer *x)
     x->body_started = 1;
     if (!x->event_stream || x->slot->batch->opts.parse_chat != SX_DIALECT_OPENAI)
         return;
-    long status = 0;
-    curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
+    long status = xfer_status(x);
     x->sse_on = status >= 200 && status < 300;
 }
 
@@ -185,7 +247,10 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata)
             /* First bytes: size the buffer from Content-Length when the server sent one
              * (exact for identity encoding; a compressed body grows from there). */
             curl_off_t cl = -1;
-            curl_easy_getinfo(x->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
+            if (x->route)
+                cl = x->resp.chunked ? -1 : (curl_off_t)x->resp.content_length;
+            else
+                curl_easy_getinfo(x->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
             cap = cl > 0 && (size_t)cl <= x->max_body ? (size_t)cl : SX_BUF_INITIAL;
         }
         while (cap < x->len + n)
@@ -398,9 +463,14 @@ static void shard_action(sx_worker *w, sx_shard *sh, curl_socket_t fd, int flags
     shard_touch(w, sh);
 }
 
-/* Remove a transfer from its multi handle. */
+/* Remove a transfer from its multi handle, or close its own HTTP/1.1 connection. */
 static void xfer_detach(sx_worker *w, sx_xfer *x)
 {
+    if (x->route) {
+        if (x->conn)
+            h1_close(w, x->conn);
+        return;
+    }
     curl_multi_remove_handle(x->shard->multi, x->easy);
     shard_release(w, x->shard);
     x->shard = NULL;
@@ -461,6 +531,8 @@ static void xfer_destroy(sx_xfer *x)
 {
     curl_easy_cleanup(x->easy);
     free(x->buf);
+    free(x->head);
+    sx_h1_resp_free(&x->resp);
     sx_sse_reset(&x->sse);
     free(x);
 }
@@ -468,6 +540,7 @@ static void xfer_destroy(sx_xfer *x)
 static void xfer_put(sx_worker *w, sx_xfer *x)
 {
     x->slot = NULL;
+    x->route = NULL;  /* the batch that owns it may go */
     /* A pooled transfer holds no response buffer: each response gets its own, which then
      * belongs to the slot, so idle handles pin no memory. */
     free(x->buf);
@@ -499,6 +572,453 @@ static void active_remove(sx_worker *w, sx_xfer *x)
         x->next->prev = x->prev;
     x->next = x->prev = NULL;
     w->nactive--;
+}
+
+/* ---- the own HTTP/1.1 path (h1.h) ---- */
+
+static void h1_finish(sx_worker *w, sx_xfer *x, int code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static int h1_connect(sx_worker *w, sx_xfer *x, double now);
+
+static sx_h1c *h1_conn_of(sx_worker *w, int fd)
+{
+    return fd >= 0 && (size_t)fd < w->nconns ? w->conns[fd] : NULL;
+}
+
+static int h1_watch(sx_worker *w, sx_h1c *c, uint32_t events)
+{
+    if (c->events == events)
+        return 0;
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = events;
+    ev.data.u64 = ((uint64_t)SX_H1_TAG << 32) | (uint32_t)c->fd;
+    if (epoll_ctl(w->epfd, c->events ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, c->fd, &ev) != 0)
+        return -1;
+    c->events = events;
+    return 0;
+}
+
+/* Close a connection (idle, or under an attempt that has let go of it). */
+static void h1_close(sx_worker *w, sx_h1c *c)
+{
+    if (c->x)
+        c->x->conn = NULL;
+    w->conns[c->fd] = NULL;
+    close(c->fd);  /* drops it from the epoll set: nothing else holds the fd */
+    w->h1_open--;
+    free(c);
+}
+
+static sx_h1pool *h1_pool(sx_worker *w, const sx_h1_route *r)
+{
+    for (sx_h1pool *p = w->pools; p; p = p->next)
+        if (strcmp(p->origin, r->origin) == 0)
+            return p;
+    sx_h1pool *p = calloc(1, sizeof *p);
+    if (!p || !(p->origin = strdup(r->origin))) {
+        free(p);
+        return NULL;
+    }
+    p->next = w->pools;
+    w->pools = p;
+    return p;
+}
+
+/* An idle connection of x's origin, the most recently used, or NULL. */
+static sx_h1c *h1_take_idle(sx_worker *w, sx_h1pool *p, double now)
+{
+    while (p->idle) {
+        sx_h1c *c = p->idle;
+        p->idle = c->next;
+        p->nidle--;
+        c->next = NULL;
+        if (now - c->idle_since <= SX_H1_MAX_IDLE_AGE)
+            return c;
+        h1_close(w, c);
+    }
+    return NULL;
+}
+
+/* The attempt let go of its connection: back to the pool when it can carry another. */
+static void h1_release(sx_worker *w, sx_xfer *x, int reusable, double now)
+{
+    sx_h1c *c = x->conn;
+    if (!c)
+        return;
+    x->conn = NULL;
+    c->x = NULL;
+    if (reusable && c->pool && c->pool->nidle < w->h1_max_idle && h1_watch(w, c, EPOLLIN) == 0) {
+        c->used = 1;
+        c->idle_since = now;
+        c->next = c->pool->idle;
+        c->pool->idle = c;
+        c->pool->nidle++;
+        return;
+    }
+    h1_close(w, c);
+}
+
+/* The attempt is over (code: CURLE_OK or the CURLcode libcurl would have given): off the
+ * active list, onto the list this round's reap reports. */
+static void h1_finish(sx_worker *w, sx_xfer *x, int code, const char *fmt, ...)
+{
+    if (x->conn)
+        h1_close(w, x->conn);
+    x->result = code;
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(x->errbuf, sizeof x->errbuf, fmt, ap);
+        va_end(ap);
+    }
+    active_remove(w, x);
+    x->next = w->h1_done;
+    w->h1_done = x;
+}
+
+static long h1_ms(const sx_xfer *x, double now)
+{
+    return (long)((now - x->started) * 1000.0);
+}
+
+/* Write what is left of x's request. Returns 0 while x goes on, -1 once it finished. */
+static int h1_send(sx_worker *w, sx_xfer *x, double now);
+
+/* A connection failed before the response's first byte on a connection that had carried
+ * one before: the server closed it while idle (keep-alive timeout). Like libcurl, send the
+ * request again on a new connection, once, without counting an attempt. Returns 1 if so. */
+static int h1_reopen(sx_worker *w, sx_xfer *x, double now)
+{
+    sx_h1c *c = x->conn;
+    if (!c || !c->used || x->reopened || x->resp.received)
+        return 0;
+    x->reopened = 1;
+    h1_close(w, c);
+    x->sent = 0;
+    x->addr_i = 0;
+    sx_h1_resp_reset(&x->resp);
+    if (h1_connect(w, x, now) == 0 && x->conn && !x->conn->connecting)
+        h1_send(w, x, now);
+    return 1;
+}
+
+static void h1_fail_io(sx_worker *w, sx_xfer *x, int code, const char *what, int err,
+                       double now)
+{
+    if (h1_reopen(w, x, now))
+        return;
+    h1_finish(w, x, code, "%s: %s", what, strerror(err));
+}
+
+static int h1_send(sx_worker *w, sx_xfer *x, double now)
+{
+    sx_h1c *c = x->conn;
+    const sx_slot *slot = x->slot;
+    size_t body_len = slot->body ? slot->body_len : 0;
+    size_t total = x->head_len + body_len;
+    while (x->sent < total) {
+        struct iovec iov[2];
+        int k = 0;
+        if (x->sent < x->head_len) {
+            iov[k].iov_base = x->head + x->sent;
+            iov[k++].iov_len = x->head_len - x->sent;
+        }
+        size_t boff = x->sent > x->head_len ? x->sent - x->head_len : 0;
+        if (body_len > boff) {
+            iov[k].iov_base = (char *)slot->body + boff;
+            iov[k++].iov_len = body_len - boff;
+        }
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = iov;
+        msg.msg_iovlen = (size_t)k;
+        ssize_t n = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
+        if (n > 0) {
+            x->sent += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (h1_watch(w, c, EPOLLIN | EPOLLOUT) != 0) {
+                h1_finish(w, x, CURLE_SEND_ERROR, "epoll_ctl: %s", strerror(errno));
+                return -1;
+            }
+            return 0;
+        }
+        h1_fail_io(w, x, CURLE_SEND_ERROR, "Send failure", n < 0 ? errno : EPIPE, now);
+        return x->conn ? 0 : -1;
+    }
+    if (h1_watch(w, c, EPOLLIN) != 0) {
+        h1_finish(w, x, CURLE_SEND_ERROR, "epoll_ctl: %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* Open a connection for x to its route's address x->addr_i (or the next that takes it).
+ * Returns 0 with x->conn set (maybe still connecting), or -1 once x finished. */
+static int h1_connect(sx_worker *w, sx_xfer *x, double now)
+{
+    const sx_h1_route *r = x->route;
+    int err = 0;
+    while (x->addr_i < r->naddrs) {
+        const struct sockaddr_storage *sa = &r->addrs[x->addr_i];
+        int fd = socket(sa->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            h1_finish(w, x, CURLE_COULDNT_CONNECT, "socket: %s", strerror(errno));
+            return -1;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+        int rc = connect(fd, (const struct sockaddr *)sa, r->addrlens[x->addr_i]);
+        if (rc != 0 && errno != EINPROGRESS) {
+            err = errno;
+            close(fd);
+            x->addr_i++;
+            continue;
+        }
+        if ((size_t)fd >= w->nconns) {
+            size_t n = w->nconns ? w->nconns : 256;
+            while (n <= (size_t)fd)
+                n *= 2;
+            sx_h1c **grown = realloc(w->conns, n * sizeof *grown);
+            if (!grown) {
+                close(fd);
+                h1_finish(w, x, CURLE_OUT_OF_MEMORY, "out of memory");
+                return -1;
+            }
+            memset(grown + w->nconns, 0, (n - w->nconns) * sizeof *grown);
+            w->conns = grown;
+            w->nconns = n;
+        }
+        sx_h1c *c = calloc(1, sizeof *c);
+        if (!c) {
+            close(fd);
+            h1_finish(w, x, CURLE_OUT_OF_MEMORY, "out of memory");
+            return -1;
+        }
+        c->fd = fd;
+        c->pool = h1_pool(w, r);
+        c->x = x;
+        c->connecting = rc != 0;
+        w->conns[fd] = c;
+        x->conn = c;
+        if (++w->h1_open > w->h1_peak) {
+            w->h1_peak = w->h1_open;
+            w->warm++;
+            if (w->ramp_left)
+                w->ramp_left--;
+        }
+        if (c->connecting && h1_watch(w, c, EPOLLOUT) != 0) {
+            h1_finish(w, x, CURLE_COULDNT_CONNECT, "epoll_ctl: %s", strerror(errno));
+            return -1;
+        }
+        return 0;
+    }
+    h1_finish(w, x, CURLE_COULDNT_CONNECT, "Failed to connect to %s port %u after %ld ms: %s",
+              r->host, r->port, h1_ms(x, now), strerror(err ? err : ECONNREFUSED));
+    return -1;
+}
+
+static void h1_sink_header(void *u, const char *line, size_t len)
+{
+    on_header((char *)line, 1, len, u);
+}
+
+static size_t h1_sink_body(void *u, const char *p, size_t n)
+{
+    return on_body((char *)p, 1, n, u);
+}
+
+/* What h1.h's reader reports, as the CURLcode libcurl would have given. */
+static int h1_code(int rc)
+{
+    switch (rc) {
+    case SX_H1_E_EMPTY:
+        return CURLE_GOT_NOTHING;
+    case SX_H1_E_PARTIAL:
+        return CURLE_PARTIAL_FILE;
+    case SX_H1_E_ENCODING:
+        return CURLE_BAD_CONTENT_ENCODING;
+    case SX_H1_E_STOPPED:
+        return CURLE_WRITE_ERROR;
+    default:
+        return CURLE_WEIRD_SERVER_REPLY;
+    }
+}
+
+static void h1_read(sx_worker *w, sx_xfer *x, double now)
+{
+    sx_h1c *c = x->conn;
+    sx_h1_sink sink = {h1_sink_header, h1_sink_body, x};
+    for (;;) {
+        ssize_t n = recv(c->fd, w->rbuf, SX_H1_RBUF, 0);
+        if (n > 0) {
+            size_t used = 0;
+            int rc = sx_h1_feed(&x->resp, w->rbuf, (size_t)n, &used, &sink);
+            if (rc == SX_H1_DONE) {
+                size_t total = x->head_len + (x->slot->body ? x->slot->body_len : 0);
+                int reusable = x->resp.keep_alive && used == (size_t)n && x->sent == total;
+                h1_release(w, x, reusable, now);
+                h1_finish(w, x, CURLE_OK, NULL);
+                return;
+            }
+            if (rc < 0) {
+                h1_finish(w, x, h1_code(rc), "%s", x->resp.detail);
+                return;
+            }
+            if ((size_t)n < SX_H1_RBUF)
+                return;  /* the rest comes with a later event */
+            continue;
+        }
+        if (n == 0) {
+            int rc = sx_h1_eof(&x->resp);
+            if (rc == SX_H1_DONE) {
+                h1_finish(w, x, CURLE_OK, NULL);
+            } else if (!h1_reopen(w, x, now)) {
+                h1_finish(w, x, h1_code(rc), "%s", x->resp.detail);
+            }
+            return;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return;
+        h1_fail_io(w, x, CURLE_RECV_ERROR, "Recv failure", errno, now);
+        return;
+    }
+}
+
+static void h1_event(sx_worker *w, int fd, uint32_t events, double now)
+{
+    sx_h1c *c = h1_conn_of(w, fd);
+    if (!c)
+        return;
+    sx_xfer *x = c->x;
+    if (!x) {
+        /* Idle: the server closed it (or sent what nobody asked for). */
+        sx_h1c **pp = &c->pool->idle;
+        while (*pp && *pp != c)
+            pp = &(*pp)->next;
+        if (*pp) {
+            *pp = c->next;
+            c->pool->nidle--;
+        }
+        h1_close(w, c);
+        return;
+    }
+    if (c->connecting) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+            err = errno;
+        if (err == 0 && !(events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
+            return;
+        if (err || (events & (EPOLLERR | EPOLLHUP))) {
+            h1_close(w, c);
+            x->addr_i++;
+            if (x->addr_i < x->route->naddrs) {
+                if (h1_connect(w, x, now) == 0 && x->conn && !x->conn->connecting)
+                    h1_send(w, x, now);
+                return;
+            }
+            h1_finish(w, x, CURLE_COULDNT_CONNECT,
+                      "Failed to connect to %s port %u after %ld ms: %s", x->route->host,
+                      x->route->port, h1_ms(x, now), strerror(err ? err : ECONNREFUSED));
+            return;
+        }
+        c->connecting = 0;
+        h1_send(w, x, now);
+        return;
+    }
+    size_t total = x->head_len + (x->slot->body ? x->slot->body_len : 0);
+    if ((events & EPOLLOUT) && x->sent < total) {
+        if (h1_send(w, x, now) != 0 || x->conn != c)
+            return;
+    }
+    if (events & (EPOLLIN | EPOLLERR | EPOLLHUP))
+        h1_read(w, x, now);
+}
+
+static void h1_deadline(sx_worker *w, double t)
+{
+    if (w->h1_next_deadline < 0 || t < w->h1_next_deadline)
+        w->h1_next_deadline = t;
+}
+
+/* Time out the attempts past their deadline; find the next deadline. */
+static void h1_timeouts(sx_worker *w, double now)
+{
+    w->h1_next_deadline = -1;
+    sx_xfer *x = w->active;
+    while (x) {
+        sx_xfer *next = x->next;
+        if (x->route && x->conn) {
+            int connecting = x->conn->connecting;
+            double t = connecting && x->connect_deadline < x->deadline ? x->connect_deadline
+                                                                      : x->deadline;
+            if (now >= t) {
+                if (connecting)
+                    h1_finish(w, x, CURLE_OPERATION_TIMEDOUT,
+                              "Connection timed out after %ld milliseconds", h1_ms(x, now));
+                else
+                    h1_finish(w, x, CURLE_OPERATION_TIMEDOUT,
+                              "Operation timed out after %ld milliseconds with %zu bytes "
+                              "received", h1_ms(x, now), x->resp.received);
+            } else {
+                h1_deadline(w, t);
+            }
+        }
+        x = next;
+    }
+}
+
+/* Start x on the own HTTP/1.1 path: an idle connection of its origin, else a new one. */
+static void h1_start(sx_worker *w, sx_xfer *x, const sx_h1_route *r, double timeout)
+{
+    const sx_slot *slot = x->slot;
+    double now = sx_now();
+    x->route = r;
+    x->conn = NULL;
+    x->sent = 0;
+    x->addr_i = 0;
+    x->reopened = 0;
+    x->started = now;
+    x->deadline = now + timeout;
+    x->connect_deadline = now + slot->batch->opts.connect_timeout;
+    sx_h1_resp_reset(&x->resp);
+    size_t need = (slot->body ? r->head_post_len : r->head_get_len) + 48;
+    if (need > x->head_cap) {
+        char *grown = realloc(x->head, need);
+        if (!grown) {
+            active_add(w, x);
+            h1_finish(w, x, CURLE_OUT_OF_MEMORY, "out of memory");
+            return;
+        }
+        x->head = grown;
+        x->head_cap = need;
+    }
+    if (slot->body) {
+        x->head_len = sx_h1_post_head(r, slot->body_len, x->head, x->head_cap);
+    } else {
+        memcpy(x->head, r->head_get, r->head_get_len);
+        x->head_len = r->head_get_len;
+    }
+    active_add(w, x);
+    h1_deadline(w, x->connect_deadline < x->deadline ? x->connect_deadline : x->deadline);
+    sx_h1pool *p = h1_pool(w, r);
+    sx_h1c *c = p ? h1_take_idle(w, p, now) : NULL;
+    if (c) {
+        c->x = x;
+        x->conn = c;
+        h1_send(w, x, now);
+        return;
+    }
+    if (h1_connect(w, x, now) == 0 && !x->conn->connecting)
+        h1_send(w, x, now);
 }
 
 /* Start one admitted slot. On failure the attempt is reported at once as a local error. */
@@ -533,6 +1053,17 @@ static void xfer_start(sx_worker *w, sx_slot *slot)
         headers = t->headers;
         is_https = t->is_https;
     }
+    /* libcurl reads 0 as "no timeout": never let a sub-millisecond timeout round to it. */
+    double timeout = o->timeout;
+    if (slot->deadline > 0 && slot->deadline - sx_now() < timeout)
+        timeout = slot->deadline - sx_now();  /* the last attempt ends with the budget */
+    const sx_h1_route *route = !w->engine->opts.own_http1 ? NULL
+                             : b->ntargets ? b->targets[slot->deploy].h1 : b->h1;
+    if (route) {
+        h1_start(w, x, route, timeout);
+        return;
+    }
+    x->route = NULL;
     curl_easy_setopt(h, CURLOPT_URL, url);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, headers);
     /* Over TLS, wait for a connection that may turn out to multiplex (HTTP/2 via ALPN)
@@ -545,10 +1076,6 @@ static void xfer_start(sx_worker *w, sx_slot *slot)
     } else {
         curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
     }
-    /* libcurl reads 0 as "no timeout": never let a sub-millisecond timeout round to it. */
-    double timeout = o->timeout;
-    if (slot->deadline > 0 && slot->deadline - sx_now() < timeout)
-        timeout = slot->deadline - sx_now();  /* the last attempt ends with the budget */
     long timeout_ms = (long)ceil(timeout * 1000.0);
     long connect_ms = (long)ceil(o->connect_timeout * 1000.0);
     curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout_ms > 0 ? timeout_ms : 1L);
@@ -762,8 +1289,7 @@ static void stream_conclude(sx_xfer *x, sx_done *d)
 /* Classify one finished transfer and take its body. No lock. */
 static void conclude(sx_worker *w, sx_xfer *x, sx_done *d)
 {
-    long status = 0;
-    curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
+    long status = xfer_status(x);
     int code = x->result;
     if (code == CURLE_OK)
         recv_buffer_observe(w, x);
@@ -820,7 +1346,8 @@ static void reap(sx_worker *w)
     sx_engine *e = w->engine;
     CURLMsg *msg;
     int left;
-    sx_xfer *finished = NULL;
+    sx_xfer *finished = w->h1_done;  /* the own HTTP/1.1 path's, already off the active list */
+    w->h1_done = NULL;
     flush_deltas(w);
     for (uint32_t t = 0; t < w->ntouched; t++) {
         sx_shard *sh = w->shards[w->touched[t]];
@@ -913,7 +1440,11 @@ static void *worker_main(void *arg)
             if (d >= 0 && (deadline < 0 || d < deadline))
                 deadline = d;
         }
+        if (w->h1_next_deadline >= 0 && (deadline < 0 || w->h1_next_deadline < deadline))
+            deadline = w->h1_next_deadline;
         int timeout_ms = -1;
+        if (w->h1_done)
+            deadline = 0;  /* attempts that ended while starting: report them now */
         if (deadline >= 0) {
             double ms = ceil((deadline - sx_now()) * 1000.0);
             timeout_ms = ms <= 0 ? 0 : ms > 60000 ? 60000 : (int)ms;
@@ -921,10 +1452,15 @@ static void *worker_main(void *arg)
         int nev = epoll_wait(w->epfd, events, SX_MAX_EVENTS, timeout_ms);
         if (nev < 0 && errno != EINTR)
             break;
+        double evnow = nev > 0 ? sx_now() : 0;
         for (int i = 0; i < nev; i++) {
             uint32_t tag = (uint32_t)(events[i].data.u64 >> 32);
             if (tag == SX_WAKE_TAG) {
                 drain_wakefd(w);
+                continue;
+            }
+            if (tag == SX_H1_TAG) {
+                h1_event(w, (int)(uint32_t)events[i].data.u64, events[i].events, evnow);
                 continue;
             }
             curl_socket_t fd = (curl_socket_t)(uint32_t)events[i].data.u64;
@@ -952,7 +1488,16 @@ static void *worker_main(void *arg)
                 shard_action(w, sh, CURL_SOCKET_TIMEOUT, 0);
             }
         }
+        if (w->h1_next_deadline >= 0 && after >= w->h1_next_deadline)
+            h1_timeouts(w, after);
         reap(w);
+    }
+    /* Attempts of the own HTTP/1.1 path that ended in the last admission: stopped below
+     * like the rest. */
+    while (w->h1_done) {
+        sx_xfer *x = w->h1_done;
+        w->h1_done = x->next;
+        active_add(w, x);
     }
 
     /* Shutdown: normally every transfer still here belongs to a batch that close() stopped.
@@ -996,6 +1541,20 @@ static void worker_free(sx_worker *w)
     }
     free(w->shards);
     free(w->touched);
+    for (size_t fd = 0; fd < w->nconns; fd++) {
+        if (w->conns[fd]) {
+            close((int)fd);
+            free(w->conns[fd]);
+        }
+    }
+    free(w->conns);
+    while (w->pools) {
+        sx_h1pool *p = w->pools;
+        w->pools = p->next;
+        free(p->origin);
+        free(p);
+    }
+    free(w->rbuf);
     /* After every easy handle and multi handle that used it is gone. */
     if (w->share)
         curl_share_cleanup(w->share);
@@ -1022,6 +1581,7 @@ sx_worker *sx_worker_new(sx_engine *e, int index, char *err, size_t errlen)
     w->wakefd = -1;
     w->recv_buffer = SX_RECV_MIN;
     w->recv_window_max = SX_RECV_MIN;
+    w->h1_next_deadline = -1;
     atomic_init(&w->wake_pending, 0);
     sx_rng_seed(&w->rng, (uint64_t)(sx_wall_now() * 1e9) ^ ((uint64_t)index << 32) ^
                              (uint64_t)(uintptr_t)w);
@@ -1049,6 +1609,14 @@ sx_worker *sx_worker_new(sx_engine *e, int index, char *err, size_t errlen)
         w->shard_maxconnects = (e->opts.max_connections + nshards - 1) / nshards;
         if (w->shard_maxconnects < 1)
             w->shard_maxconnects = 1;
+    }
+    /* The own HTTP/1.1 path keeps as many idle connections per origin as the shards would. */
+    w->h1_max_idle = e->opts.max_connections > 0 ? (size_t)e->opts.max_connections
+                                                 : (size_t)share + 4;
+    w->rbuf = malloc(SX_H1_RBUF);
+    if (!w->rbuf) {
+        snprintf(err, errlen, "out of memory");
+        goto err;
     }
     /* One DNS cache and TLS session cache for all shards: a shard's first connection then
      * needs no resolver thread and may resume a session. Only this thread uses it. */

@@ -13,6 +13,17 @@
  * reports all finished transfers in one locked pass. An eventfd wakes it for new work,
  * cancellations and shutdown; wake-ups are coalesced.
  *
+ * Requests to a plain http:// origin that h1.h's route allows (an IP literal or localhost, no
+ * proxy, no header libcurl would treat specially) skip libcurl: the worker keeps its own
+ * HTTP/1.1 connections to that origin in the same epoll set (tag SX_H1_TAG), writes each
+ * request with one sendmsg (head and body, no copy of the body), reads the answer with h1.h's
+ * reader into the same callbacks libcurl would call (on_header, on_body: hints, event streams
+ * and body caps work alike), and reports the same CURLcodes, so classification and retries do
+ * not know which path ran. It reuses idle connections most recent first, opens new ones within
+ * the same per-round ramp, sends a request again once on a new connection when a kept-alive one
+ * turns out closed before any byte of the answer (as libcurl does), and times attempts out
+ * from one scan of its in-flight list per deadline.
+ *
  * The worker never touches Python. Its multi handles, easy handles and buffers are its own. */
 #ifndef SEMEX_WORKER_H
 #define SEMEX_WORKER_H

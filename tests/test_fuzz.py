@@ -30,7 +30,7 @@ def test_parsers_survive_a_short_fuzz_run_and_chatjson_agrees_with_json_loads(tm
          f"BUILD={tmp_path}", f"PYTHON={sys.executable}", f"PYTHON_SEMEX={python_semex}"],
         capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("stat::number_of_executed_units: 30000") == 4, proc.stdout
+    assert proc.stdout.count("stat::number_of_executed_units: 30000") == 5, proc.stdout
     assert "parsed by chatjson, 0 mismatches" in proc.stdout, proc.stdout
     assert "parsed by nativejson, 0 mismatches" in proc.stdout, proc.stdout
     assert re.search(r"diff_rowjson: \d+ inputs, [1-9]\d* rows read in C, all equal",

@@ -2653,6 +2653,14 @@ static void srv_stop(srv *s)
 
 /* ------------------------------------------------------------------ engine end to end */
 
+/* SX_TEST_OWN_HTTP1=1: every engine of these tests carries plain http:// on the workers' own
+ * HTTP/1.1 (h1.h) instead of libcurl; `make tsan` runs the tests both ways. */
+static int own_http1(void)
+{
+    const char *v = getenv("SX_TEST_OWN_HTTP1");
+    return v && strcmp(v, "1") == 0;
+}
+
 static srv g_srv;
 static int g_srv_ok;
 static char g_url[64];
@@ -2661,6 +2669,7 @@ static sx_engine *mk_engine(int workers, int max_in_flight)
 {
     sx_engine_opts eo;
     memset(&eo, 0, sizeof eo);
+    eo.own_http1 = own_http1();
     eo.workers = workers;
     eo.sched.max_in_flight = max_in_flight;
     eo.sched.adaptive = 1;
@@ -3228,6 +3237,7 @@ static void test_engine_rpm_paced(void)
     REQUIRE(g_srv_ok);
     sx_engine_opts eo;
     memset(&eo, 0, sizeof eo);
+    eo.own_http1 = own_http1();
     eo.workers = 2;
     eo.sched.max_in_flight = 64;
     eo.sched.rpm = 6000;    /* 100/s, burst 100 */
@@ -3262,6 +3272,7 @@ static void test_engine_http2_option_on_plain_http(void)
     REQUIRE(g_srv_ok);
     sx_engine_opts eo;
     memset(&eo, 0, sizeof eo);
+    eo.own_http1 = own_http1();
     eo.workers = 2;
     eo.sched.max_in_flight = 32;
     eo.sched.adaptive = 1;
@@ -3294,6 +3305,7 @@ static void test_engine_new_free_churn(void)
     for (int i = 0; i < 200; i++) {
         sx_engine_opts eo;
         memset(&eo, 0, sizeof eo);
+    eo.own_http1 = own_http1();
         eo.workers = 4;
         eo.sched.max_in_flight = 64;
         eo.sched.queue_limit = 100;
@@ -4118,6 +4130,7 @@ static sx_engine *mk_deploy_engine(int workers, int max_in_flight, const sx_depl
 {
     sx_engine_opts eo;
     memset(&eo, 0, sizeof eo);
+    eo.own_http1 = own_http1();
     eo.workers = workers;
     eo.sched.max_in_flight = max_in_flight;
     eo.sched.adaptive = 1;
