@@ -465,16 +465,19 @@ def test_an_async_step_that_raises_cancels_the_step_in_flight(server, make_lm, s
 def test_the_dedup_index_finds_every_earlier_document():
     seen = semex.extract._Seen(10 ** 6)
     rng = random.Random(7)
-    known, order, row = {}, [], 0
+    known, order, row, phases = {}, [], 0, []
     for _ in range(50):
         new = list({rng.getrandbits(64) - 2 ** 63 for _ in range(rng.randint(1, 10000))})
         probe = new + rng.sample(order, min(len(order), 300))
         assert seen.lookup(probe) == [known.get(h, -1) for h in probe]
+        phases.append("dict" if seen.small is not None else "runs")
         rows = list(range(row, row + len(new)))
         row += len(new)
         seen.add(new, rows)
         known.update(zip(new, rows))
         order += new
+    # a dict up to SMALL distinct documents, numpy runs after: both looked up above
+    assert phases[0] == "dict" and phases[-1] == "runs" and seen.SMALL < len(known)
     assert len(seen.runs) <= 12
     big = max(seen.runs, key=lambda run: len(run[0]))
     assert big[0].nbytes >= 1 << 20 and isinstance(big[0].base, memoryview)  # own mapping

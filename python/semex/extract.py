@@ -280,19 +280,31 @@ class _ListSink:
 class _Seen:
     """The first row of every distinct text of the call so far, by the text's 64-bit hash.
 
-    Sorted runs of (hash, row) numpy arrays, 12 bytes per distinct document (a dict would take
-    ~100): each chunk adds a run, and a run is merged into the one before it once that one is
-    no longer bigger, so there are O(log n) runs and O(n log n) copying in all. Runs of 1 MB
-    or more get their own anonymous mapping: freed, they go back to the OS at once, where in
-    glibc's heap they would leave holes that the next, bigger run cannot reuse. A match only
-    says "probably the same text": callers compare the texts."""
+    A dict while the call has seen at most SMALL distinct texts (~100 bytes each, and no
+    numpy import for the calls most programs make); past that, sorted runs of (hash, row)
+    numpy arrays, 12 bytes per distinct document: each chunk adds a run, and a run is merged
+    into the one before it once that one is no longer bigger, so there are O(log n) runs and
+    O(n log n) copying in all. Runs of 1 MB or more get their own anonymous mapping: freed,
+    they go back to the OS at once, where in glibc's heap they would leave holes that the
+    next, bigger run cannot reuse. A match only says "probably the same text": callers
+    compare the texts."""
+
+    SMALL = 1 << 16
 
     def __init__(self, n: int):
-        import numpy as np  # only calls longer than one chunk get here
+        self.n = n
+        self.small: Optional[Dict[int, int]] = {}
+        self.np: Any = None
+        self.row_type: Any = None
+        self.runs: List[Tuple[Any, Any]] = []
+
+    def _to_runs(self) -> None:
+        import numpy as np  # only calls with more than SMALL distinct documents get here
 
         self.np = np
-        self.row_type = np.int32 if n < 2 ** 31 else np.int64
-        self.runs: List[Tuple[Any, Any]] = []
+        self.row_type = np.int32 if self.n < 2 ** 31 else np.int64
+        small, self.small = self.small, None
+        self._add_run(list(small), list(small.values()))
 
     def _empty(self, size: int, dtype: Any) -> Any:
         np = self.np
@@ -303,6 +315,9 @@ class _Seen:
 
     def lookup(self, hashes: List[int]) -> List[int]:
         """The first row seen with each hash, or -1."""
+        if self.small is not None:
+            get = self.small.get
+            return [get(h, -1) for h in hashes]
         np = self.np
         keys = np.array(hashes, dtype=np.int64)
         found = np.full(len(keys), -1, dtype=np.int64)
@@ -314,6 +329,17 @@ class _Seen:
         return found.tolist()
 
     def add(self, hashes: List[int], rows: List[int]) -> None:
+        small = self.small
+        if small is not None:
+            setdefault = small.setdefault
+            for h, row in zip(hashes, rows):
+                setdefault(h, row)
+            if len(small) > self.SMALL:
+                self._to_runs()
+            return
+        self._add_run(hashes, rows)
+
+    def _add_run(self, hashes: List[int], rows: List[int]) -> None:
         np = self.np
         keys = np.array(hashes, dtype=np.int64)
         order = np.argsort(keys, kind="stable")
