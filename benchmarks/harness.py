@@ -121,7 +121,7 @@ RL_EXCLUDE = {"aiohttp-uvloop", "semex-w2", "semex-raw"}
 # (f) 10,000 really in flight (1 s latency): the clients that get there in seconds.
 INFLIGHT_CLIENTS = ("semex", "aiohttp", "aiohttp-uvloop", "openai-aiohttp")
 # (d) steady state: the clients fast enough for N=100,000 to take seconds, not minutes.
-STEADY_CLIENTS = ("semex", "aiohttp")
+STEADY_CLIENTS = ("semex", "semex-extract-1", "aiohttp")
 RL_ROWS_PER_S = {"semex-extract-1": 59.0, "semex-extract-10": 295.0, "lotus": 70.0}
 
 
@@ -382,11 +382,11 @@ class Harness:
         self.records.append(rec)
         return rec
 
-    def run_wrk(self, c, seconds):
+    def run_wrk(self, c, seconds, key="wrk"):
         mock = Mock([])
         cmd = ["wrk", "-t1", f"-c{c}", f"-d{seconds}s", "-s", WRK_LUA,
                f"http://127.0.0.1:{mock.port}/v1/chat/completions"]
-        rec = {"workload": "throughput", "key": "wrk", "label": "wrk (reference)", "c": c,
+        rec = {"workload": "throughput", "key": key, "label": "wrk (reference)", "c": c,
                "seconds": seconds,
                "cmd": " ".join(cmd[:5]) + " benchmarks/wrk_chat.lua URL",
                "mock": " ".join(mock.argv[1:])}
@@ -459,6 +459,11 @@ class Harness:
         for j, c in enumerate(conc):
             if c <= 19000:
                 self.run_wrk(c, self.args.wrk_seconds)
+                # ...and for as long as the clients' runs last (whole seconds, at least 1):
+                # wrk's own figure with its start-up and drain, beside theirs
+                short = max(1, round(n_full * LATENCY_MS / 1000.0 / c))
+                if short < self.args.wrk_seconds:
+                    self.run_wrk(c, short, key="wrk-short")
             self.one_config("throughput", keys, c, n_full, [], cfg_index + j)
         return cfg_index + len(conc)
 
@@ -547,7 +552,7 @@ def client_rows(records, workload, c):
     "runs" = every repeat's req/s and "failed_runs" = repeats that failed."""
     groups = {}
     for r in records:
-        if r["workload"] == workload and r["c"] == c and r["key"] != "wrk":
+        if r["workload"] == workload and r["c"] == c and not r["key"].startswith("wrk"):
             groups.setdefault(r["key"], []).append(r)
     rows = []
     for key, runs in groups.items():
@@ -604,6 +609,15 @@ def throughput_table(records, workload, c, ref_rps):
                        f"— | 1 | — | — / {w['server'].get('responses_429', '—')} | "
                        f"{wr.get('socket_errors', 0) + wr.get('non_2xx', 0)} | not checked | — | "
                        f"same request body every time; mean latency {wr.get('mean_latency')} |")
+        ws = next((r for r in records if r["workload"] == "throughput" and
+                   r["key"] == "wrk-short" and r["c"] == c and r.get("result")), None)
+        if ws and w and (w.get("result") or {}).get("rps") and ws["result"].get("rps"):
+            sr = ws["result"]
+            out.append(f"| wrk -t1 -c{c}, {ws['seconds']} s | {fmt_int(sr.get('requests'))} in "
+                       f"{ws['seconds']} s | {fmt_int(sr['rps'])} | "
+                       f"{sr['rps'] / w['result']['rps']:.2f} | — | — | — | — | 1 | — | — | "
+                       f"{sr.get('socket_errors', 0) + sr.get('non_2xx', 0)} | not checked | — | "
+                       "as long as the clients' runs: wrk's own start-up and drain included |")
     for r in client_rows(records, workload, c):
         if "skipped" in r:
             out.append(f"| {r['label']} | — | — | — | — | — | — | — | — | — | — | — | — | — | "
@@ -833,6 +847,22 @@ def targets(records, conc):
                          f"{bound_s / ideal_s:.3f}×) → {verdict(y['wall_s'] / ideal_s <= 1.05)}"
                          + (f"; wrk / semex = {w:,.0f} / {y['rps']:,.0f} = {w / y['rps']:.2f}× → "
                             f"{verdict(w / y['rps'] <= 1.10)}" if w else ""))
+        # Issue 14 §2: one document per request at llm_batch's speed, every value checked.
+        for wl, label in (("throughput", "(a)"), ("steady", "(d)")):
+            e1 = find(records, wl, "semex-extract-1", 1000)
+            if e1 and w:
+                z = e1["result"]
+                ok = z["rps"] >= 0.90 * w and z["cpu_us_per_req"] <= 40 and \
+                    not z.get("mismatches") and not z.get("errors")
+                ws = next((r["result"]["rps"] for r in records if r["key"] == "wrk-short"
+                           and r["c"] == 1000 and (r.get("result") or {}).get("rps")), None)
+                short = (f"; wrk's own {ws:,.0f} req/s over a run as short as this one's → "
+                         f"{z['rps'] / ws:.2f}×" if ws and wl == "throughput" else "")
+                lines.append(f"- sem_extract batch_size=1 at C=1000 {label}, N={z['n']:,}: "
+                             f"{z['rps']:,.0f} rows/s = {z['rps'] / w:.2f}× wrk's 10 s steady "
+                             f"state (target ≥ 0.90×){short}; "
+                             f"{z['cpu_us_per_req']:.0f} µs client CPU per row (target ≤ 40), "
+                             f"{z.get('mismatches', 0)} mismatched → {verdict(ok)}")
         for key, lim in (("openai", 10), ("openai-aiohttp", 10), ("aiohttp", 3),
                          ("aiohttp-uvloop", 3)):
             p = find(records, "throughput", key, 1000)
@@ -910,7 +940,8 @@ def plot(records, conc, path):
             label="ideal C / 50 ms")
     keys = []
     for r in records:
-        if r["workload"] == "throughput" and r["key"] != "wrk" and r["key"] not in keys:
+        if r["workload"] == "throughput" and not r["key"].startswith("wrk") and \
+                r["key"] not in keys:
             keys.append(r["key"])
     colors = plt.get_cmap("tab20").colors
     markers = "o^vD<>phX*sP"
