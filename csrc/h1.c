@@ -29,15 +29,46 @@ static int env_set(const char *name)
     return v && v[0];
 }
 
-/* A proxy libcurl would use for http:// (it reads lower-case http_proxy only, for safety). */
-static int proxy_configured(void)
+/* Does a no_proxy list name this host (libcurl: comma-separated, "*" for every host; an entry
+ * may start with "." and match a domain suffix, which an IP literal or localhost never needs,
+ * and may carry a port, which libcurl ignores)? Only exact names are read here: anything else
+ * leaves the request to libcurl, which reads the whole syntax. */
+static int no_proxy_names(const char *list, const char *host)
+{
+    size_t hl = strlen(host);
+    const char *p = list;
+    while (*p) {
+        while (*p == ',' || *p == ' ' || *p == '\t')
+            p++;
+        const char *e = p;
+        while (*e && *e != ',' && *e != ' ' && *e != '\t')
+            e++;
+        size_t n = (size_t)(e - p);
+        if (n == 1 && *p == '*')
+            return 1;
+        if (n && p[0] == '[' && n >= 2 && memchr(p, ']', n)) {  /* "[::1]" or "[::1]:port" */
+            const char *close = memchr(p, ']', n);
+            if ((size_t)(close - p - 1) == hl && strncasecmp(p + 1, host, hl) == 0)
+                return 1;
+        } else if (n >= hl && strncasecmp(p, host, hl) == 0 &&
+                   (n == hl || (p[hl] == ':' && !strchr(host, ':')))) {
+            return 1;
+        }
+        p = e;
+    }
+    return 0;
+}
+
+/* A proxy libcurl would use for http://host (it reads lower-case http_proxy only, for safety,
+ * then all_proxy/ALL_PROXY, unless no_proxy/NO_PROXY names the host). */
+static int proxy_for(const char *host)
 {
     if (!env_set("http_proxy") && !env_set("all_proxy") && !env_set("ALL_PROXY"))
         return 0;
     const char *no = getenv("no_proxy");
     if (!no || !no[0])
         no = getenv("NO_PROXY");
-    return !(no && strcmp(no, "*") == 0);
+    return !(no && no_proxy_names(no, host));
 }
 
 static int is_tchar(unsigned char c)
@@ -127,7 +158,7 @@ static int add_addr(sx_h1_route *r, int family, const void *addr, unsigned port)
 
 sx_h1_route *sx_h1_route_new(const char *url, const struct curl_slist *headers)
 {
-    if (!url || strncasecmp(url, "http://", 7) != 0 || proxy_configured())
+    if (!url || strncasecmp(url, "http://", 7) != 0)
         return NULL;
     const char *auth = url + 7;
     size_t alen = strcspn(auth, "/?#");
@@ -173,6 +204,8 @@ sx_h1_route *sx_h1_route_new(const char *url, const struct curl_slist *headers)
     if (!path_ok(rest, plen))
         return NULL;
 
+    if (proxy_for(host))
+        return NULL;
     sx_h1_route *r = calloc(1, sizeof *r);
     if (!r)
         return NULL;

@@ -40,7 +40,8 @@ typedef struct sx_h1_route {
 
 /* The route for url and headers (the batch's curl_slist, "Expect:" first), or NULL when libcurl
  * must carry these requests: not http://, a host that is neither an IP literal nor localhost,
- * a proxy set in the environment (http_proxy, all_proxy, ALL_PROXY, unless no_proxy is "*"),
+ * a proxy set in the environment (http_proxy, all_proxy, ALL_PROXY, unless no_proxy/NO_PROXY
+ * is "*" or names the host exactly, e.g. "localhost,127.0.0.1"),
  * a header libcurl would treat specially (Host, User-Agent and Accept replace the defaults, as
  * with libcurl; Content-Length, Transfer-Encoding, Connection, Accept-Encoding, TE, Upgrade,
  * Expect with a value, and "Name:"/"Name;" forms are left to it), or out of memory. */

@@ -278,6 +278,51 @@ def test_an_idle_connection_the_server_closed_is_reopened_without_an_attempt(raw
     assert len(server.heads) == 6
 
 
+def test_an_idle_connection_closed_by_the_server_is_dropped_and_replaced(raw, engine):
+    """The server closes each connection right after its answer (no Connection: close): the
+    idle connection's EOF is seen while nothing runs on it, so the next request opens a new
+    one at once instead of failing on the old."""
+    def handler(conn, f, server):
+        req = read_request(f)
+        server.record(req)
+        payload = answer_json("once")
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(payload)).encode() +
+                     b"\r\n\r\n" + payload)
+
+    server = raw(handler)
+    for k in range(3):
+        batch, results = run(engine, server.url, [body(str(k))], max_retries=0)
+        assert (results[0][0], results[0][5]) == (_engine.OK, 1), results[0]
+        time.sleep(0.2)  # the close reaches the idle connection
+    assert server.connections == 3 and len(server.heads) == 3
+
+
+def test_bytes_after_an_answer_keep_its_connection_from_being_reused(raw, engine):
+    """A server that sends more than one answer's worth (a stray second response): the answer
+    counts, the rest is not taken for the next request's answer."""
+    def handler(conn, f, server):
+        while True:
+            req = read_request(f)
+            if req is None:
+                return
+            server.record(req)
+            payload = answer_json("first")
+            stray = answer_json("stray")
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(payload)).encode() +
+                         b"\r\n\r\n" + payload + b"HTTP/1.1 200 OK\r\nContent-Length: " +
+                         str(len(stray)).encode() + b"\r\n\r\n" + stray)
+
+    server = raw(handler)
+    e = _engine.Engine(max_in_flight=1)
+    try:
+        batch, results = run(e, server.url, [body(str(i)) for i in range(4)], max_retries=0)
+    finally:
+        e.close()
+    assert [(r[0], json.loads(r[3])["choices"][0]["message"]["content"]) for r in results] == \
+        [(_engine.OK, "first")] * 4
+    assert server.connections == 4
+
+
 def test_a_fresh_connection_closed_without_an_answer_is_an_empty_reply_retried(raw, engine):
     def handler(conn, f, server):
         server.record(read_request(f))
@@ -457,6 +502,14 @@ def test_localhost_and_ipv6_literals_take_the_own_path(raw, engine):
     ("http://127.0.0.1:{p}/v1/x", [], {"ALL_PROXY": "http://127.0.0.1:9"}, True, "curl"),
     ("http://127.0.0.1:{p}/v1/x", [], {"http_proxy": "http://127.0.0.1:9", "no_proxy": "*"},
      True, "http1"),
+    ("http://127.0.0.1:{p}/v1/x", [], {"http_proxy": "http://127.0.0.1:9",
+                                        "no_proxy": "localhost, 127.0.0.1"}, True, "http1"),
+    ("http://localhost:{p}/v1/x", [], {"http_proxy": "http://127.0.0.1:9",
+                                        "NO_PROXY": "LOCALHOST:8080"}, True, "http1"),
+    ("http://[::1]:{p}/v1/x", [], {"all_proxy": "http://127.0.0.1:9", "no_proxy": "[::1]"},
+     True, "http1"),
+    ("http://127.0.0.1:{p}/v1/x", [], {"http_proxy": "http://127.0.0.1:9",
+                                        "no_proxy": "127.0.0.10,.example.com"}, True, "curl"),
     ("http://127.0.0.1:{p}/v1/x", [], {"SEMEX_HTTP": "curl"}, True, "curl"),
 ])
 def test_which_requests_the_own_path_takes(raw, monkeypatch, url, headers, env, own, expected):
