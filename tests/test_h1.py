@@ -21,6 +21,12 @@ def answer_json(text):
     return json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
 
 
+def ok_response(payload, headers=b""):
+    """An HTTP/1.1 200 with Content-Length (and any more header lines given)."""
+    return (b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: " + str(len(payload)).encode() +
+            b"\r\n\r\n" + payload)
+
+
 def read_request(f):
     """One request from a socket file: (head lines, body), or None at EOF."""
     head = []
@@ -124,17 +130,24 @@ def engine():
     e.close()
 
 
-def keepalive_echo(conn, f, server):
-    """HTTP/1.1 with Content-Length, serving requests on one connection until EOF."""
-    while True:
-        req = read_request(f)
-        if req is None:
-            return
-        server.record(req)
-        content = json.loads(req[1])["messages"][0]["content"] if req[1] else "GET"
-        payload = answer_json("echo: " + content)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                     + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+def serve_each(reply):
+    """A handler answering each request on its connection with reply(request) until EOF."""
+    def handler(conn, f, server):
+        while True:
+            req = read_request(f)
+            if req is None:
+                return
+            server.record(req)
+            conn.sendall(reply(req))
+    return handler
+
+
+def echo(req):
+    content = json.loads(req[1])["messages"][0]["content"] if req[1] else "GET"
+    return ok_response(answer_json("echo: " + content), b"Content-Type: application/json\r\n")
+
+
+keepalive_echo = serve_each(echo)
 
 
 def run(engine, url, bodies, headers=("Content-Type: application/json",), **kw):
@@ -205,8 +218,7 @@ FRAMED = answer_json("framed answer " + "x" * 300)
 def framed(kind):
     payload = FRAMED
     if kind == "length":
-        return (b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(payload)).encode() +
-                b"\r\n\r\n" + payload), True
+        return ok_response(payload), True
     if kind == "chunked":
         parts = [payload[:7], payload[7:150], payload[150:]]
         out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n".replace(
@@ -263,9 +275,7 @@ def test_an_idle_connection_the_server_closed_is_reopened_without_an_attempt(raw
     def handler(conn, f, server):
         req = read_request(f)
         server.record(req)
-        payload = answer_json("ok")
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(payload)).encode() +
-                     b"\r\n\r\n" + payload)
+        conn.sendall(ok_response(answer_json("ok")))
         read_request(f)  # the next request on this connection: dropped
 
     server = raw(handler)
@@ -285,9 +295,7 @@ def test_an_idle_connection_closed_by_the_server_is_dropped_and_replaced(raw, en
     def handler(conn, f, server):
         req = read_request(f)
         server.record(req)
-        payload = answer_json("once")
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(payload)).encode() +
-                     b"\r\n\r\n" + payload)
+        conn.sendall(ok_response(answer_json("once")))
 
     server = raw(handler)
     for k in range(3):
@@ -300,19 +308,8 @@ def test_an_idle_connection_closed_by_the_server_is_dropped_and_replaced(raw, en
 def test_bytes_after_an_answer_keep_its_connection_from_being_reused(raw, engine):
     """A server that sends more than one answer's worth (a stray second response): the answer
     counts, the rest is not taken for the next request's answer."""
-    def handler(conn, f, server):
-        while True:
-            req = read_request(f)
-            if req is None:
-                return
-            server.record(req)
-            payload = answer_json("first")
-            stray = answer_json("stray")
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(payload)).encode() +
-                         b"\r\n\r\n" + payload + b"HTTP/1.1 200 OK\r\nContent-Length: " +
-                         str(len(stray)).encode() + b"\r\n\r\n" + stray)
-
-    server = raw(handler)
+    server = raw(serve_each(lambda req: ok_response(answer_json("first")) +
+                            ok_response(answer_json("stray"))))
     e = _engine.Engine(max_in_flight=1)
     try:
         batch, results = run(e, server.url, [body(str(i)) for i in range(4)], max_retries=0)
@@ -382,25 +379,14 @@ def test_a_stalled_body_times_out(raw, engine):
 def test_max_body_and_large_bodies_both_ways(raw, engine):
     big = b"y" * 3_000_000
 
-    def handler(conn, f, server):
-        while True:
-            req = read_request(f)
-            if req is None:
-                return
-            server.record((req[0], len(req[1])))
-            if b"big" in req[1][:200]:
-                out = big
-            else:
-                out = answer_json("small")
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(out)).encode() +
-                         b"\r\n\r\n" + out)
-
-    server = raw(handler)
+    server = raw(serve_each(lambda req: ok_response(big if b"big" in req[1][:200]
+                                                    else answer_json("small"))))
     huge_request = body("big" + "z" * 5_000_000)  # more than a socket buffer: partial writes
     batch, results = run(engine, server.url, [huge_request, body("small")], max_retries=0)
     assert results[0][0] == _engine.OK and results[0][3] == big
     assert results[1][0] == _engine.OK
-    assert sorted(n for _, n in server.heads) == sorted([len(huge_request), len(body("small"))])
+    assert sorted(len(data) for _, data in server.heads) == \
+        sorted([len(huge_request), len(body("small"))])
     batch, results = run(engine, server.url, [huge_request, body("small")], max_retries=0,
                          max_body=1_000_000)
     assert (results[0][0], results[0][1]) == (_engine.FAILED, _engine.ERR_BODY_CAP)
@@ -531,17 +517,11 @@ def test_which_requests_the_own_path_takes(raw, monkeypatch, url, headers, env, 
 
 def test_many_in_flight_over_many_connections(raw):
     """200 in flight, each answer delayed: as many connections open, each reused."""
-    def handler(conn, f, server):
-        while True:
-            req = read_request(f)
-            if req is None:
-                return
-            time.sleep(0.05)
-            payload = answer_json("late")
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(payload)).encode() +
-                         b"\r\n\r\n" + payload)
+    def late(req):
+        time.sleep(0.05)
+        return ok_response(answer_json("late"))
 
-    server = raw(handler)
+    server = raw(serve_each(late))
     e = _engine.Engine(max_in_flight=200)
     try:
         batch, results = run(e, server.url, [body(str(i)) for i in range(1000)])
