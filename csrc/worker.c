@@ -911,13 +911,15 @@ static void h1_event(sx_worker *w, int fd, uint32_t events, double now)
         return;
     }
     if (c->connecting) {
+        /* The socket's own error decides, not the event: a connection closed earlier in this
+         * round may have left an event for its fd number, which a new connection now has. */
         int err = 0;
         socklen_t len = sizeof err;
         if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
             err = errno;
-        if (err == 0 && !(events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
+        if (err == 0 && !(events & EPOLLOUT))
             return;
-        if (err || (events & (EPOLLERR | EPOLLHUP))) {
+        if (err) {
             h1_close(w, c);
             x->addr_i++;
             if (x->addr_i < x->route->naddrs) {
@@ -988,7 +990,8 @@ static void h1_start(sx_worker *w, sx_xfer *x, const sx_h1_route *r, double time
     x->reopened = 0;
     x->started = now;
     x->deadline = now + timeout;
-    x->connect_deadline = now + slot->batch->opts.connect_timeout;
+    double connect_timeout = slot->batch->opts.connect_timeout;
+    x->connect_deadline = connect_timeout > 0 ? now + connect_timeout : x->deadline;
     sx_h1_resp_reset(&x->resp);
     size_t need = (slot->body ? r->head_post_len : r->head_get_len) + 48;
     if (need > x->head_cap) {

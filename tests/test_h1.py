@@ -529,3 +529,44 @@ def test_many_in_flight_over_many_connections(raw):
         e.close()
     assert [r[0] for r in results] == [_engine.OK] * 1000
     assert 150 <= server.connections <= 260, server.connections
+
+
+def test_a_connection_that_never_completes_times_out_on_connect_timeout():
+    """A listener whose accept queue is full and never drained: the SYN goes unanswered, as
+    with a host that drops packets, and connect_timeout ends the attempt on both paths."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    port = lst.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):  # fill the accept queue (its length is backlog + 1 on Linux)
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(s)
+        time.sleep(0.1)
+        out = {}
+        for own in (True, False):
+            e = _engine.Engine(max_in_flight=1, own_http1=own)
+            try:
+                t0 = time.monotonic()
+                batch, results = run(e, f"http://127.0.0.1:{port}/v1/chat/completions",
+                                     [body("x")], max_retries=0, connect_timeout=0.3,
+                                     timeout=10)
+                took = time.monotonic() - t0
+            finally:
+                e.close()
+            state, kind, status, payload, error, attempts, _ = results[0]
+            out[own] = (state, kind)
+            assert took < 5, took
+            if own:
+                assert "Connection timed out after" in error, error
+        assert out[True] == out[False] == (_engine.FAILED, _engine.ERR_TIMEOUT)
+    finally:
+        for s in fillers:
+            s.close()
+        lst.close()
