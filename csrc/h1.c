@@ -560,8 +560,8 @@ static int line_done(sx_h1_resp *r, const char *line, size_t n, const sx_h1_sink
             return fail(r, SX_H1_E_TOO_LARGE, "the response head is too large");
         int rc;
         if (r->state == ST_STATUS) {
-            if (c == 0 && r->lines == 0 && r->status == 0 && r->head_bytes == n)
-                return fail(r, SX_H1_E_MALFORMED, "the response starts with an empty line");
+            if (c == 0)
+                return SX_H1_MORE;  /* empty lines before a status line are ignored (RFC 9112) */
             rc = status_line(r, line, c);
             r->state = ST_HEADERS;
         } else if (c == 0) {

@@ -232,13 +232,16 @@ def framed(kind):
     if kind == "continue":
         return (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: " +
                 str(len(payload)).encode() + b"\r\n\r\n" + payload), True
+    if kind == "leading-crlf":
+        return b"\r\n\r\n" + ok_response(payload), True
     if kind == "lf-only":
         return (b"HTTP/1.1 200 OK\nContent-Length: " + str(len(payload)).encode() + b"\n\n" +
                 payload), True
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["length", "chunked", "close", "continue", "lf-only"])
+@pytest.mark.parametrize("kind", ["length", "chunked", "close", "continue", "lf-only",
+                                  "leading-crlf"])
 @pytest.mark.parametrize("dribble", [False, True])
 def test_every_framing_split_anywhere(raw, engine, kind, dribble):
     response, keep = framed(kind)
